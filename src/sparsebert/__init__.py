@@ -1,0 +1,31 @@
+"""sparsebert: knowledge-aware sparse pruning of pre-trained BERT-family encoders (SparseBERT).
+
+The pipeline, one module each: data -> models -> pruning -> distill -> train -> api -> report -> cli.
+"""
+
+from sparsebert.api import compress, evaluate, finetune, prune
+from sparsebert.config import CompressConfig, EvaluateConfig, FinetuneConfig, PruneConfig, build_config
+from sparsebert.distill import AttentionScoreRecorder, DistillationLoss, LossWeights
+from sparsebert.errors import SparseBertError
+from sparsebert.pruning import CubicSparsitySchedule, MagnitudePruner, find_prunable_linears, sparsity_report
+
+__all__ = [
+    "AttentionScoreRecorder",
+    "CompressConfig",
+    "CubicSparsitySchedule",
+    "DistillationLoss",
+    "EvaluateConfig",
+    "FinetuneConfig",
+    "LossWeights",
+    "MagnitudePruner",
+    "PruneConfig",
+    "SparseBertError",
+    "build_config",
+    "compress",
+    "evaluate",
+    "find_prunable_linears",
+    "finetune",
+    "prune",
+    "sparsity_report",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from sparsebert.cli import main
+
+main()

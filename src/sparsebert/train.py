@@ -1,0 +1,328 @@
+"""The training loop shared by fine-tuning and prune-while-distill, on 🤗 Accelerate.
+
+It reads top to bottom: build the optimizer, prepare everything with Accelerate, resume if asked,
+then for each batch: loss -> backward -> optimizer step -> (pruner step) -> log / evaluate / checkpoint.
+What differs between commands is only ``step_fn`` (how a batch becomes a loss) and the optional pruner.
+``accelerate launch`` runs the same loop on several processes; mixed precision is Accelerate's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+
+from sparsebert.config import TrainConfig
+from sparsebert.errors import SparseBertError
+from sparsebert.io import JsonlLog
+from sparsebert.metrics import compute_metrics, predictions_from_logits
+from sparsebert.pruning import MagnitudePruner
+from sparsebert.tasks import TaskSpec
+
+StepFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]  # (prepared model, batch)
+CHECKPOINT = "checkpoint"
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """One Accelerator per run; a seedable sampler makes the shuffling identical after a resume."""
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        step_scheduler_with_optimizer=False,
+    )
+    set_seed(config.seed)
+    return accelerator
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; saved with every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    loss_curve: list[list[float]] = field(default_factory=list)  # [step, mean train loss]
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "loss_curve": self.loss_curve,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batch_in_epoch, self.loss_curve = int(state["batch_in_epoch"]), list(state["loss_curve"])
+
+
+def param_groups(model: nn.Module, weight_decay: float, head_lr: float | None = None) -> list[dict]:
+    """AdamW groups: no decay on biases and LayerNorm; optionally a separate LR for the task head."""
+    base = getattr(model, "base_model_prefix", "")
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name or p.ndim == 1
+        is_head = head_lr is not None and bool(base) and not name.startswith(base + ".")
+        groups.setdefault((no_decay, is_head), []).append(p)
+    out = []
+    for (no_decay, is_head), params in groups.items():
+        group = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay}
+        if is_head:
+            group["lr"] = head_lr
+        out.append(group)
+    return out
+
+
+def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    if steps_per_epoch == 0:
+        raise SparseBertError(
+            f"the training set is smaller than one batch of {config.batch_size} per process; lower --batch-size"
+        )
+    return config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loaders: dict[str, DataLoader], task: TaskSpec, accelerator: Accelerator, desc: str = "eval"
+) -> dict[str, float]:
+    """GLUE metrics on every dev split: ``dev`` keys as-is, other splits suffixed (``accuracy_mismatched``)."""
+    model.eval()
+    results: dict[str, float] = {}
+    for split, loader in loaders.items():
+        logits, labels = [], []
+        for batch in tqdm(loader, desc=f"{desc} {split}", leave=False, disable=not accelerator.is_local_main_process):
+            out = model(**{k: v for k, v in batch.items() if k != "labels"})
+            lg, lb = accelerator.gather_for_metrics((out.logits.float(), batch["labels"]))
+            logits.append(lg.cpu().numpy())
+            labels.append(lb.cpu().numpy())
+        preds = predictions_from_logits(task, np.concatenate(logits))
+        metrics = compute_metrics(task, preds, np.concatenate(labels))
+        suffix = "" if split == "dev" else "_" + split.removeprefix("dev_")
+        results.update({f"{k}{suffix}": v for k, v in metrics.items()})
+    return results
+
+
+def weights_digest(model: nn.Module, pruner: MagnitudePruner | None = None) -> str:
+    """SHA-256 of every parameter (and mask): equal digests on all ranks prove they stayed in sync."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    if pruner is not None:
+        for _, m in sorted(pruner.masks.items()):
+            h.update(m.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class StopRequest:
+    """Turns Ctrl-C / SIGTERM into a request honoured at the next step boundary.
+
+    Stopping between steps keeps the checkpoint exact (no half-applied optimizer update, RNG state at
+    a step boundary), so a resumed run continues as if never stopped. A second signal stops at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Loop:
+    """Everything a run needs; ``run()`` trains and returns the final dev metrics."""
+
+    accelerator: Accelerator
+    config: TrainConfig
+    model: nn.Module
+    step_fn: StepFn
+    train_loader: DataLoader
+    eval_loaders: dict[str, DataLoader]
+    task: TaskSpec
+    output_dir: Path
+    log: JsonlLog
+    # Builds the pruner once the run's length is known (the schedule is set in steps).
+    pruner_factory: Callable[[nn.Module, int], MagnitudePruner] | None = None
+    extra_modules: list[nn.Module] = field(default_factory=list)  # e.g. a distillation projection
+    head_lr: float | None = None
+    state: LoopState = field(default_factory=LoopState)
+    pruner: MagnitudePruner | None = None
+
+    def _save_checkpoint(self) -> None:
+        acc = self.accelerator
+        final, tmp = self.output_dir / CHECKPOINT, self.output_dir / (CHECKPOINT + ".tmp")
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            old = self.output_dir / (CHECKPOINT + ".old")
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)
+            if old.exists():
+                shutil.rmtree(old)
+        acc.wait_for_everyone()
+
+    def _should_stop(self, stop: StopRequest) -> bool:
+        """Whether any process was asked to stop (all processes must agree, or a barrier hangs)."""
+        if self.accelerator.num_processes == 1:
+            return stop.requested
+        flag = torch.tensor(float(stop.requested), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "sum") > 0)
+
+    def _log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            self.log.write({"time": round(time.time(), 3), **record})
+
+    def run(self) -> dict[str, float]:
+        acc, cfg = self.accelerator, self.config
+        params = [*param_groups(self.model, cfg.weight_decay, self.head_lr)]
+        for module in self.extra_modules:
+            params.append({"params": list(module.parameters()), "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+        prepared = acc.prepare(
+            self.model, optimizer, self.train_loader, *self.eval_loaders.values(), *self.extra_modules
+        )
+        model, optimizer, train_loader = prepared[:3]
+        eval_loaders = dict(zip(self.eval_loaders, prepared[3 : 3 + len(self.eval_loaders)], strict=True))
+        # Counted per process after sharding; the scheduler is stepped once per optimizer step.
+        steps_per_epoch = len(train_loader)
+        n_steps = total_steps(cfg, steps_per_epoch)
+        warmup = int(cfg.warmup_ratio * n_steps)
+        if cfg.lr_schedule == "linear":
+            scheduler = get_linear_schedule_with_warmup(optimizer, warmup, n_steps)
+        elif cfg.lr_schedule == "constant":
+            scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+        else:
+            raise SparseBertError(f"unknown --lr-schedule {cfg.lr_schedule!r} (linear or constant)")
+        scheduler = acc.prepare(scheduler)
+        if self.pruner_factory is not None:
+            self.pruner = self.pruner_factory(acc.unwrap_model(model), n_steps)
+        acc.register_for_checkpointing(self.state)
+        if self.pruner is not None:
+            acc.register_for_checkpointing(self.pruner)
+
+        checkpoint = self.output_dir / CHECKPOINT
+        if cfg.resume and checkpoint.exists():
+            acc.load_state(str(checkpoint))
+            self._log({"event": "resume", "step": self.state.step})
+        self._log(
+            {
+                "event": "start",
+                "total_steps": n_steps,
+                "steps_per_epoch": steps_per_epoch,
+                "processes": acc.num_processes,
+            }
+        )
+
+        bar = tqdm(total=n_steps, initial=self.state.step, desc="train", disable=not acc.is_local_main_process)
+        running, running_n, metrics = torch.zeros((), device=acc.device), 0, {}
+        parts_sum: dict[str, torch.Tensor] = {}
+        started = time.perf_counter()
+        with StopRequest() as stop:
+            while self.state.step < n_steps:
+                train_loader.set_epoch(self.state.epoch)
+                loader = (
+                    acc.skip_first_batches(train_loader, self.state.batch_in_epoch)
+                    if self.state.batch_in_epoch
+                    else train_loader
+                )
+                for batch in loader:
+                    model.train()
+                    loss, parts = self.step_fn(model, batch)
+                    acc.backward(loss)
+                    if cfg.max_grad_norm:
+                        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if self.pruner is not None:
+                        self.pruner.step()
+                    self.state.step += 1
+                    self.state.batch_in_epoch += 1
+                    bar.update(1)
+                    running += loss.detach()
+                    running_n += 1
+                    for k, v in parts.items():
+                        parts_sum[k] = parts_sum.get(k, 0) + v
+
+                    step = self.state.step
+                    if step % cfg.log_every == 0 or step == n_steps:
+                        mean = float(acc.reduce(running / running_n, "mean"))
+                        self.state.loss_curve.append([step, mean])
+                        record = {
+                            "step": step,
+                            "epoch": self.state.epoch,
+                            "loss": mean,
+                            "lr": scheduler.get_last_lr()[0],
+                            **{f"loss_{k}": float(v) / running_n for k, v in parts_sum.items()},
+                        }
+                        if self.pruner is not None:
+                            record["target_sparsity"] = self.pruner.schedule.sparsity(self.pruner.last_step)
+                        self._log(record)
+                        bar.set_postfix(loss=f"{mean:.4f}")
+                        running, running_n, parts_sum = torch.zeros((), device=acc.device), 0, {}
+                    if cfg.eval_every and step % cfg.eval_every == 0 and step < n_steps:
+                        metrics = evaluate(model, eval_loaders, self.task, acc)
+                        self._log({"step": step, "event": "eval", "metrics": metrics})
+                    if self._should_stop(stop):
+                        bar.close()
+                        self._save_checkpoint()
+                        self._log({"event": "interrupted", "step": step})
+                        raise KeyboardInterrupt
+                    if cfg.save_every and step % cfg.save_every == 0 and step < n_steps:
+                        self._save_checkpoint()
+                    if step >= n_steps:
+                        break
+                else:
+                    self.state.epoch += 1
+                    self.state.batch_in_epoch = 0
+        bar.close()
+        elapsed = time.perf_counter() - started
+        metrics = evaluate(model, eval_loaders, self.task, acc)
+        digests = gather_object([weights_digest(acc.unwrap_model(model), self.pruner)])
+        self._log({"step": self.state.step, "event": "eval", "metrics": metrics})
+        self._log(
+            {
+                "event": "end",
+                "train_seconds": round(elapsed, 2),
+                "rank_digests": digests,
+                "ranks_in_sync": len(set(digests)) == 1,
+            }
+        )
+        if len(set(digests)) != 1:
+            raise SparseBertError(f"processes ended with different weights: {digests}")
+        return metrics

@@ -1,0 +1,167 @@
+"""Readers for every source and layout, and their one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import write_tsv
+
+from sparsebert.data import DataSource, load_task_data, subsample
+from sparsebert.errors import SparseBertError
+from sparsebert.packaged import movie_rows
+from sparsebert.tasks import get_task
+
+
+def test_mrpc_layout_with_byte_order_mark(tmp_path):
+    header = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
+    rows = [[1, 11, 12, 'He said "yes', "He agreed"], [0, 13, 14, "A cat.", "A dog."]]
+    write_tsv(tmp_path / "train.tsv", header, rows, bom=True)
+    write_tsv(tmp_path / "dev.tsv", header, rows[:1], bom=True)
+    data = load_task_data(get_task("MRPC"), DataSource(data_dir=str(tmp_path)))
+    assert [e.label for e in data.train] == [1, 0]
+    # GLUE files hold unbalanced quotes: they must be read without CSV quoting.
+    assert data.train[0].texts == ('He said "yes', "He agreed")
+    assert len(data.dev["dev"]) == 1
+
+
+def test_cola_has_no_header(tmp_path):
+    rows = [["gj04", 1, "", "The book was read."], ["gj04", 0, "*", "Book the read was."]]
+    write_tsv(tmp_path / "train.tsv", None, rows)
+    write_tsv(tmp_path / "dev.tsv", None, rows)
+    data = load_task_data(get_task("CoLA"), DataSource(data_dir=str(tmp_path)))
+    assert [(e.texts, e.label) for e in data.dev["dev"]] == [(("The book was read.",), 1), (("Book the read was.",), 0)]
+
+
+def test_stsb_is_regression_and_mnli_has_two_dev_sets(tmp_path):
+    sts = tmp_path / "STS-B"
+    sts.mkdir()
+    header = [
+        "index",
+        "genre",
+        "filename",
+        "year",
+        "old_index",
+        "source1",
+        "source2",
+        "sentence1",
+        "sentence2",
+        "score",
+    ]
+    row = [0, "main", "f", "2012", 1, "none", "none", "A man plays.", "A man is playing.", "4.750"]
+    write_tsv(sts / "train.tsv", header, [row])
+    write_tsv(sts / "dev.tsv", header, [row])
+    data = load_task_data(get_task("STS-B"), DataSource(data_dir=str(sts)))
+    assert data.task.is_regression and data.train[0].label == pytest.approx(4.75)
+
+    mnli = tmp_path / "MNLI"
+    mnli.mkdir()
+    header = ["index", "sentence1", "sentence2", "label1", "gold_label"]
+    write_tsv(mnli / "train.tsv", header, [[0, "p", "h", "neutral", "neutral"]])
+    write_tsv(mnli / "dev_matched.tsv", header, [[0, "p", "h", "x", "entailment"]])
+    write_tsv(mnli / "dev_mismatched.tsv", header, [[0, "p", "h", "x", "contradiction"]])
+    data = load_task_data(get_task("mnli"), DataSource(data_dir=str(mnli)))
+    labels = get_task("mnli").labels
+    assert data.dev["dev"][0].label == labels.index("entailment")
+    assert data.dev["dev_mismatched"][0].label == labels.index("contradiction")
+
+
+def test_qqp_skips_malformed_rows_but_others_report_the_line(tmp_path):
+    header = ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]
+    write_tsv(tmp_path / "train.tsv", header, [[0, 1, 2, "q1?", "q2?", 1], [1, 3, "broken"]])
+    write_tsv(tmp_path / "dev.tsv", header, [[0, 1, 2, "q1?", "q2?", 0]])
+    data = load_task_data(get_task("qqp"), DataSource(data_dir=str(tmp_path)))
+    assert len(data.train) == 1
+    header = ["index", "sentence1", "sentence2", "label"]
+    write_tsv(tmp_path / "train.tsv", header, [[0, "a", "b", "entailment"], [1, "only"]])
+    with pytest.raises(SparseBertError, match=r"train.tsv:3: expected at least 4 columns"):
+        load_task_data(get_task("rte"), DataSource(data_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"train.tsv": "sentence\tlabel\nok\t1\n"}, r"dev.tsv: file not found"),
+        (
+            {"train.tsv": "sentence\tlabel\nok\t7\n", "dev.tsv": "sentence\tlabel\nok\t1\n"},
+            r"train.tsv:2: unknown label '7'",
+        ),
+        ({"train.tsv": "text\tlabel\nok\t1\n", "dev.tsv": "sentence\tlabel\nok\t1\n"}, r"no column 'sentence'"),
+        ({"train.tsv": "sentence\tlabel\n", "dev.tsv": "sentence\tlabel\nok\t1\n"}, r"train.tsv: no examples"),
+        ({"train.tsv": "", "dev.tsv": "sentence\tlabel\nok\t1\n"}, r"train.tsv: empty file"),
+    ],
+)
+def test_bad_glue_folders_name_the_file(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(SparseBertError, match=message):
+        load_task_data(get_task("sst2"), DataSource(data_dir=str(tmp_path)))
+
+
+def test_missing_data_dir_and_conflicting_sources(tmp_path):
+    with pytest.raises(SparseBertError, match="data directory not found"):
+        load_task_data(get_task("sst2"), DataSource(data_dir=str(tmp_path / "nope")))
+    with pytest.raises(SparseBertError, match="only one data source"):
+        load_task_data(get_task("sst2"), DataSource(data_dir=str(tmp_path), dataset="glue"))
+    with pytest.raises(SparseBertError, match="needs data"):
+        load_task_data(get_task("rte"), DataSource())
+
+
+def test_user_files_csv_and_jsonl(tmp_path):
+    (tmp_path / "train.csv").write_text('premise,hypothesis,gold\n"a, quoted",b,yes\nc,d,no\n')
+    (tmp_path / "dev.jsonl").write_text(json.dumps({"premise": "e", "hypothesis": "f", "gold": "no"}) + "\n")
+    source = DataSource(
+        train_file=str(tmp_path / "train.csv"),
+        dev_file=str(tmp_path / "dev.jsonl"),
+        text_columns=("premise", "hypothesis"),
+        label_column="gold",
+    )
+    data = load_task_data(get_task("classification"), source)
+    assert data.task.labels == ("no", "yes")  # learnt from the training file, sorted
+    assert data.train[0].texts == ("a, quoted", "b") and data.train[0].label == 1
+    assert data.dev["dev"][0].label == 0
+
+    (tmp_path / "bad.jsonl").write_text('{"premise": "e", "hypothesis": "f", "gold": "no"}\n{oops\n')
+    with pytest.raises(SparseBertError, match=r"bad.jsonl:2: not valid JSON"):
+        load_task_data(
+            get_task("classification"),
+            DataSource(
+                train_file=str(tmp_path / "train.csv"),
+                dev_file=str(tmp_path / "bad.jsonl"),
+                text_columns=("premise", "hypothesis"),
+                label_column="gold",
+            ),
+        )
+    (tmp_path / "dev2.jsonl").write_text('{"premise": "e", "gold": "maybe"}\n')
+    with pytest.raises(SparseBertError, match=r"dev2.jsonl:1: missing field\(s\) hypothesis"):
+        load_task_data(
+            get_task("classification"),
+            DataSource(
+                train_file=str(tmp_path / "train.csv"),
+                dev_file=str(tmp_path / "dev2.jsonl"),
+                text_columns=("premise", "hypothesis"),
+                label_column="gold",
+            ),
+        )
+
+
+def test_unknown_task_lists_the_known_ones():
+    with pytest.raises(SparseBertError, match=r"unknown task 'squadx'.*mrpc"):
+        get_task("squadx")
+
+
+def test_subsample_is_fixed_and_keeps_both_classes():
+    from sparsebert.data import Example
+
+    examples = [Example(("x",), 0)] * 50 + [Example(("y",), 1)] * 50  # sorted by label, like some files
+    sample = subsample(examples, 20)
+    assert sample == subsample(examples, 20) and len(sample) == 20
+    assert {e.label for e in sample} == {0, 1}
+
+
+def test_movie_sentiment_labelling_rule_and_split(tmp_path):
+    raw = tmp_path / "raw.txt"
+    raw.write_text("1\t2.5\tgreat fun\r\n10\t-1.2\tdull\r\n3\t0.2\tmeh\r\n20\t0.9\tnice\r\n", encoding="utf-8")
+    train, dev = movie_rows(raw)
+    assert train == [("great fun", 1)]  # id 3 is near-neutral (|rating| < 0.5): dropped
+    assert sorted(dev) == [("dull", 0), ("nice", 1)]  # ids divisible by 10 go to dev

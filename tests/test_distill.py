@@ -1,0 +1,118 @@
+"""Distillation losses against hand-computed values; attention scores against transformers' own."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig, RobertaConfig
+
+from sparsebert.distill import (
+    AttentionScoreRecorder,
+    DistillationLoss,
+    LossWeights,
+    layer_map,
+    soft_cross_entropy,
+)
+from sparsebert.errors import SparseBertError
+
+
+def bert(layers=2, hidden=16, heads=2, num_labels=2):
+    return BertConfig(
+        vocab_size=40,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=32,
+        num_labels=num_labels,
+    )
+
+
+def test_soft_cross_entropy_by_hand():
+    s = torch.tensor([[1.0, 0.0]])
+    t = torch.tensor([[0.0, 1.0]])
+    p_t = [1 / (1 + math.e), math.e / (1 + math.e)]
+    log_p_s = [-math.log(1 + math.exp(-1)), -math.log(1 + math.e)]
+    expected = -(p_t[0] * log_p_s[0] + p_t[1] * log_p_s[1]) / 2  # averaged over batch x classes
+    assert float(soft_cross_entropy(s, t, 1.0)) == pytest.approx(expected)
+    # temperature 2 softens both distributions
+    p2 = torch.softmax(t / 2, -1)
+    expected2 = float(-(p2 * torch.log_softmax(s / 2, -1)).sum() / 2)
+    assert float(soft_cross_entropy(s, t, 2.0)) == pytest.approx(expected2)
+
+
+def test_hidden_and_attention_terms_sum_mse_over_layers():
+    loss = DistillationLoss(bert(), bert(), LossWeights(attention=2.0, hidden=3.0, prediction=0.0))
+    sh = tuple(torch.zeros(1, 2, 16) for _ in range(3))
+    th = tuple(torch.full((1, 2, 16), float(i + 1)) for i in range(3))  # MSEs 1, 4, 9
+    ss = [torch.zeros(1, 2, 2, 2)] * 2
+    ts = [torch.ones(1, 2, 2, 2), torch.full((1, 2, 2, 2), 2.0)]  # MSEs 1, 4
+    out = loss(torch.zeros(1, 2), torch.zeros(1, 2), sh, th, ss, ts)
+    assert float(out.parts["hidden"]) == pytest.approx(14.0)
+    assert float(out.parts["attention"]) == pytest.approx(5.0)
+    assert float(out.loss) == pytest.approx(2 * 5 + 3 * 14)
+
+
+def test_regression_prediction_targets():
+    s, t, y = torch.tensor([[1.0], [2.0]]), torch.tensor([[0.0], [0.0]]), torch.tensor([3.0, 2.0])
+    cfg = bert(num_labels=1)
+    only_pred = LossWeights(0, 0, 1)
+    assert float(DistillationLoss(cfg, cfg, only_pred, regression_target="teacher")(s, t).loss) == pytest.approx(2.5)
+    assert float(
+        DistillationLoss(cfg, cfg, only_pred, regression_target="label")(s, t, labels=y).loss
+    ) == pytest.approx(2.0)
+    assert float(DistillationLoss(cfg, cfg, only_pred, regression_target="both")(s, t, labels=y).loss) == pytest.approx(
+        4.5
+    )
+
+
+def test_uniform_layer_map_and_width_projection():
+    assert layer_map(4, 12) == [2, 5, 8, 11]
+    assert layer_map(6, 6) == list(range(6))
+    with pytest.raises(SparseBertError):
+        layer_map(5, 12)
+    loss = DistillationLoss(bert(layers=2, hidden=8), bert(layers=4, hidden=16), LossWeights(0, 1, 0))
+    assert loss.projection is not None and loss.projection.weight.shape == (16, 8)
+    sh = tuple(torch.randn(1, 3, 8) for _ in range(3))
+    th = tuple(torch.randn(1, 3, 16) for _ in range(5))
+    out = loss(torch.zeros(1, 2), torch.zeros(1, 2), sh, th)
+    out.loss.backward()
+    assert loss.projection.weight.grad is not None  # the projection is learned
+    with pytest.raises(SparseBertError, match="equal head counts"):
+        DistillationLoss(bert(heads=2), bert(heads=4), LossWeights(1, 1, 1))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        bert(),
+        RobertaConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32),
+        DistilBertConfig(vocab_size=40, dim=16, n_layers=2, n_heads=2, hidden_dim=32),
+    ],
+)
+def test_recorded_scores_are_the_pre_softmax_attention(config):
+    """softmax(recorded scores + padding mask) must equal the eager implementation's probabilities."""
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    ids = torch.randint(5, 40, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    with torch.no_grad(), AttentionScoreRecorder(model) as rec:
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        scores = rec.scores(mask)
+    assert len(scores) == 2
+    for recorded, probs in zip(scores, out.attentions, strict=True):
+        masked = recorded.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+        rows = mask.bool()  # compare only real query positions
+        assert torch.allclose(torch.softmax(masked, -1)[0], probs[0], atol=1e-5)
+        assert torch.allclose(torch.softmax(masked, -1)[1][:, rows[1]], probs[1][:, rows[1]], atol=1e-5)
+        assert (recorded[1][:, :, 4:] == 0).all() and (recorded[1][:, 4:, :] == 0).all()
+
+
+def test_loss_weights_parse():
+    assert LossWeights.parse("1,0.5,2") == LossWeights(1.0, 0.5, 2.0)
+    assert LossWeights.parse({"hidden": 0}) == LossWeights(1.0, 0.0, 1.0)
+    with pytest.raises(SparseBertError):
+        LossWeights.parse("1,2")

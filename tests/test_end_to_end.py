@@ -1,0 +1,288 @@
+"""finetune -> evaluate -> prune through the CLI on a tiny random BERT, resume, errors, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import outputs_of
+from safetensors.torch import load_file
+
+from sparsebert.cli import main
+
+FAST = ["--max-seq-length", "16", "--batch-size", "16", "--eval-batch-size", "32", "--log-every", "2"]
+
+
+def cli(*args: str) -> int:
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    return exc.value.code
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_model_dir, sst_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    code = cli(
+        "finetune",
+        "--model",
+        tiny_model_dir,
+        "--task",
+        "sst2",
+        "--data-dir",
+        sst_dir,
+        "--output-dir",
+        out,
+        "--epochs",
+        "8",
+        "--lr",
+        "3e-3",
+        *FAST,
+    )
+    assert code == 0
+    return out
+
+
+def test_finetune_writes_an_hf_model_and_learns(teacher, sst_dir, tmp_path, capsys):
+    record = json.loads((teacher / "metrics.json").read_text())
+    assert record["task"] == "sst2" and record["split"] == "dev" and record["num_examples"] == 64
+    assert record["metrics"]["accuracy"] > 0.9  # the opinion word decides the label
+    assert {"config.yaml", "log.jsonl", "config.json", "model.safetensors"} <= {p.name for p in teacher.iterdir()}
+    assert not (teacher / "checkpoint").exists()
+    logits = outputs_of(teacher, ["the movie was great", "the movie was awful"])  # plain transformers
+    assert logits.argmax(-1).tolist() == [1, 0]
+    # evaluate reproduces the metrics file
+    code = cli(
+        "evaluate",
+        "--model",
+        teacher,
+        "--task",
+        "sst2",
+        "--data-dir",
+        sst_dir,
+        "--max-seq-length",
+        "16",
+        "--output",
+        tmp_path / "m.json",
+    )
+    assert code == 0
+    assert json.loads((tmp_path / "m.json").read_text()) == record
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_prune_reaches_the_target_and_saves_zeros(teacher, tiny_model_dir, sst_dir, tmp_path):
+    out = tmp_path / "sparse"
+    code = cli(
+        "prune",
+        "--teacher",
+        teacher,
+        "--student",
+        tiny_model_dir,
+        "--task",
+        "sst2",
+        "--data-dir",
+        sst_dir,
+        "--output-dir",
+        out,
+        "--sparsity",
+        "0.8",
+        "--epochs",
+        "6",
+        "--lr",
+        "3e-3",
+        "--prune-updates",
+        "10",
+        *FAST,
+    )
+    assert code == 0
+    sparsity = json.loads((out / "sparsity.json").read_text())
+    assert sparsity["overall"] == pytest.approx(0.8, abs=1e-3)
+    assert len(sparsity["matrices"]) == 12 and 0 < sparsity["model"] < 0.8
+    weights = load_file(out / "model.safetensors")
+    for name, value in sparsity["matrices"].items():
+        w = weights[name + ".weight"]
+        assert float((w == 0).float().mean()) == pytest.approx(value)
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["accuracy"] > 0.75
+    parts = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss_hidden" in r]
+    assert parts and {"loss_attention", "loss_prediction", "target_sparsity"} <= set(parts[-1])
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "model.safetensors")
+
+
+def test_interrupted_prune_resumes_to_the_same_model(teacher, tiny_model_dir, sst_dir, tmp_path, monkeypatch):
+    args = [
+        "prune",
+        "--teacher",
+        teacher,
+        "--student",
+        tiny_model_dir,
+        "--task",
+        "sst2",
+        "--data-dir",
+        sst_dir,
+        "--sparsity",
+        "0.7",
+        "--max-steps",
+        "20",
+        "--save-every",
+        "4",
+        "--prune-updates",
+        "10",
+        *FAST,
+    ]
+    assert cli(*args, "--output-dir", tmp_path / "straight") == 0
+
+    calls = {"n": 0}
+    original = torch.optim.AdamW.step
+
+    def step_then_ctrl_c(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 11:  # Ctrl-C arrives in the middle of step 11
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_ctrl_c)
+    assert cli(*args, "--output-dir", tmp_path / "resumed") == 130
+    assert (tmp_path / "resumed" / "checkpoint").is_dir() and not (tmp_path / "resumed" / "metrics.json").exists()
+    monkeypatch.setattr(torch.optim.AdamW, "step", original)
+    assert cli(*args, "--output-dir", tmp_path / "resumed") == 2  # non-empty folder is refused...
+    assert cli(*args, "--output-dir", tmp_path / "resumed", "--resume") == 0  # ...unless resumed
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.allclose(straight[name], resumed[name], atol=1e-6), name
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert {"event": "interrupted", "step": 11}.items() <= next(
+        r for r in log if r.get("event") == "interrupted"
+    ).items()
+    assert any(r.get("event") == "resume" for r in log)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["finetune", "--model", "{model}", "--task", "sst2", "--data-dir", "/no/such/dir", "--output-dir", "{out}"],
+            "/no/such/dir: data directory not found",
+        ),
+        (
+            [
+                "finetune",
+                "--model",
+                "./missing-model",
+                "--task",
+                "sst2",
+                "--data-dir",
+                "{data}",
+                "--output-dir",
+                "{out}",
+            ],
+            "model path ./missing-model does not exist",
+        ),
+        (
+            ["finetune", "--model", "{model}", "--task", "nope", "--data-dir", "{data}", "--output-dir", "{out}"],
+            "unknown task 'nope'",
+        ),
+        (["finetune", "--model", "{model}", "--task", "sst2", "--data-dir", "{data}"], "missing required option"),
+        (
+            [
+                "prune",
+                "--teacher",
+                "{model}",
+                "--student",
+                "{model}",
+                "--task",
+                "sst2",
+                "--data-dir",
+                "{data}",
+                "--output-dir",
+                "{out}",
+                "--sparsity",
+                "1.5",
+            ],
+            "sparsity must satisfy",
+        ),
+        (["finetune", "--config", "{out}.yaml", "--model", "{model}"], "recipe file not found"),
+    ],
+)
+def test_cli_errors_are_one_line(args, message, tiny_model_dir, sst_dir, tmp_path, capsys):
+    filled = [a.format(model=tiny_model_dir, data=sst_dir, out=tmp_path / "o") for a in args]
+    assert cli(*filled) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparsebert: error:") and message in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+
+
+def test_recipe_file_with_flag_override(tiny_model_dir, sst_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: {tiny_model_dir}\ntask: sst2\ndata-dir: {sst_dir}\nmax_steps: 3\nlr: 1.0e-3\nmax_seq_length: 16\n"
+    )
+    assert cli("finetune", "--config", recipe, "--max-steps", "2", "--output-dir", tmp_path / "o") == 0
+    log = [json.loads(line) for line in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
+    assert next(r for r in log if r.get("event") == "start")["total_steps"] == 2
+    assert "lr: 0.001" in (tmp_path / "o" / "config.yaml").read_text()
+    recipe.write_text("modle: x\n")
+    assert cli("finetune", "--config", recipe) == 2
+
+
+def _launch_two(args: list, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "sparsebert",
+        *map(str, args),
+    ]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("command", ["finetune", "prune"])
+def test_two_processes_stay_identical(command, teacher, tiny_model_dir, sst_dir, tmp_path):
+    out = tmp_path / command
+    common = ["--task", "sst2", "--data-dir", sst_dir, "--output-dir", out, "--max-steps", "6", *FAST]
+    if command == "finetune":
+        args = ["finetune", "--model", tiny_model_dir, *common]
+    else:
+        args = [
+            "prune",
+            "--teacher",
+            teacher,
+            "--student",
+            tiny_model_dir,
+            "--sparsity",
+            "0.5",
+            "--prune-updates",
+            "3",
+            *common,
+        ]
+    done = _launch_two(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    start = next(r for r in log if r.get("event") == "start")
+    end = next(r for r in log if r.get("event") == "end")
+    assert start["processes"] == 2
+    assert len(end["rank_digests"]) == 2 and end["ranks_in_sync"]
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["num_examples"] == 64  # gathered once, not duplicated across ranks
+    if command == "prune":
+        assert json.loads((out / "sparsity.json").read_text())["overall"] == pytest.approx(0.5, abs=1e-3)

@@ -1,0 +1,185 @@
+"""The pruning engine on its own: layer discovery, schedule, masks, state, report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    DistilBertConfig,
+    ElectraConfig,
+    RobertaConfig,
+)
+
+from sparsebert.errors import SparseBertError
+from sparsebert.pruning import ROLES, CubicSparsitySchedule, MagnitudePruner, find_prunable_linears
+
+CONFIGS = {
+    "bert": BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=40),
+    "roberta": RobertaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=40,
+        max_position_embeddings=40,
+    ),
+    "distilbert": DistilBertConfig(vocab_size=50, dim=16, n_layers=2, n_heads=2, hidden_dim=40),
+    "electra": ElectraConfig(
+        vocab_size=50,
+        embedding_size=8,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=40,
+    ),
+}
+EXPECTED_NAMES = {
+    "bert": (
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ),
+    "roberta": (
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ),
+    "distilbert": (
+        "attention.q_lin",
+        "attention.k_lin",
+        "attention.v_lin",
+        "attention.out_lin",
+        "ffn.lin1",
+        "ffn.lin2",
+    ),
+    "electra": (
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ),
+}
+
+
+def tiny(arch: str = "bert"):
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(CONFIGS[arch])
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_layer_discovery_by_architecture(arch):
+    model = tiny(arch)
+    found = find_prunable_linears(model)
+    n_layers = CONFIGS[arch].num_hidden_layers if arch != "distilbert" else CONFIGS[arch].n_layers
+    assert len(found) == 6 * n_layers
+    for i, target in enumerate(found):
+        assert target.layer == i // 6 and target.role == ROLES[i % 6]
+        assert target.name.endswith(f"{i // 6}.{EXPECTED_NAMES[arch][i % 6]}")
+    pooler_and_head = {n for n, m in model.named_modules() if "classifier" in n or "pooler" in n}
+    assert not pooler_and_head & {t.name for t in found}
+
+
+def test_discovery_refuses_an_unrecognised_block():
+    model = tiny()
+    model.bert.encoder.layer[1].intermediate.dense = torch.nn.Linear(16, 16)  # breaks the FFN shape
+    with pytest.raises(SparseBertError, match=r"layer 1 .* does not look like a BERT block"):
+        find_prunable_linears(model)
+
+
+def test_cubic_schedule_values():
+    s = CubicSparsitySchedule(final_sparsity=0.9, start_step=100, end_step=1100, num_updates=10)
+    assert s.sparsity(0) == 0.0 and s.sparsity(100) == 0.0
+    assert s.sparsity(600) == pytest.approx(0.9 * (1 - 0.5**3))  # halfway: 0.7875
+    assert s.sparsity(350) == pytest.approx(0.9 * (1 - 0.75**3))
+    assert s.sparsity(1100) == 0.9 and s.sparsity(5000) == 0.9
+    updates = [t for t in range(0, 2000) if s.is_update_step(t)]
+    assert updates == list(range(200, 1101, 100))  # ten updates, the last at end_step
+    with pytest.raises(SparseBertError):
+        CubicSparsitySchedule(final_sparsity=1.0, start_step=0, end_step=10)
+    with pytest.raises(SparseBertError):
+        CubicSparsitySchedule(final_sparsity=0.5, start_step=10, end_step=5)
+
+
+def _train_steps(model, pruner, steps, lr=1e-2):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    ids = torch.randint(0, 50, (4, 12))
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        pruner.step()
+    return opt
+
+
+@pytest.mark.parametrize("scope", ["per_matrix", "global"])
+def test_reaches_exact_target_and_pruned_weights_stay_zero_under_adam(scope):
+    model = tiny()
+    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.9, 0, 10, num_updates=5), scope=scope)
+    _train_steps(model, pruner, 10)
+    report = pruner.sparsity_report()
+    assert report["overall"] == pytest.approx(0.9, abs=1e-3)
+    if scope == "per_matrix":
+        assert all(v == pytest.approx(0.9, abs=2e-3) for v in report["matrices"].values())
+    frozen = {name: mask.clone() for name, mask in pruner.masks.items()}
+    # Keep training after the window: Adam's momentum pushes pruned weights, the masks must win.
+    _train_steps(model, pruner, 15, lr=5e-2)
+    for t in pruner.targets:
+        assert torch.equal(pruner.masks[t.name], frozen[t.name])
+        assert (t.module.weight[~frozen[t.name]] == 0).all()
+        assert (t.module.weight[frozen[t.name]] != 0).any()
+
+
+def test_masks_only_grow_and_rank_among_survivors():
+    model = tiny()
+    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.8, 0, 20, num_updates=4))
+    previous = None
+    for _ in range(20):
+        _train_steps(model, pruner, 1)
+        current = {n: m.clone() for n, m in pruner.masks.items()}
+        if previous is not None:
+            for name in current:  # once pruned, never revived
+                assert not (current[name] & ~previous[name]).any()
+        previous = current
+
+
+def test_state_dict_round_trip_restores_masks_and_position():
+    model = tiny()
+    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.7, 0, 8, num_updates=4))
+    _train_steps(model, pruner, 5)
+    state = pruner.state_dict()
+
+    other = tiny()
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01)  # masks must be re-applied on load, whatever the weights hold
+    restored = MagnitudePruner(other, CubicSparsitySchedule(0.7, 0, 8, num_updates=4))
+    restored.load_state_dict(state)
+    assert restored.last_step == 5
+    for t in restored.targets:
+        assert torch.equal(restored.masks[t.name], pruner.masks[t.name])
+        assert (t.module.weight[~restored.masks[t.name]] == 0).all()
+
+
+def test_report_counts_layers_and_whole_model():
+    model = tiny()
+    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.5, 0, 1, num_updates=1))
+    pruner.step()
+    r = pruner.sparsity_report()
+    assert set(r["layers"]) == {"0", "1", "2"}
+    assert all(v == pytest.approx(0.5, abs=1e-3) for v in r["layers"].values())
+    total = sum(p.numel() for p in model.parameters())
+    assert r["nonzero"]["model_total"] == total
+    assert r["nonzero"]["pruned_layers"] == pytest.approx(r["nonzero"]["pruned_layers_total"] / 2, abs=3)
+    assert 0 < r["model"] < r["overall"]
