@@ -286,3 +286,46 @@ def test_two_processes_stay_identical(command, teacher, tiny_model_dir, sst_dir,
     assert record["num_examples"] == 64  # gathered once, not duplicated across ranks
     if command == "prune":
         assert json.loads((out / "sparsity.json").read_text())["overall"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_compress_runs_both_stages_and_reports(tiny_model_dir, sst_dir, tmp_path, capsys):
+    out = tmp_path / "c"
+    args = [
+        "compress",
+        "--model",
+        tiny_model_dir,
+        "--task",
+        "sst2",
+        "--data-dir",
+        sst_dir,
+        "--output-dir",
+        out,
+        "--teacher-epochs",
+        "4",
+        "--teacher-lr",
+        "3e-3",
+        "--max-steps",
+        "24",
+        "--lr",
+        "3e-3",
+        "--sparsity",
+        "0.75",
+        "--prune-updates",
+        "5",
+        *FAST,
+    ]
+    assert cli(*args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity"]["pruned_layers"] == pytest.approx(0.75, abs=1e-3)
+    nz = report["nonzero_params"]
+    assert nz["pruned_layers"] == pytest.approx(nz["pruned_layers_total"] / 4, abs=2)
+    flops = report["flops_per_sequence"]
+    assert flops["dense"] > flops["sparse"] > 0
+    assert set(report["teacher"]) == set(report["student"]) == {"accuracy"}
+    assert "| teacher |" in capsys.readouterr().out
+    for name in ("teacher/loss.png", "student/loss.png", "student/sparsity.png", "report.md"):
+        assert (out / name).stat().st_size > 0
+    # a finished compress is not redone with --resume: both stages are skipped
+    teacher_mtime = (out / "teacher" / "model.safetensors").stat().st_mtime
+    assert cli(*args, "--resume") == 0
+    assert (out / "teacher" / "model.safetensors").stat().st_mtime == teacher_mtime

