@@ -329,3 +329,72 @@ def test_compress_runs_both_stages_and_reports(tiny_model_dir, sst_dir, tmp_path
     teacher_mtime = (out / "teacher" / "model.safetensors").stat().st_mtime
     assert cli(*args, "--resume") == 0
     assert (out / "teacher" / "model.safetensors").stat().st_mtime == teacher_mtime
+
+
+def _stsb_and_cola(tmp_path: Path) -> dict[str, Path]:
+    """An STS-B folder (regression, 10 columns) and a CoLA folder (no header), from the same sentences."""
+    from conftest import sentiment_rows, write_tsv
+
+    stsb, cola = tmp_path / "STS-B", tmp_path / "CoLA"
+    stsb.mkdir()
+    cola.mkdir()
+    header = [
+        "index",
+        "genre",
+        "filename",
+        "year",
+        "old_index",
+        "source1",
+        "source2",
+        "sentence1",
+        "sentence2",
+        "score",
+    ]
+    for split, seed, n in (("train", 5, 96), ("dev", 6, 32)):
+        rows = sentiment_rows(n, seed)
+        write_tsv(
+            stsb / f"{split}.tsv",
+            header,
+            [
+                [i, "main", "f", "2012", i, "n", "n", a, b, f"{1.0 * la:.3f}"]
+                for i, ((a, la), (b, _)) in enumerate(zip(rows, rows[1:] + rows[:1], strict=True))
+            ],
+        )
+        write_tsv(cola / f"{split}.tsv", None, [["src", label, "", text] for text, label in rows])
+    return {"stsb": stsb, "cola": cola}
+
+
+@pytest.mark.parametrize("task", ["stsb", "cola"])
+def test_regression_and_mcc_tasks_run_through_finetune_and_prune(task, tiny_model_dir, tmp_path):
+    data = _stsb_and_cola(tmp_path)[task]
+    common = ["--task", task, "--data-dir", data, "--lr", "3e-3", *FAST]
+    assert cli("finetune", "--model", tiny_model_dir, "--output-dir", tmp_path / "t", "--epochs", "6", *common) == 0
+    assert (
+        cli(
+            "prune",
+            "--teacher",
+            tmp_path / "t",
+            "--student",
+            tiny_model_dir,
+            "--output-dir",
+            tmp_path / "s",
+            "--max-steps",
+            "12",
+            "--sparsity",
+            "0.5",
+            "--prune-updates",
+            "4",
+            *common,
+        )
+        == 0
+    )
+    teacher = json.loads((tmp_path / "t" / "metrics.json").read_text())["metrics"]
+    student = json.loads((tmp_path / "s" / "metrics.json").read_text())["metrics"]
+    expected = {"stsb": {"pearson", "spearman"}, "cola": {"mcc", "accuracy"}}[task]
+    assert set(teacher) == set(student) == expected
+    main_metric = "pearson" if task == "stsb" else "mcc"
+    assert teacher[main_metric] > 0.5  # the label follows the opinion word of sentence 1
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tmp_path / "s")
+    assert config.num_labels == (1 if task == "stsb" else 2)
