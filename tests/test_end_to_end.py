@@ -398,3 +398,49 @@ def test_regression_and_mcc_tasks_run_through_finetune_and_prune(task, tiny_mode
 
     config = AutoConfig.from_pretrained(tmp_path / "s")
     assert config.num_labels == (1 if task == "stsb" else 2)
+
+
+def test_compare_runs_every_strategy_and_skips_finished_runs(tiny_model_dir, sst_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = [
+        "compare",
+        "--model",
+        tiny_model_dir,
+        "--task",
+        "sst2",
+        "--data-dir",
+        sst_dir,
+        "--output-dir",
+        out,
+        "--teacher-epochs",
+        "3",
+        "--teacher-lr",
+        "3e-3",
+        "--max-steps",
+        "8",
+        "--lr",
+        "3e-3",
+        "--sparsities",
+        "0.5,0.9",
+        "--prune-updates",
+        "4",
+        *FAST,
+    ]
+    assert cli(*args) == 0
+    results = json.loads((out / "results.json").read_text())
+    runs = {(r["strategy"], r["sparsity"]): r for r in results["runs"]}
+    strategies = {"sparsebert", "prune-then-finetune", "finetune-then-prune", "distill-dense"}
+    assert set(runs) == {(s, p) for s in strategies for p in (0.5, 0.9)}
+    total = runs[("sparsebert", 0.5)]["nonzero_params"] * 2  # half of the prunable weights remain at 50%
+    for (strategy, sparsity), run in runs.items():
+        assert run["train_loss_curve"] and set(run["metrics"]) == {"accuracy"}
+        if strategy != "distill-dense":
+            assert run["nonzero_params"] == pytest.approx((1 - sparsity) * total, rel=0.01)
+        else:  # a dense student sized to the same budget (layers dropped, then narrowed)
+            assert run["nonzero_params"] == pytest.approx((1 - sparsity) * total, rel=0.35)
+    assert (out / "metric_vs_sparsity.png").stat().st_size > 0 and (out / "train_loss.png").stat().st_size > 0
+    assert (out / "results.csv").read_text().count("\n") == 1 + 1 + 8
+    # a restart skips what is finished: nothing is retrained
+    stamp = (out / "sparsebert-0.9" / "model.safetensors").stat().st_mtime
+    assert cli(*args) == 0
+    assert (out / "sparsebert-0.9" / "model.safetensors").stat().st_mtime == stamp

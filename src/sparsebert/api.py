@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from torch import nn
 
@@ -26,6 +27,7 @@ from sparsebert.config import (
     EvaluateConfig,
     FinetuneConfig,
     PruneConfig,
+    PruneOptions,
     TrainConfig,
     require,
     to_yaml,
@@ -36,6 +38,7 @@ from sparsebert.errors import SparseBertError
 from sparsebert.io import JsonlLog, atomic_write_json, atomic_write_text, prepare_output_dir, publish_dir
 from sparsebert.models import load_model, load_tokenizer
 from sparsebert.pruning import CubicSparsitySchedule, MagnitudePruner, sparsity_report
+from sparsebert.students import make_dense_student
 from sparsebert.tasks import get_task
 from sparsebert.train import CHECKPOINT, Loop, make_accelerator
 from sparsebert.train import evaluate as evaluate_loaders
@@ -166,6 +169,56 @@ def _resolve_step(value: float, n_steps: int) -> int:
     return round(value * n_steps) if value <= 1 else int(value)
 
 
+DISTILLING = ("sparsebert", "distill-dense")
+
+
+def _initial_student(config: PruneConfig, teacher: nn.Module, task) -> nn.Module:
+    """Where each strategy's student starts.
+
+    sparsebert / prune-then-finetune: the pre-trained weights; finetune-then-prune: the teacher's;
+    distill-dense: a layer-dropped, narrowed copy of the pre-trained model with as many weights as
+    the sparse model keeps.
+    """
+    if config.strategy == "finetune-then-prune":
+        return load_model(config.teacher, task)
+    student = load_model(config.student, task)
+    if config.strategy == "distill-dense":
+        student = make_dense_student(student, config.sparsity)
+    if config.strategy in DISTILLING and config.student_head == "teacher":
+        copy_head(teacher, student)
+    return student
+
+
+def _distillation_step(teacher: nn.Module, student: nn.Module, loss_fn: DistillationLoss):
+    """The prune-while-distill step: teacher forward (no grad), student forward, the three losses.
+
+    The student's cross-entropy to the labels is logged too (not trained on): it is the "fitting
+    ability" curve that makes strategies comparable.
+    """
+    t_rec = AttentionScoreRecorder(teacher.module if hasattr(teacher, "module") else teacher)
+    s_rec = AttentionScoreRecorder(student)
+    want_hidden, want_attn = bool(loss_fn.weights.hidden), bool(loss_fn.weights.attention)
+
+    def step_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        labels = batch.get("labels")
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        mask = inputs.get("attention_mask")
+        with torch.no_grad(), t_rec:
+            t_out = teacher(**inputs, output_hidden_states=want_hidden)
+            t_scores = t_rec.scores(mask) if want_attn else None
+        with s_rec:
+            s_out = model(**inputs, output_hidden_states=want_hidden)
+            s_scores = s_rec.scores(mask) if want_attn else None
+        result = loss_fn(
+            s_out.logits, t_out.logits, s_out.hidden_states, t_out.hidden_states, s_scores, t_scores, labels
+        )
+        if labels is not None and s_out.logits.shape[-1] > 1:
+            result.parts["label_ce"] = F.cross_entropy(s_out.logits.detach().float(), labels)
+        return result.loss, result.parts
+
+    return step_fn
+
+
 def prune(config: PruneConfig) -> RunResult:
     """Prune the student to ``config.sparsity`` (by ``config.strategy``, SparseBERT by default)."""
     require(config, "teacher", "task", "output_dir")
@@ -177,10 +230,7 @@ def prune(config: PruneConfig) -> RunResult:
     data = _load_data(config)
     tokenizer = load_tokenizer(config.teacher)
     teacher = load_model(config.teacher, data.task)
-    # finetune-then-prune starts from the fine-tuned weights; the others from the pre-trained ones.
-    student = load_model(config.teacher if config.strategy == "finetune-then-prune" else config.student, data.task)
-    if config.strategy == "sparsebert" and config.student_head == "teacher":
-        copy_head(teacher, student)
+    student = _initial_student(config, teacher, data.task)
     out, log = _start(config, accelerator)
     log.write(
         {"event": "config", "source": data.source, "train_examples": len(data.train), "strategy": config.strategy}
@@ -188,8 +238,7 @@ def prune(config: PruneConfig) -> RunResult:
 
     def make_pruner(model: nn.Module, n_steps: int) -> MagnitudePruner:
         if config.strategy == "prune-then-finetune":  # one-shot on the pre-trained magnitudes, then fixed
-            schedule = CubicSparsitySchedule(config.sparsity, 0, 0, 1)
-            pruner = MagnitudePruner(model, schedule, config.prune_scope)
+            pruner = MagnitudePruner(model, CubicSparsitySchedule(config.sparsity, 0, 0, 1), config.prune_scope)
             pruner.update_masks(config.sparsity)
             pruner.apply_masks()
             return pruner
@@ -198,36 +247,19 @@ def prune(config: PruneConfig) -> RunResult:
         return MagnitudePruner(model, schedule, config.prune_scope)
 
     extra: list[nn.Module] = []
-    if config.strategy == "sparsebert":
-        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
-        teacher.eval()
+    if config.strategy in DISTILLING:
+        teacher_config = teacher.config
+        teacher = accelerator.prepare_model(teacher, evaluation_mode=True).eval()
+        weights = LossWeights.parse(config.loss_weights)
+        if student.config.num_attention_heads != teacher_config.num_attention_heads:
+            weights.attention = 0.0  # a narrowed student has fewer heads: no head-to-head attention map
+            log.write({"event": "note", "message": "student has fewer heads: attention loss disabled"})
         loss_fn = DistillationLoss(
-            student.config,
-            accelerator.unwrap_model(teacher).config,
-            LossWeights.parse(config.loss_weights),
-            config.temperature,
-            config.regression_target,
+            student.config, teacher_config, weights, config.temperature, config.regression_target
         )
         if loss_fn.projection is not None:
             extra.append(loss_fn)
-        t_rec = AttentionScoreRecorder(accelerator.unwrap_model(teacher))
-        s_rec = AttentionScoreRecorder(student)
-        want_hidden, want_attn = bool(loss_fn.weights.hidden), bool(loss_fn.weights.attention)
-
-        def step_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-            labels = batch.get("labels")
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            mask = inputs.get("attention_mask")
-            with torch.no_grad(), t_rec:
-                t_out = teacher(**inputs, output_hidden_states=want_hidden)
-                t_scores = t_rec.scores(mask) if want_attn else None
-            with s_rec:
-                s_out = model(**inputs, output_hidden_states=want_hidden)
-                s_scores = s_rec.scores(mask) if want_attn else None
-            result = loss_fn(
-                s_out.logits, t_out.logits, s_out.hidden_states, t_out.hidden_states, s_scores, t_scores, labels
-            )
-            return result.loss, result.parts
+        step_fn = _distillation_step(teacher, student, loss_fn)
     else:
         del teacher
         step_fn = _classification_step
@@ -246,12 +278,12 @@ def prune(config: PruneConfig) -> RunResult:
         data.task,
         out,
         log,
-        pruner_factory=make_pruner,
+        pruner_factory=None if config.strategy == "distill-dense" else make_pruner,
         extra_modules=extra,
         head_lr=head_lr,
     )
     metrics = loop.run()
-    report = sparsity_report(accelerator.unwrap_model(loop.model), loop.pruner.targets)
+    report = sparsity_report(accelerator.unwrap_model(loop.model))
     _finish(
         accelerator,
         loop.model,
@@ -283,21 +315,11 @@ def evaluate(config: EvaluateConfig) -> dict:
     return record
 
 
-def compress(config: CompressConfig) -> dict:
-    """The main job: fine-tune the teacher, prune-while-distill the student, evaluate both, report.
-
-    Finished stages are skipped with ``--resume`` (the teacher is trained once).
-    """
-    from sparsebert.report import write_report
-
-    require(config, "model", "task", "output_dir")
-    config.validate_pruning()
-    out = Path(config.output_dir)
-    if PartialState().is_main_process:
-        prepare_output_dir(out, overwrite=config.overwrite, resume=config.resume)
+def _stage_configs(config: CompressConfig, out: Path) -> tuple[FinetuneConfig, PruneConfig]:
+    """Split a compress/compare configuration into the teacher's and a student's run."""
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
-    shared.update(overwrite=False, output_dir=None)
-    teacher_cfg = FinetuneConfig(
+    shared.update(overwrite=False, resume=False, output_dir=None)
+    teacher = FinetuneConfig(
         **{
             **shared,
             "model": config.model,
@@ -308,23 +330,44 @@ def compress(config: CompressConfig) -> dict:
             "lr_schedule": "linear",
         }
     )
-    student_cfg = PruneConfig(
+    prune_options = {f.name: getattr(config, f.name) for f in dataclasses.fields(PruneOptions)}
+    student = PruneConfig(
         **{
             **shared,
-            **{f.name: getattr(config, f.name) for f in dataclasses.fields(CompressConfig) if f.name in PRUNE_FIELDS},
-            "teacher": str(out / "teacher"),
+            **prune_options,
+            "teacher": teacher.output_dir,
             "student": config.model,
             "output_dir": str(out / "student"),
         }
     )
-    for cfg, fn in ((teacher_cfg, finetune), (student_cfg, prune)):
-        stage_dir = Path(cfg.output_dir)
-        if (stage_dir / "metrics.json").exists():
-            continue  # finished by an earlier, interrupted compress
-        cfg.resume = (stage_dir / CHECKPOINT).exists()
-        cfg.overwrite = not cfg.resume
-        fn(cfg)
+    return teacher, student
+
+
+def run_stage(config: TrainConfig, fn) -> bool:
+    """Run one stage unless it already finished; continue it if a checkpoint is there. True if it ran."""
+    stage_dir = Path(config.output_dir)
+    if (stage_dir / "metrics.json").exists():
+        return False
+    config.resume = (stage_dir / CHECKPOINT).exists()
+    config.overwrite = not config.resume
+    fn(config)
+    return True
+
+
+def compress(config: CompressConfig) -> dict:
+    """The main job: fine-tune the teacher, prune-while-distill the student, evaluate both, report.
+
+    With ``--resume`` finished stages are skipped and an interrupted one continues (the teacher is
+    trained once).
+    """
+    from sparsebert.report import write_report
+
+    require(config, "model", "task", "output_dir")
+    config.validate_pruning()
+    out = Path(config.output_dir)
+    if PartialState().is_main_process:
+        prepare_output_dir(out, overwrite=config.overwrite, resume=config.resume)
+    teacher_cfg, student_cfg = _stage_configs(config, out)
+    run_stage(teacher_cfg, finetune)
+    run_stage(student_cfg, prune)
     return write_report(out, config)
-
-
-PRUNE_FIELDS = {f.name for f in dataclasses.fields(PruneConfig)} - {f.name for f in dataclasses.fields(TrainConfig)}

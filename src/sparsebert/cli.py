@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from sparsebert.config import STRATEGIES
 from sparsebert.errors import SparseBertError
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -62,7 +63,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def _prune_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pruning and distillation")
     g.add_argument("--sparsity", type=float, help="target sparsity of the pruned layers (0.95 = 20x)")
-    g.add_argument("--strategy", choices=["sparsebert", "finetune-then-prune", "prune-then-finetune"])
+    g.add_argument("--strategy", choices=list(STRATEGIES), help="sparsebert (default) or a baseline order of work")
     g.add_argument("--prune-start", type=float, help="first pruning step, or fraction of the run if <= 1")
     g.add_argument("--prune-end", type=float, help="step where the target is reached, or fraction if <= 1")
     g.add_argument("--prune-updates", type=int, help="number of mask updates in the window (paper: 100)")
@@ -97,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-max-steps", type=int)
     p.add_argument("--teacher-lr", type=float)
 
+    p = sub.add_parser("compare", help="every strategy at every sparsity, one teacher: results, CSV, plots")
+    p.add_argument("--model", help="pre-trained model (teacher and students start from it)")
+    _train_args(p)
+    _prune_args(p)
+    p.add_argument("--teacher-epochs", type=float)
+    p.add_argument("--teacher-max-steps", type=int)
+    p.add_argument("--teacher-lr", type=float)
+    p.add_argument("--sparsities", help="comma-separated, e.g. 0.5,0.7,0.8,0.9,0.95,0.97")
+    p.add_argument("--strategies", help=f"comma-separated subset of {','.join(STRATEGIES)}")
+
     p = sub.add_parser("evaluate", help="dev metrics of a saved model")
     p.add_argument("--config", help="YAML recipe")
     p.add_argument("--model", help="model folder or name")
@@ -120,7 +131,14 @@ def run(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from sparsebert import api
-    from sparsebert.config import CompressConfig, EvaluateConfig, FinetuneConfig, PruneConfig, build_config
+    from sparsebert.config import (
+        CompareConfig,
+        CompressConfig,
+        EvaluateConfig,
+        FinetuneConfig,
+        PruneConfig,
+        build_config,
+    )
 
     if args.command == "fetch-defaults":
         from sparsebert.packaged import minilm_l6_path, movie_sentiment_dir
@@ -132,10 +150,21 @@ def run(argv: list[str] | None = None) -> int:
         record = api.evaluate(build_config(EvaluateConfig, args.config, **_options(args)))
         print(format_metrics(record))
         return 0
-    cls = {"finetune": FinetuneConfig, "prune": PruneConfig, "compress": CompressConfig}[args.command]
-    config = build_config(cls, args.config, **_options(args))
+    cls = {"finetune": FinetuneConfig, "prune": PruneConfig, "compress": CompressConfig, "compare": CompareConfig}
+    config = build_config(cls[args.command], args.config, **_options(args))
     if args.command == "compress":
         api.compress(config)
+        return 0
+    if args.command == "compare":
+        from sparsebert.compare import compare
+
+        results = compare(config)
+        for r in results["runs"]:
+            print(
+                f"{r['strategy']:<22} {100 * r['sparsity']:5.1f}%  nonzero {r['nonzero_params']:>10,}  "
+                + "  ".join(f"{k} {100 * v:.2f}" for k, v in r["metrics"].items())
+            )
+        print(f"results in {config.output_dir}/results.json, results.csv, metric_vs_sparsity.png, train_loss.png")
         return 0
     result = getattr(api, args.command)(config)
     print(format_metrics(json.loads((result.output_dir / "metrics.json").read_text())))

@@ -6,7 +6,7 @@ The resolved configuration is saved beside every result (``config.yaml``), so a 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -57,7 +57,7 @@ class FinetuneConfig(TrainConfig):
     model: str | None = None
 
 
-STRATEGIES = ("sparsebert", "finetune-then-prune", "prune-then-finetune")
+STRATEGIES = ("sparsebert", "finetune-then-prune", "prune-then-finetune", "distill-dense")
 
 
 @dataclass
@@ -109,6 +109,14 @@ class CompressConfig(PruneOptions, TrainConfig):
 
 
 @dataclass
+class CompareConfig(CompressConfig):
+    """``sparsebert compare``: every strategy at every sparsity, one shared teacher."""
+
+    sparsities: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.97])
+    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+
+
+@dataclass
 class EvaluateConfig:
     """``sparsebert evaluate``: dev metrics of a saved model."""
 
@@ -155,8 +163,9 @@ def build_config(cls: type[C], recipe: str | Path | None = None, **overrides: An
     unknown = set(values) - known
     if unknown:
         raise SparseBertError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    if isinstance(values.get("text_columns"), str):
-        values["text_columns"] = values["text_columns"].split(",")
+    for key, kind in (("text_columns", str), ("strategies", str), ("sparsities", float)):
+        if isinstance(values.get(key), str):
+            values[key] = [kind(v) for v in values[key].split(",")]
     return cls(**values)
 
 

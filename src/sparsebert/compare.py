@@ -1,0 +1,128 @@
+"""``sparsebert compare``: the paper's knowledge analysis on the user's own task.
+
+Every strategy (SparseBERT, prune-then-finetune, finetune-then-prune, a small dense student) at every
+sparsity, from one shared teacher. Finished runs are skipped on restart, so a long sweep can be
+stopped and continued. Writes results.json, results.csv and two plots: dev metric vs sparsity per
+strategy (the paper's Figure 4) and training loss on the labels vs step (its Figure 5, "fitting
+ability"; for distilling strategies the student's label cross-entropy is logged alongside their loss).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+from accelerate import PartialState
+
+from sparsebert.api import _stage_configs, finetune, prune, run_stage
+from sparsebert.config import STRATEGIES, CompareConfig, require
+from sparsebert.errors import SparseBertError
+from sparsebert.io import JsonlLog, atomic_write_json, prepare_output_dir
+from sparsebert.tasks import get_task
+
+
+def _loss_curve(run_dir: Path) -> list[list[float]]:
+    """[step, training loss on the labels] from a run's log."""
+    curve = []
+    for r in JsonlLog(run_dir / "log.jsonl").read():
+        if "step" in r and "loss" in r:
+            curve.append([r["step"], r.get("loss_label_ce", r["loss"])])
+    return curve
+
+
+def collect(out: Path, config: CompareConfig) -> dict:
+    runs = []
+    for strategy in config.strategies:
+        for sparsity in config.sparsities:
+            run_dir = out / f"{strategy}-{sparsity:g}"
+            if not (run_dir / "metrics.json").exists():
+                continue
+            nonzero = json.loads((run_dir / "sparsity.json").read_text())["nonzero"]
+            runs.append(
+                {
+                    "strategy": strategy,
+                    "sparsity": sparsity,
+                    "nonzero_params": nonzero["pruned_layers"],
+                    "metrics": json.loads((run_dir / "metrics.json").read_text())["metrics"],
+                    "train_loss_curve": _loss_curve(run_dir),
+                }
+            )
+    teacher = json.loads((out / "teacher" / "metrics.json").read_text())["metrics"]
+    return {"task": get_task(config.task).name, "teacher": teacher, "runs": runs}
+
+
+def write_csv(path: Path, results: dict) -> None:
+    names = list(results["teacher"])
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["strategy", "sparsity", "nonzero_params", *names])
+        writer.writerow(["teacher", 0.0, "", *(results["teacher"][n] for n in names)])
+        for r in results["runs"]:
+            writer.writerow([r["strategy"], r["sparsity"], r["nonzero_params"], *(r["metrics"].get(n) for n in names)])
+
+
+def plot(out: Path, results: dict, metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    strategies = list(dict.fromkeys(r["strategy"] for r in results["runs"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for strategy in strategies:
+        rows = sorted((r["sparsity"], r["metrics"][metric]) for r in results["runs"] if r["strategy"] == strategy)
+        ax.plot([100 * s for s, _ in rows], [100 * v for _, v in rows], "o-", label=strategy)
+    ax.axhline(100 * results["teacher"][metric], color="gray", ls="--", label="teacher (dense)")
+    ax.set_xlabel("sparsity of the encoder's linear layers (%)")
+    ax.set_ylabel(f"dev {metric} (%)")
+    ax.set_title(f"{results['task']}: {metric} vs sparsity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "metric_vs_sparsity.png", dpi=80)
+    plt.close(fig)
+
+    sparsities = sorted({r["sparsity"] for r in results["runs"]})
+    fig, axes = plt.subplots(1, len(sparsities), figsize=(3.2 * len(sparsities), 3), squeeze=False, sharey=True)
+    for ax, sparsity in zip(axes[0], sparsities, strict=True):
+        for strategy in strategies:
+            for r in results["runs"]:
+                if r["strategy"] == strategy and r["sparsity"] == sparsity and r["train_loss_curve"]:
+                    steps, losses = zip(*r["train_loss_curve"], strict=True)
+                    ax.plot(steps, losses, label=strategy)
+        ax.set_title(f"sparsity {100 * sparsity:g}%")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    axes[0][0].set_ylabel("training loss on labels")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "train_loss.png", dpi=80)
+    plt.close(fig)
+
+
+def compare(config: CompareConfig) -> dict:
+    """Run (or continue) the sweep and write its results and plots."""
+    require(config, "model", "task", "output_dir")
+    config.validate_pruning()
+    unknown = set(config.strategies) - set(STRATEGIES)
+    if unknown:
+        raise SparseBertError(f"unknown strategies: {', '.join(sorted(unknown))}")
+    out = Path(config.output_dir)
+    if PartialState().is_main_process:
+        prepare_output_dir(out, overwrite=config.overwrite, resume=True)
+    teacher_cfg, template = _stage_configs(config, out)
+    run_stage(teacher_cfg, finetune)
+    for strategy in config.strategies:
+        for sparsity in config.sparsities:
+            run_cfg = dataclasses.replace(
+                template, strategy=strategy, sparsity=sparsity, output_dir=str(out / f"{strategy}-{sparsity:g}")
+            )
+            run_cfg.validate_pruning()
+            run_stage(run_cfg, prune)
+    results = collect(out, config)
+    if PartialState().is_main_process:
+        atomic_write_json(out / "results.json", results)
+        write_csv(out / "results.csv", results)
+        plot(out, results, get_task(config.task).main_metric)
+    return results

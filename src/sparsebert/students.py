@@ -1,0 +1,72 @@
+"""Small dense students for the comparison the paper makes (TinyBERT/MiniLM/DistilBERT-style).
+
+A dense student is a copy of the pre-trained model with fewer layers (uniformly chosen, as in the
+distillation layer map) and, when dropping layers is not enough, a narrower width (the first hidden
+units, heads and FFN units are kept). It is sized so its encoder linears hold as many weights as the
+sparse model keeps at a given sparsity: the "same number of nonzero weights" comparison.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+from torch import nn
+
+from sparsebert.errors import SparseBertError
+from sparsebert.pruning import find_encoder_layers, find_prunable_linears
+
+
+def linear_weights(config) -> int:
+    """Weights in one encoder layer's six projections."""
+    return 4 * config.hidden_size**2 + 2 * config.hidden_size * config.intermediate_size
+
+
+def dense_shape(config, sparsity: float) -> tuple[int, int, int, int]:
+    """(layers, hidden, heads, intermediate) of a dense student matching ``sparsity``'s nonzeros."""
+    budget = (1 - sparsity) * config.num_hidden_layers * linear_weights(config)
+    layers = max(1, min(config.num_hidden_layers, math.ceil((1 - sparsity) * config.num_hidden_layers - 1e-9)))
+    scale = min(1.0, math.sqrt(budget / (layers * linear_weights(config))))
+    head_dim = config.hidden_size // config.num_attention_heads
+    heads = max(1, round(scale * config.num_attention_heads))
+    intermediate = max(1, round(scale * config.intermediate_size))
+    return layers, heads * head_dim, heads, intermediate
+
+
+def make_dense_student(model: nn.Module, sparsity: float) -> nn.Module:
+    """A layer-dropped, narrowed copy of ``model`` (its pre-trained weights, sliced)."""
+    config = model.config
+    if getattr(config, "model_type", None) not in ("bert", "roberta", "electra"):
+        raise SparseBertError(
+            f"dense students are built for BERT, RoBERTa and ELECTRA configs, not {config.model_type}"
+        )
+    layers, hidden, heads, intermediate = dense_shape(config, sparsity)
+    new_config = copy.deepcopy(config)
+    new_config.num_hidden_layers, new_config.hidden_size = layers, hidden
+    new_config.num_attention_heads, new_config.intermediate_size = heads, intermediate
+    if getattr(config, "embedding_size", None) == config.hidden_size:
+        new_config.embedding_size = hidden
+    student = type(model)(new_config)
+
+    k = config.num_hidden_layers / layers
+    kept = [math.ceil((i + 1) * k) - 1 for i in range(layers)]  # uniform, last layer always kept
+    stack_name, _ = find_encoder_layers(student)
+    source = model.state_dict()
+    state = {}
+    for name, value in student.state_dict().items():
+        src_name = name
+        if name.startswith(stack_name + "."):
+            rest = name[len(stack_name) + 1 :]
+            i, tail = rest.split(".", 1)
+            src_name = f"{stack_name}.{kept[int(i)]}.{tail}"
+        src = source[src_name]
+        if src.ndim != value.ndim or any(a < b for a, b in zip(src.shape, value.shape, strict=True)):
+            raise SparseBertError(f"cannot slice {src_name} {tuple(src.shape)} to {tuple(value.shape)}")
+        state[name] = src[tuple(slice(0, n) for n in value.shape)].clone()  # the leading units
+    student.load_state_dict(state)
+    return student
+
+
+def nonzero_linear_weights(model: nn.Module) -> int:
+    """Nonzero weights in the encoder's prunable projections (the paper's "remaining" count)."""
+    return sum(int((t.module.weight != 0).sum()) for t in find_prunable_linears(model))

@@ -1,0 +1,44 @@
+"""Small dense students: sized to a sparsity's nonzero budget, initialised from the pre-trained weights."""
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig
+
+from sparsebert.students import dense_shape, linear_weights, make_dense_student, nonzero_linear_weights
+
+
+def base():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=60, hidden_size=48, num_hidden_layers=6, num_attention_heads=6, intermediate_size=96)
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.7, 0.8, 0.9])
+def test_dense_student_matches_the_nonzero_budget(sparsity):
+    model = base()
+    student = make_dense_student(model, sparsity)
+    budget = (1 - sparsity) * 6 * linear_weights(model.config)
+    assert nonzero_linear_weights(student) == pytest.approx(budget, rel=0.3)  # heads come in whole units
+
+
+def test_layers_are_dropped_first_then_width():
+    config = base().config
+    assert dense_shape(config, 0.5) == (3, 48, 6, 96)  # half the layers, full width
+    layers, hidden, heads, ffn = dense_shape(config, 0.9)
+    assert layers == 1 and hidden < 48 and hidden == heads * 8 and ffn < 96
+
+
+def test_dense_student_keeps_uniformly_chosen_pretrained_layers():
+    model = base()
+    student = make_dense_student(model, 0.5)  # keeps layers 1, 3, 5 (uniform map, the last one kept)
+    for i, src in enumerate([1, 3, 5]):
+        assert torch.equal(
+            student.bert.encoder.layer[i].attention.self.query.weight,
+            model.bert.encoder.layer[src].attention.self.query.weight,
+        )
+    narrow = make_dense_student(model, 0.9)
+    w = narrow.bert.encoder.layer[0].intermediate.dense.weight
+    assert torch.equal(w, model.bert.encoder.layer[5].intermediate.dense.weight[: w.shape[0], : w.shape[1]])
+    assert torch.equal(
+        narrow.bert.embeddings.word_embeddings.weight, model.bert.embeddings.word_embeddings.weight[:, : w.shape[1]]
+    )
