@@ -209,13 +209,16 @@ class Loop:
 
     def run(self) -> dict[str, float]:
         acc, cfg = self.accelerator, self.config
+        if self.extra_modules and acc.num_processes > 1:
+            # Their gradients would not be all-reduced (the step calls them unwrapped): refuse early.
+            raise SparseBertError("students narrower than the teacher train in one process only for now")
         params = [*param_groups(self.model, cfg.weight_decay, self.head_lr)]
         for module in self.extra_modules:
             params.append({"params": list(module.parameters()), "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-        prepared = acc.prepare(
-            self.model, optimizer, self.train_loader, *self.eval_loaders.values(), *self.extra_modules
-        )
+        for module in self.extra_modules:
+            module.to(acc.device)
+        prepared = acc.prepare(self.model, optimizer, self.train_loader, *self.eval_loaders.values())
         model, optimizer, train_loader = prepared[:3]
         eval_loaders = dict(zip(self.eval_loaders, prepared[3 : 3 + len(self.eval_loaders)], strict=True))
         # Counted per process after sharding; the scheduler is stepped once per optimizer step.
@@ -231,7 +234,7 @@ class Loop:
         scheduler = acc.prepare(scheduler)
         if self.pruner_factory is not None:
             self.pruner = self.pruner_factory(acc.unwrap_model(model), n_steps)
-        acc.register_for_checkpointing(self.state)
+        acc.register_for_checkpointing(self.state, *self.extra_modules)
         if self.pruner is not None:
             acc.register_for_checkpointing(self.pruner)
 
