@@ -71,7 +71,10 @@ class PruneOptions:
     prune_updates: int = 100
     prune_scope: str = "per_matrix"  # per_matrix | global
     temperature: float = 1.0
-    loss_weights: str = "1,1,1"  # attention, hidden, prediction
+    # attention, hidden, prediction. The paper adds them with equal weights over ~100x our CPU budgets;
+    # at a few hundred steps the attention-score MSE (largest in size) crowds out the logits, and
+    # 0.1,1,5 kept MiniLM-L6 far closer to its teacher (BENCHMARKS.md, "loss weights"). 1,1,1 = paper.
+    loss_weights: str = "0.1,1,5"
     regression_target: str = "teacher"  # teacher | label | both
     student_head: str = "teacher"  # teacher (copy the teacher's classifier) | fresh
     head_lr: float | None = None  # learning rate of the (unpruned) task head; None = lr
