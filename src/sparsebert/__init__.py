@@ -7,6 +7,7 @@ from sparsebert.api import compress, evaluate, finetune, prune
 from sparsebert.config import CompressConfig, EvaluateConfig, FinetuneConfig, PruneConfig, build_config
 from sparsebert.distill import AttentionScoreRecorder, DistillationLoss, LossWeights
 from sparsebert.errors import SparseBertError
+from sparsebert.export import export_compressed, load
 from sparsebert.pruning import CubicSparsitySchedule, MagnitudePruner, find_prunable_linears, sparsity_report
 
 __all__ = [
@@ -23,8 +24,10 @@ __all__ = [
     "build_config",
     "compress",
     "evaluate",
+    "export_compressed",
     "find_prunable_linears",
     "finetune",
+    "load",
     "prune",
     "sparsity_report",
 ]

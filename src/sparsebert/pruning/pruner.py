@@ -53,6 +53,14 @@ class MagnitudePruner:
         }
         self.last_step = 0
 
+    @classmethod
+    def one_shot(cls, model: nn.Module, sparsity: float, scope: str = "per_matrix") -> MagnitudePruner:
+        """Prune ``model`` to ``sparsity`` at once; the returned pruner keeps those masks fixed."""
+        pruner = cls(model, CubicSparsitySchedule(sparsity, 0, 0, 1), scope)
+        pruner.update_masks(sparsity)
+        pruner.apply_masks()
+        return pruner
+
     # -- the optimizer-like interface -------------------------------------------------------------
     def step(self) -> bool:
         """Advance one optimizer step; update the masks if the schedule says so; re-apply them.

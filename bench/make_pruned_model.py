@@ -1,0 +1,44 @@
+"""Write a magnitude-pruned model folder to feed `sparsebert export` / `sparsebert bench --model`.
+
+``--model bert-base`` is a randomly initialised BertModel of BERT-base shape (BertConfig() defaults);
+``--model minilm-l6`` is the real embedded MiniLM-L6 weights. Both are pruned per matrix, without any
+fine-tuning: this is for size and speed measurements, not accuracy.
+
+    .venv/bin/python bench/make_pruned_model.py --model minilm-l6 --sparsity 0.95 --output-dir /tmp/minilm-95
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from transformers import AutoModel, AutoTokenizer
+
+from sparsebert.models import resolve_model
+from sparsebert.pruning import MagnitudePruner, sparsity_report
+from sparsebert.runtime.bench import random_pruned_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["bert-base", "minilm-l6"], required=True)
+    p.add_argument("--sparsity", type=float, required=True)
+    p.add_argument("--output-dir", required=True)
+    args = p.parse_args()
+    out = Path(args.output_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    if args.model == "bert-base":
+        model = random_pruned_model("bert-base", args.sparsity)
+    else:
+        source = resolve_model("minilm-l6")
+        model = AutoModel.from_pretrained(source).eval()
+        MagnitudePruner.one_shot(model, args.sparsity)
+        AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    model.save_pretrained(out)
+    print(f"{args.model} pruned to {100 * sparsity_report(model)['overall']:.2f}% -> {out}")
+
+
+if __name__ == "__main__":
+    main()

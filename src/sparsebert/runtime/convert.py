@@ -1,0 +1,58 @@
+"""``sparsify(model)``: turn a pruned HF model into a fast sparse CPU model, in place.
+
+``mode="encoder"`` swaps the whole encoder stack for the feature-major ``SparseEncoder`` (fastest, BERT-style
+blocks only); ``mode="linear"`` swaps each prunable projection (any architecture); ``mode="auto"`` picks the
+encoder when it applies. Matrices that are not sparse enough keep a dense GEMM (the fallback).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from sparsebert.errors import SparseBertError
+from sparsebert.pruning import find_encoder_layers
+from sparsebert.runtime.engine import SparseEncoder, is_bert_style
+from sparsebert.runtime.linear import swap_linears
+from sparsebert.runtime.ops import DEFAULT_MAX_DENSITY, resolve_backend
+
+log = logging.getLogger(__name__)
+MODES = ("auto", "encoder", "linear")
+
+
+@dataclass
+class SparsifyReport:
+    mode: str
+    backend: str
+    kernels: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        counts = Counter(self.kernels)
+        return f"{self.mode} mode, " + ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+
+
+def sparsify(
+    model: nn.Module, mode: str = "auto", max_density: float = DEFAULT_MAX_DENSITY, backend: str = "auto"
+) -> SparsifyReport:
+    """Replace the pruned projections of ``model`` (put in eval mode) by sparse CPU kernels."""
+    if mode not in MODES:
+        raise SparseBertError(f"unknown sparsify mode {mode!r}; choose one of {', '.join(MODES)}")
+    backend = resolve_backend(backend)
+    model.eval()
+    stack_name, stack = find_encoder_layers(model)
+    encoder_ok = all(is_bert_style(b) for b in stack) and stack_name.endswith(".layer")
+    if mode == "encoder" and not encoder_ok:
+        raise SparseBertError(f"{type(model).__name__} does not have BERT-style blocks; use mode='linear'")
+    if mode == "linear" or not encoder_ok:
+        return SparsifyReport("linear", backend, swap_linears(model, max_density, backend))
+    encoder_name = stack_name.rpartition(".")[0]
+    encoder = SparseEncoder(stack, model.config, max_density, backend)
+    parent_name, _, child = encoder_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, encoder)
+    report = SparsifyReport("encoder", backend, encoder.op_kinds())
+    log.info("sparsified %s: %s", type(model).__name__, report.summary())
+    return report

@@ -1,0 +1,313 @@
+"""Sparse CPU kernels for feature-major activations, compiled on first use from a few lines of C++.
+
+Why feature-major: with activations laid out as (features x tokens), ``Y = W @ X`` for a CSR ``W`` is, per
+output row, a weighted sum of a few contiguous rows of ``X``; the inner loop runs over tokens, which is
+contiguous and vectorises (AVX-512/AVX2 through GCC vector extensions). Keeping the whole encoder in this
+layout avoids the transposes that otherwise eat most of the gain (see BENCHMARKS-runtime.md).
+
+Why ctypes + g++ rather than a torch C++ extension or numba: the build takes about a second, needs no extra
+Python dependency, and linking against OpenMP picks up the ``libgomp`` that torch already loaded (same
+soname), so kernels and torch share one thread pool instead of two pools spinning against each other on a
+small machine. Without a compiler the runtime falls back to torch's MKL CSR (``backend="torch"``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from sparsebert.errors import SparseBertError
+
+log = logging.getLogger(__name__)
+
+_SOURCE = r"""
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+#include <algorithm>
+#include <omp.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+
+static inline v16 load16(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+static inline void store16(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
+
+// One output row, NV*16 consecutive tokens: y = init + sum_p val[p] * X[idx[p], :] (+ res).
+template <int NV>
+static inline void row_block(const int32_t* __restrict idx, const float* __restrict val, int64_t p0, int64_t p1,
+                             const float* __restrict X, int64_t ldx, float init,
+                             const float* __restrict res, float* __restrict y) {
+    v16 acc[NV];
+    for (int j = 0; j < NV; ++j) acc[j] = v16{} + init;
+    for (int64_t p = p0; p < p1; ++p) {
+        const float v = val[p];
+        const float* x = X + (int64_t)idx[p] * ldx;
+        for (int j = 0; j < NV; ++j) acc[j] += v * load16(x + 16 * j);
+    }
+    if (res) for (int j = 0; j < NV; ++j) acc[j] += load16(res + 16 * j);
+    for (int j = 0; j < NV; ++j) store16(y + 16 * j, acc[j]);
+}
+
+static inline void row_tail(const int32_t* idx, const float* val, int64_t p0, int64_t p1, const float* X,
+                            int64_t ldx, float init, const float* res, float* y, int64_t w) {
+    float acc[16];
+    for (int64_t j = 0; j < w; ++j) acc[j] = init;
+    for (int64_t p = p0; p < p1; ++p) {
+        const float v = val[p];
+        const float* x = X + (int64_t)idx[p] * ldx;
+        for (int64_t j = 0; j < w; ++j) acc[j] += v * x[j];
+    }
+    for (int64_t j = 0; j < w; ++j) y[j] = acc[j] + (res ? res[j] : 0.0f);
+}
+
+// Widest register block that still fits the remaining tokens of this row.
+#define STEP(NV)                                                                                 \
+    if (w - j >= 16 * (NV)) {                                                                    \
+        row_block<NV>(indices, values, p0, p1, x + j, N, b, res ? res + j : nullptr, y + j);     \
+        j += 16 * (NV);                                                                          \
+    }
+
+extern "C" {
+
+// Y[M, N] = W[M, K] @ X[K, N] + bias[:, None] (+ R[M, N]); W in CSR (int32 indptr/indices, fp32 values).
+// Rows are split between threads by non-zero count; each thread walks token blocks outer and its rows
+// inner, so the slice of X a block needs stays in cache while the thread's rows reuse it.
+void spmm_csr_f32(int64_t M, int64_t N, const int32_t* indptr, const int32_t* indices, const float* values,
+                  const float* X, const float* bias, const float* R, float* Y, int64_t BLOCK, int nthreads) {
+    const int64_t nnz = indptr[M];
+#ifndef __AVX512F__
+    BLOCK = std::min<int64_t>(BLOCK, 128);  // 16 accumulators of 16 floats would spill on 16 AVX2 registers
+#endif
+    #pragma omp parallel num_threads(nthreads)
+    {
+        const int T = omp_get_num_threads();
+        const int t = omp_get_thread_num();
+        const int64_t lo = std::lower_bound(indptr, indptr + M, (int32_t)((nnz * t) / T)) - indptr;
+        const int64_t hi = t == T - 1 ? M
+                         : std::lower_bound(indptr, indptr + M, (int32_t)((nnz * (t + 1)) / T)) - indptr;
+        for (int64_t n0 = 0; n0 < N; n0 += BLOCK) {
+            const int64_t w = std::min(BLOCK, N - n0);
+            for (int64_t m = lo; m < hi; ++m) {
+                const int64_t p0 = indptr[m], p1 = indptr[m + 1];
+                const float b = bias ? bias[m] : 0.0f;
+                const float* res = R ? R + m * N + n0 : nullptr;
+                float* y = Y + m * N + n0;
+                const float* x = X + n0;
+                int64_t j = 0;
+                STEP(16) STEP(8) STEP(4) STEP(2) STEP(1)
+                if (w - j > 0) row_tail(indices, values, p0, p1, x + j, N, b, res ? res + j : nullptr, y + j,
+                                        w - j);
+            }
+        }
+    }
+}
+
+// LayerNorm over the feature axis of a feature-major X[H, N] (each column is one token).
+void layer_norm_fm_f32(int64_t H, int64_t N, const float* X, const float* gamma, const float* beta, float eps,
+                       float* Y, int nthreads) {
+    const int64_t BLOCK = 64;
+    const int64_t nblocks = (N + BLOCK - 1) / BLOCK;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const int64_t n0 = blk * BLOCK, w = std::min(BLOCK, N - n0);
+        float mean[BLOCK], var[BLOCK];
+        for (int64_t j = 0; j < w; ++j) { mean[j] = 0.0f; var[j] = 0.0f; }
+        for (int64_t k = 0; k < H; ++k) {
+            const float* x = X + k * N + n0;
+            for (int64_t j = 0; j < w; ++j) mean[j] += x[j];
+        }
+        for (int64_t j = 0; j < w; ++j) mean[j] /= (float)H;
+        for (int64_t k = 0; k < H; ++k) {
+            const float* x = X + k * N + n0;
+            for (int64_t j = 0; j < w; ++j) { const float d = x[j] - mean[j]; var[j] += d * d; }
+        }
+        for (int64_t j = 0; j < w; ++j) var[j] = 1.0f / std::sqrt(var[j] / (float)H + eps);
+        for (int64_t k = 0; k < H; ++k) {
+            const float* x = X + k * N + n0;
+            float* y = Y + k * N + n0;
+            const float g = gamma[k], bt = beta[k];
+            for (int64_t j = 0; j < w; ++j) y[j] = (x[j] - mean[j]) * var[j] * g + bt;
+        }
+    }
+}
+
+}  // extern "C"
+"""
+
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SPARSEBERT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sparsebert"
+    )
+    return Path(root) / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+@lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    """Build (once per source/flags/machine) and load the kernel library; None if it cannot be built."""
+    if os.environ.get("SPARSEBERT_NO_CPP"):
+        return None
+    cxx = _compiler()
+    if cxx is None:
+        log.warning("no C++ compiler found: sparse runtime falls back to torch's MKL CSR kernels")
+        return None
+    key = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + cxx + os.uname().machine).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"libsparsebert_kernels_{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            src = Path(tmp) / "kernels.cpp"
+            src.write_text(_SOURCE)
+            out = Path(tmp) / target.name
+            proc = subprocess.run([cxx, *_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                log.warning("building the sparse kernels failed, falling back to torch CSR:\n%s", proc.stderr[-2000:])
+                return None
+            os.replace(out, target)  # atomic: concurrent builders never load a half-written file
+    import torch  # noqa: F401  (torch's libgomp must be loaded first so the kernels share its pool)
+
+    lib = ctypes.CDLL(str(target))
+    i64, ptr, c_int, c_float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.spmm_csr_f32.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, c_int]
+    lib.spmm_csr_f32.restype = None
+    lib.layer_norm_fm_f32.argtypes = [i64, i64, ptr, ptr, ptr, c_float, ptr, c_int]
+    lib.layer_norm_fm_f32.restype = None
+    return lib
+
+
+def cpp_available() -> bool:
+    """Whether the compiled kernels can be used on this machine."""
+    return _library() is not None
+
+
+@dataclass
+class CSRMatrix:
+    """A CSR matrix in the dtypes the kernels take: int32 ``indptr``/``indices``, fp32 ``values``."""
+
+    indptr: torch.Tensor
+    indices: torch.Tensor
+    values: torch.Tensor
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor) -> CSRMatrix:
+        w = weight.detach().to("cpu", torch.float32).contiguous()
+        if w.dim() != 2:
+            raise SparseBertError(f"CSR needs a 2-D matrix, got shape {tuple(w.shape)}")
+        mask = w != 0
+        indptr = torch.zeros(w.shape[0] + 1, dtype=torch.int64)
+        torch.cumsum(mask.sum(dim=1), dim=0, out=indptr[1:])
+        indices = mask.nonzero()[:, 1]  # row-major order, so each row's columns come sorted
+        return cls(indptr.to(torch.int32), indices.to(torch.int32).contiguous(), w[mask].contiguous(), tuple(w.shape))
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(1, self.shape[0] * self.shape[1])
+
+    def to_torch(self) -> torch.Tensor:
+        """The same matrix as a torch sparse CSR tensor (for the MKL backend)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            return torch.sparse_csr_tensor(
+                self.indptr.to(torch.int64), self.indices.to(torch.int64), self.values, self.shape
+            )
+
+    def to_dense(self) -> torch.Tensor:
+        return self.to_torch().to_dense()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check(x: torch.Tensor, name: str) -> None:
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+        raise SparseBertError(f"{name} must be a contiguous fp32 CPU tensor, got {x.dtype} on {x.device}")
+
+
+# Tokens per register block. Measured on BERT shapes at 4096 tokens: 256 (16 AVX-512 accumulators) beats
+# 128 and 64 for every shape, because the per-non-zero index/value loads, not cache misses, dominate.
+# The kernel caps it at 128 without AVX-512.
+TOKEN_BLOCK = 256
+
+
+def spmm(
+    w: CSRMatrix,
+    x: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    block: int | None = None,
+) -> torch.Tensor:
+    """``W @ X + bias[:, None] (+ residual)`` for feature-major ``X`` of shape (in_features, tokens)."""
+    m, k = w.shape
+    if x.dim() != 2 or x.shape[0] != k:
+        raise SparseBertError(f"spmm: X must have shape ({k}, tokens), got {tuple(x.shape)}")
+    n = x.shape[1]
+    x = x.contiguous()
+    lib = _library()
+    if lib is None:
+        y = torch.mm(w.to_torch(), x)
+        if bias is not None:
+            y += bias[:, None]
+        if residual is not None:
+            y += residual
+        return y
+    _check(x, "X")
+    for t, name in ((bias, "bias"), (residual, "residual")):
+        if t is not None:
+            _check(t, name)
+    if residual is not None and residual.shape != (m, n):
+        raise SparseBertError(f"spmm: residual must have shape ({m}, {n}), got {tuple(residual.shape)}")
+    y = out if out is not None else torch.empty((m, n), dtype=torch.float32)
+    lib.spmm_csr_f32(
+        m,
+        n,
+        _ptr(w.indptr),
+        _ptr(w.indices),
+        _ptr(w.values),
+        _ptr(x),
+        _ptr(bias),
+        _ptr(residual),
+        _ptr(y),
+        TOKEN_BLOCK if block is None else block,
+        torch.get_num_threads(),
+    )
+    return y
+
+
+def layer_norm_fm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over dim 0 of a feature-major (features, tokens) tensor."""
+    lib = _library()
+    if lib is None:
+        return torch.nn.functional.layer_norm(x.t(), (x.shape[0],), weight, bias, eps).t().contiguous()
+    x = x.contiguous()
+    _check(x, "X")
+    w, b = weight.detach().contiguous(), bias.detach().contiguous()
+    y = torch.empty_like(x)
+    lib.layer_norm_fm_f32(
+        x.shape[0], x.shape[1], _ptr(x), _ptr(w), _ptr(b), float(eps), _ptr(y), torch.get_num_threads()
+    )
+    return y

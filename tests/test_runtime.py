@@ -1,0 +1,257 @@
+"""Sparse runtime: kernel correctness on random shapes, the fallback, model equivalence, and `bench`."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig, RobertaConfig
+
+from sparsebert.errors import SparseBertError
+from sparsebert.pruning import MagnitudePruner
+from sparsebert.runtime import CSRMatrix, SparseEncoder, SparseLinear, layer_norm_fm, sparsify, spmm
+from sparsebert.runtime.commands import register_commands
+from sparsebert.runtime.kernels import cpp_available
+from sparsebert.runtime.ops import make_projection
+
+BACKENDS = ["cpp", "torch"] if cpp_available() else ["torch"]
+
+
+def random_sparse(m: int, k: int, sparsity: float, gen: torch.Generator) -> torch.Tensor:
+    w = torch.randn(m, k, generator=gen)
+    w[torch.rand(m, k, generator=gen) < sparsity] = 0
+    return w
+
+
+def test_the_compiled_kernels_build():
+    # g++ is part of the development setup; without it every cpp test below would silently skip.
+    assert cpp_available()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_spmm_matches_dense_on_random_shapes(seed):
+    gen = torch.Generator().manual_seed(seed)
+    m, k, n = (int(torch.randint(1, 300, (1,), generator=gen)) for _ in range(3))
+    sparsity = [0.0, 0.5, 0.9, 0.95, 0.99, 1.0][seed]
+    w = random_sparse(m, k, sparsity, gen)
+    x, b, r = torch.randn(k, n, generator=gen), torch.randn(m, generator=gen), torch.randn(m, n, generator=gen)
+    csr = CSRMatrix.from_dense(w)
+    assert csr.nnz == int((w != 0).sum())
+    torch.testing.assert_close(spmm(csr, x, b, r), w @ x + b[:, None] + r, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(spmm(csr, x), w @ x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 64, 127, 128, 129, 255, 256, 300, 529])
+def test_spmm_token_counts_cross_every_vector_block(n):
+    gen = torch.Generator().manual_seed(n)
+    w = random_sparse(40, 33, 0.8, gen)
+    w[3] = 0  # an empty row
+    w[:, 5] = 0  # an unused input feature
+    x = torch.randn(33, n, generator=gen)
+    torch.testing.assert_close(spmm(CSRMatrix.from_dense(w), x), w @ x, rtol=1e-4, atol=1e-4)
+
+
+def test_fully_pruned_matrix_gives_the_bias():
+    w = torch.zeros(7, 5)
+    b = torch.arange(7.0)
+    out = spmm(CSRMatrix.from_dense(w), torch.randn(5, 20), b)
+    assert torch.equal(out, b[:, None].expand(7, 20))
+
+
+def test_spmm_rejects_bad_inputs():
+    csr = CSRMatrix.from_dense(torch.eye(4))
+    with pytest.raises(SparseBertError, match="shape"):
+        spmm(csr, torch.randn(5, 3))
+    if cpp_available():
+        with pytest.raises(SparseBertError, match="fp32"):
+            spmm(csr, torch.randn(4, 3, dtype=torch.float64))
+
+
+def test_layer_norm_over_features():
+    x = torch.randn(48, 70) * 3 + 1
+    g, b = torch.randn(48), torch.randn(48)
+    ref = torch.nn.functional.layer_norm(x.t(), (48,), g, b, 1e-12).t()
+    torch.testing.assert_close(layer_norm_fm(x, g, b, 1e-12), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_projection_falls_back_to_dense_when_not_sparse_enough(backend):
+    gen = torch.Generator().manual_seed(0)
+    dense_w, sparse_w = random_sparse(32, 16, 0.5, gen), random_sparse(32, 16, 0.95, gen)
+    b = torch.randn(32, generator=gen)
+    x = torch.randn(16, 9, generator=gen)
+    dense_op = make_projection(dense_w, b, max_density=0.3, backend=backend)
+    sparse_op = make_projection(sparse_w, b, max_density=0.3, backend=backend)
+    assert dense_op.kind == "dense"
+    assert sparse_op.kind == ("cpp-csr" if backend == "cpp" else "torch-csr")
+    torch.testing.assert_close(dense_op(x), dense_w @ x + b[:, None], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sparse_op(x), sparse_w @ x + b[:, None], rtol=1e-4, atol=1e-4)
+
+
+def pruned_model(config, sparsity: float, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    MagnitudePruner.one_shot(model, sparsity)
+    return model
+
+
+def small(cls, **kw):
+    if cls is DistilBertConfig:
+        return DistilBertConfig(vocab_size=80, dim=64, n_layers=2, n_heads=4, hidden_dim=128, **kw)
+    return cls(vocab_size=80, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, **kw)
+
+
+def hidden_and_logits(model, ids, mask):
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=False)
+        base = getattr(model, model.base_model_prefix)
+        hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
+    return hidden, out.logits
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("config_cls", "attn", "expected_mode"),
+    [
+        (BertConfig, "sdpa", "encoder"),
+        (BertConfig, "eager", "encoder"),
+        (RobertaConfig, "sdpa", "encoder"),
+        (DistilBertConfig, "sdpa", "linear"),
+    ],
+)
+def test_sparsified_model_matches_the_dense_masked_model(config_cls, attn, expected_mode, backend):
+    config = small(config_cls)
+    config._attn_implementation = attn
+    dense = pruned_model(config, 0.9)
+    fast = copy.deepcopy(dense)
+    report = sparsify(fast, backend=backend)
+    assert report.mode == expected_mode
+    assert "dense" not in report.kernels
+    ids = torch.randint(5, 80, (3, 21))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    mask[2, 4:] = 0
+    for m in (mask, None):
+        h_ref, l_ref = hidden_and_logits(dense, ids, m)
+        h, logits = hidden_and_logits(fast, ids, m)
+        torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits, l_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_mode_is_really_used_and_linear_mode_on_request():
+    dense = pruned_model(small(BertConfig), 0.9)
+    fast = copy.deepcopy(dense)
+    sparsify(fast, mode="encoder")
+    assert isinstance(fast.bert.encoder, SparseEncoder)
+    other = copy.deepcopy(dense)
+    sparsify(other, mode="linear")
+    assert isinstance(other.bert.encoder.layer[0].attention.self.query, SparseLinear)
+    with pytest.raises(SparseBertError, match="BERT-style"):
+        sparsify(pruned_model(small(DistilBertConfig), 0.9), mode="encoder")
+    with pytest.raises(SparseBertError, match="mode"):
+        sparsify(copy.deepcopy(dense), mode="fast")
+
+
+def test_mixed_sparsity_falls_back_per_matrix_and_stays_exact():
+    dense = pruned_model(small(BertConfig), 0.95)
+    with torch.no_grad():  # one matrix left dense, one fully pruned
+        dense.bert.encoder.layer[0].intermediate.dense.weight.normal_()
+        dense.bert.encoder.layer[1].output.dense.weight.zero_()
+    fast = copy.deepcopy(dense)
+    report = sparsify(fast, max_density=0.3)
+    assert report.kernels.count("dense") == 1
+    ids = torch.randint(5, 80, (2, 13))
+    torch.testing.assert_close(
+        hidden_and_logits(fast, ids, None)[0], hidden_and_logits(dense, ids, None)[0], rtol=1e-4, atol=1e-4
+    )
+
+
+def test_bench_command_writes_json_and_plot(tmp_path, monkeypatch, capsys):
+    from sparsebert.runtime import bench
+
+    monkeypatch.setitem(
+        bench.ARCHS,
+        "minilm-l6",
+        {
+            "hidden_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 96,
+            "vocab_size": 100,
+        },
+    )
+    parser = argparse.ArgumentParser()
+    register_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        [
+            "bench",
+            "--arch",
+            "minilm-l6",
+            "--sparsity",
+            "0.9,0.95",
+            "--batch-sizes",
+            "1,2",
+            "--seq-len",
+            "16",
+            "--threads",
+            "1",
+            "--reps",
+            "3",
+            "--warmup",
+            "1",
+            "--json",
+            str(tmp_path / "r.json"),
+            "--plot",
+            str(tmp_path / "p.png"),
+        ]
+    )
+    assert args.handler(args) == 0
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [(r["sparsity"] > 0.94, r["batch_size"]) for r in results] == [(False, 1), (False, 2), (True, 1), (True, 2)]
+    for r in results:
+        assert {"batch_size", "seq_len", "threads", "sparsity", "dense_ms", "sparse_ms", "speedup"} <= set(r)
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_bench_on_a_compressed_folder(tmp_path, capsys):
+    from sparsebert.export import export_compressed
+
+    export_compressed(pruned_model(small(BertConfig), 0.95), tmp_path / "o")
+    parser = argparse.ArgumentParser()
+    register_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        [
+            "bench",
+            "--model",
+            str(tmp_path / "o"),
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "8",
+            "--threads",
+            "1",
+            "--reps",
+            "3",
+            "--warmup",
+            "1",
+        ]
+    )
+    assert args.handler(args) == 0
+    out = capsys.readouterr().out
+    assert "95.0%" in out
+    assert "cpp-csr" in out or "torch-csr" in out
+
+
+def test_onnx_export_matches_pytorch(tmp_path):
+    from sparsebert.runtime.onnx_export import TOLERANCE, export_onnx
+
+    model = pruned_model(small(BertConfig), 0.9)
+    report = export_onnx(model, tmp_path / "m.onnx", seq_len=16, quantize=True)
+    assert report["max_abs_diff"] <= TOLERANCE
+    assert (tmp_path / "m.int8.onnx").exists() and report["int8_mb"] < report["onnx_mb"]
+    assert model.config._attn_implementation == "sdpa"  # restored after the export
