@@ -444,3 +444,14 @@ def test_compare_runs_every_strategy_and_skips_finished_runs(tiny_model_dir, sst
     stamp = (out / "sparsebert-0.9" / "model.safetensors").stat().st_mtime
     assert cli(*args) == 0
     assert (out / "sparsebert-0.9" / "model.safetensors").stat().st_mtime == stamp
+
+
+def test_evaluate_accepts_a_compressed_folder(teacher, sst_dir, tmp_path):
+    from sparsebert.export import export_compressed
+
+    export_compressed(teacher, tmp_path / "csr")
+    assert not (tmp_path / "csr" / "model.safetensors").exists()
+    args = ["--task", "sst2", "--data-dir", sst_dir, "--max-seq-length", "16"]
+    assert cli("evaluate", "--model", tmp_path / "csr", *args, "--output", tmp_path / "a.json") == 0
+    assert cli("evaluate", "--model", teacher, *args, "--output", tmp_path / "b.json") == 0
+    assert json.loads((tmp_path / "a.json").read_text()) == json.loads((tmp_path / "b.json").read_text())

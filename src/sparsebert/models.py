@@ -57,6 +57,10 @@ def load_model(name: str | os.PathLike, task: TaskSpec) -> nn.Module:
     Label names are written into the config so the saved model is self-describing.
     """
     resolved = resolve_model(name)
+    from sparsebert.export import is_compressed, load  # the compressed format is accepted everywhere
+
+    if is_compressed(Path(resolved)):
+        return load(resolved)
     config = _hub_call(AutoConfig.from_pretrained, resolved)
     kwargs: dict = {"num_labels": task.num_labels}
     if task.is_regression:
