@@ -61,7 +61,7 @@ def plot_run(run_dir: Path, sparsity: dict | None = None) -> list[Path]:
     if sparsity:
         fig, ax = plt.subplots(figsize=(6, 3))
         layers = sorted(sparsity["layers"], key=int)
-        ax.bar(layers, [sparsity["layers"][k] for k in layers])
+        ax.bar([int(k) for k in layers], [sparsity["layers"][k] for k in layers])
         ax.set_ylim(0, 1)
         ax.set_xlabel("encoder layer")
         ax.set_ylabel("sparsity")
