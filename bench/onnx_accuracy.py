@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/onnx_accuracy.py --model runs/demo/student --task movie-sentiment --out /tmp/onnx
 
-Single-sentence tasks only: the ONNX graph takes input_ids and attention_mask (no token_type_ids).
+Sentence pairs work too: for BERT-style models the graph also takes token_type_ids.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from sparsebert.config import EvaluateConfig
 from sparsebert.export import load
 from sparsebert.metrics import compute_metrics
 from sparsebert.models import load_tokenizer
-from sparsebert.runtime.onnx_export import export_onnx
+from sparsebert.runtime.onnx_export import export_onnx, uses_token_types
 
 
 def main() -> None:
@@ -34,20 +34,13 @@ def main() -> None:
 
     data = _load_data(EvaluateConfig(model=args.model, task=args.task, data_dir=args.data_dir), need_train=False)
     examples = data.dev["dev"]
-    if len(examples[0].texts) != 1:
-        raise SystemExit("single-sentence tasks only (the ONNX graph has no token_type_ids input)")
     tok = load_tokenizer(args.model)
-    enc = tok(
-        [e.texts[0] for e in examples],
-        truncation=True,
-        max_length=args.max_seq_length,
-        padding=True,
-        return_tensors="np",
-    )
+    columns = list(zip(*(e.texts for e in examples), strict=True))
+    enc = tok(*columns[:2], truncation=True, max_length=args.max_seq_length, padding=True, return_tensors="np")
     labels = np.array([e.label for e in examples])
-    feeds = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
-
     model = load(args.model)
+    names = ["input_ids", "attention_mask", *(["token_type_ids"] if uses_token_types(model) else [])]
+    feeds = {name: enc[name].astype(np.int64) for name in names}
     report = export_onnx(model, Path(args.out) / "model.onnx", seq_len=args.max_seq_length, quantize=True)
     with torch.no_grad():
         logits = {"pytorch": model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()}

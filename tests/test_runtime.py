@@ -255,3 +255,12 @@ def test_onnx_export_matches_pytorch(tmp_path):
     assert report["max_abs_diff"] <= TOLERANCE
     assert (tmp_path / "m.int8.onnx").exists() and report["int8_mb"] < report["onnx_mb"]
     assert model.config._attn_implementation == "sdpa"  # restored after the export
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask", "token_type_ids"]
+    ids = torch.randint(5, 60, (1, 10)).numpy()
+    ones = torch.ones(1, 10, dtype=torch.long).numpy()
+    first = session.run(None, {"input_ids": ids, "attention_mask": ones, "token_type_ids": 0 * ones})[0]
+    second = session.run(None, {"input_ids": ids, "attention_mask": ones, "token_type_ids": ones})[0]
+    assert abs(first - second).max() > 1e-4  # the segment ids reach the graph (sentence-pair tasks)

@@ -27,24 +27,38 @@ def _require(module: str):
         raise SparseBertError(f"ONNX export needs the optional package {module!r} (pip install {module})") from None
 
 
+def uses_token_types(model: nn.Module) -> bool:
+    """Sentence-pair models (BERT, ELECTRA) need token_type_ids; RoBERTa (one type) and DistilBERT do not."""
+    return getattr(model.config, "type_vocab_size", 1) > 1
+
+
 class _Logits(nn.Module):
-    """A plain (input_ids, attention_mask) -> first-output wrapper: one tensor in, one tensor out."""
+    """(input_ids, attention_mask[, token_type_ids]) -> the first output: plain tensors in and out."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-def _inputs(vocab: int, batch: int, seq: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _inputs(vocab: int, batch: int, seq: int, seed: int, types: bool) -> dict[str, torch.Tensor]:
+    """Random inputs with some padding (row 0) and, for pair models, a second segment (token type 1)."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
     mask = torch.ones_like(ids)
     mask[0, seq // 2 :] = 0  # some padding, so the mask path is checked too
-    return ids, mask
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if types:
+        token_types = torch.zeros_like(ids)
+        token_types[:, seq // 3 :] = 1
+        inputs["token_type_ids"] = token_types
+    return inputs
 
 
 def _median_ms(fn, reps: int = 10) -> float:
@@ -85,15 +99,16 @@ def export_onnx(
 def _export_checked(model: nn.Module, output: Path, seq_len: int, quantize: bool, ort, threads: int | None) -> dict:
     wrapper = _Logits(model).eval()
     output.parent.mkdir(parents=True, exist_ok=True)
-    ids, mask = _inputs(model.config.vocab_size, 2, seq_len, 0)
+    types = uses_token_types(model)
+    example = _inputs(model.config.vocab_size, 2, seq_len, 0, types)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=model.config.max_position_embeddings)
     torch.onnx.export(
         wrapper,
-        (ids, mask),
+        tuple(example.values()),
         str(output),
-        input_names=["input_ids", "attention_mask"],
+        input_names=list(example),
         output_names=["output"],
-        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+        dynamic_shapes={name: {0: batch, 1: seq} for name in example},
         dynamo=True,
         external_data=False,
     )
@@ -102,16 +117,18 @@ def _export_checked(model: nn.Module, output: Path, seq_len: int, quantize: bool
     if threads:
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(output), options, providers=["CPUExecutionProvider"])
-    check_ids, check_mask = _inputs(model.config.vocab_size, 3, max(8, seq_len // 2), 1)
-    feeds = {"input_ids": check_ids.numpy(), "attention_mask": check_mask.numpy()}
+    check = _inputs(model.config.vocab_size, 3, max(8, seq_len // 2), 1, types)
+    feeds = {name: t.numpy() for name, t in check.items()}
     with torch.no_grad():
-        ref = wrapper(check_ids, check_mask)
+        ref = wrapper(*check.values())
     got = torch.from_numpy(session.run(None, feeds)[0])
     report["max_abs_diff"] = float((got - ref).abs().max())
     report["max_rel_diff"] = float(((got - ref).abs() / ref.abs().clamp_min(1e-3)).max())
-    bench_feeds = {"input_ids": ids[:1].numpy(), "attention_mask": torch.ones_like(ids[:1]).numpy()}
+    one = {name: t[:1] for name, t in example.items()}
+    one["attention_mask"] = torch.ones_like(one["attention_mask"])
+    bench_feeds = {name: t.numpy() for name, t in one.items()}
     with torch.no_grad():
-        report["torch_ms_b1"] = round(_median_ms(lambda: wrapper(ids[:1], torch.ones_like(ids[:1]))), 2)
+        report["torch_ms_b1"] = round(_median_ms(lambda: wrapper(*one.values())), 2)
     report["onnx_ms_b1"] = round(_median_ms(lambda: session.run(None, bench_feeds)), 2)
     if quantize:
         from onnxruntime.quantization import QuantType, quantize_dynamic
