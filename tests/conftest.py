@@ -13,6 +13,19 @@ from transformers import BertConfig, BertModel, BertTokenizerFast
 POSITIVE = ["good", "great", "fine", "superb", "lovely", "nice"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "ugly", "weak"]
 FILLER = ["the", "movie", "film", "plot", "was", "is", "a", "very", "story", "actor", "and", "quite"]
+# The STS-B files' header (regression label in the last column).
+STSB_HEADER = [
+    "index",
+    "genre",
+    "filename",
+    "year",
+    "old_index",
+    "source1",
+    "source2",
+    "sentence1",
+    "sentence2",
+    "score",
+]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER]
 
 
@@ -60,6 +73,15 @@ def sst_dir(tmp_path_factory) -> Path:
     write_tsv(path / "train.tsv", ["sentence", "label"], [list(r) for r in sentiment_rows(192, 1)])
     write_tsv(path / "dev.tsv", ["sentence", "label"], [list(r) for r in sentiment_rows(64, 2)])
     return path
+
+
+def cli(*args) -> int:
+    """Run the ``sparsebert`` command line in-process; return its exit status."""
+    from sparsebert.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    return exc.value.code
 
 
 def outputs_of(model_dir: Path, texts: list[str]) -> torch.Tensor:

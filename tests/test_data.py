@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import write_tsv
+from conftest import STSB_HEADER, write_tsv
 
 from sparsebert.data import DataSource, load_task_data, subsample
 from sparsebert.errors import SparseBertError
@@ -36,18 +36,7 @@ def test_cola_has_no_header(tmp_path):
 def test_stsb_is_regression_and_mnli_has_two_dev_sets(tmp_path):
     sts = tmp_path / "STS-B"
     sts.mkdir()
-    header = [
-        "index",
-        "genre",
-        "filename",
-        "year",
-        "old_index",
-        "source1",
-        "source2",
-        "sentence1",
-        "sentence2",
-        "score",
-    ]
+    header = STSB_HEADER
     row = [0, "main", "f", "2012", 1, "none", "none", "A man plays.", "A man is playing.", "4.750"]
     write_tsv(sts / "train.tsv", header, [row])
     write_tsv(sts / "dev.tsv", header, [row])

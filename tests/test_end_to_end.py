@@ -11,18 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import outputs_of
+from conftest import cli, outputs_of
 from safetensors.torch import load_file
 
-from sparsebert.cli import main
-
 FAST = ["--max-seq-length", "16", "--batch-size", "16", "--eval-batch-size", "32", "--log-every", "2"]
-
-
-def cli(*args: str) -> int:
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    return exc.value.code
 
 
 @pytest.fixture(scope="module")
@@ -333,23 +325,12 @@ def test_compress_runs_both_stages_and_reports(tiny_model_dir, sst_dir, tmp_path
 
 def _stsb_and_cola(tmp_path: Path) -> dict[str, Path]:
     """An STS-B folder (regression, 10 columns) and a CoLA folder (no header), from the same sentences."""
-    from conftest import sentiment_rows, write_tsv
+    from conftest import STSB_HEADER, sentiment_rows, write_tsv
 
     stsb, cola = tmp_path / "STS-B", tmp_path / "CoLA"
     stsb.mkdir()
     cola.mkdir()
-    header = [
-        "index",
-        "genre",
-        "filename",
-        "year",
-        "old_index",
-        "source1",
-        "source2",
-        "sentence1",
-        "sentence2",
-        "score",
-    ]
+    header = STSB_HEADER
     for split, seed, n in (("train", 5, 96), ("dev", 6, 32)):
         rows = sentiment_rows(n, seed)
         write_tsv(

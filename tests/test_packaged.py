@@ -6,19 +6,13 @@ import json
 from collections import Counter
 
 import pytest
+from conftest import cli
 
-from sparsebert.cli import main
 from sparsebert.data import DataSource, load_task_data
 from sparsebert.models import resolve_model
 from sparsebert.packaged import movie_sentiment_dir
 from sparsebert.pruning import find_prunable_linears
 from sparsebert.tasks import get_task
-
-
-def cli(*args) -> int:
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    return exc.value.code
 
 
 def test_movie_sentiment_split_is_the_documented_one():

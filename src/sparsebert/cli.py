@@ -76,6 +76,13 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--head-lr", type=float, help="learning rate of the task head")
 
 
+def _teacher_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("teacher (fine-tuned first, once)")
+    g.add_argument("--teacher-epochs", type=float)
+    g.add_argument("--teacher-max-steps", type=int)
+    g.add_argument("--teacher-lr", type=float)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparsebert", description="Knowledge-aware sparse pruning of BERT-family encoders (SparseBERT)."
@@ -97,17 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="pre-trained model (teacher and student start from it)")
     _train_args(p)
     _prune_args(p)
-    p.add_argument("--teacher-epochs", type=float)
-    p.add_argument("--teacher-max-steps", type=int)
-    p.add_argument("--teacher-lr", type=float)
+    _teacher_args(p)
 
     p = sub.add_parser("compare", help="every strategy at every sparsity, one teacher: results, CSV, plots")
     p.add_argument("--model", help="pre-trained model (teacher and students start from it)")
     _train_args(p)
     _prune_args(p)
-    p.add_argument("--teacher-epochs", type=float)
-    p.add_argument("--teacher-max-steps", type=int)
-    p.add_argument("--teacher-lr", type=float)
+    _teacher_args(p)
     p.add_argument("--sparsities", help="comma-separated, e.g. 0.5,0.7,0.8,0.9,0.95,0.97")
     p.add_argument("--strategies", help=f"comma-separated subset of {','.join(STRATEGIES)}")
 
