@@ -82,6 +82,12 @@ def _eval_loaders(data: TaskData, tokenizer, config) -> dict:
     }
 
 
+def _train_loader(data: TaskData, tokenizer, config: TrainConfig):
+    """Shuffled training batches; the incomplete last batch is skipped, as in the reference."""
+    features = encode(data.train, tokenizer, config.max_seq_length)
+    return make_loader(features, tokenizer, config.batch_size, shuffle=True, drop_last=True)
+
+
 def _start(config: TrainConfig, accelerator: Accelerator) -> tuple[Path, JsonlLog]:
     out = Path(config.output_dir)
     if accelerator.is_main_process:
@@ -97,8 +103,19 @@ def _metrics_record(data: TaskData, metrics: dict[str, float]) -> dict:
     return {"task": data.task.name, "split": "dev", "num_examples": len(data.dev["dev"]), "metrics": metrics}
 
 
-def _finish(accelerator: Accelerator, model: nn.Module, tokenizer, out: Path, files: dict[str, dict]) -> None:
-    """Save the model atomically, write the JSON files (metrics.json last: it marks a finished run)."""
+def _finish(
+    accelerator: Accelerator,
+    model: nn.Module,
+    tokenizer,
+    out: Path,
+    files: dict[str, dict],
+    log: JsonlLog,
+    started: float,
+) -> float:
+    """Save the model atomically, write the JSON files (metrics.json last: it marks a finished run).
+
+    Returns the run's wall time, also logged as the ``saved`` event.
+    """
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         staging = out / ".staging"
@@ -110,6 +127,9 @@ def _finish(accelerator: Accelerator, model: nn.Module, tokenizer, out: Path, fi
         if (out / CHECKPOINT).exists():
             shutil.rmtree(out / CHECKPOINT)
     accelerator.wait_for_everyone()
+    seconds = time.perf_counter() - started
+    log.write({"event": "saved", "wall_seconds": round(seconds, 2)})
+    return seconds
 
 
 def _classification_step(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -126,25 +146,20 @@ def finetune(config: FinetuneConfig) -> RunResult:
     model = load_model(config.model, data.task)
     out, log = _start(config, accelerator)
     log.write({"event": "config", "source": data.source, "train_examples": len(data.train)})
-    train_loader = make_loader(
-        encode(data.train, tokenizer, config.max_seq_length), tokenizer, config.batch_size, shuffle=True, drop_last=True
-    )
     loop = Loop(
         accelerator,
         config,
         model,
         _classification_step,
-        train_loader,
+        _train_loader(data, tokenizer, config),
         _eval_loaders(data, tokenizer, config),
         data.task,
         out,
         log,
     )
     metrics = loop.run()
-    _finish(accelerator, loop.model, tokenizer, out, {"metrics.json": _metrics_record(data, metrics)})
-    seconds = time.perf_counter() - started
-    log.write({"event": "saved", "wall_seconds": round(seconds, 2)})
-    return RunResult(out, metrics, seconds)
+    files = {"metrics.json": _metrics_record(data, metrics)}
+    return RunResult(out, metrics, _finish(accelerator, loop.model, tokenizer, out, files, log, started))
 
 
 def copy_head(teacher: nn.Module, student: nn.Module) -> list[str]:
@@ -172,7 +187,7 @@ def _resolve_step(value: float, n_steps: int) -> int:
 DISTILLING = ("sparsebert", "distill-dense")
 
 
-def _initial_student(config: PruneConfig, teacher: nn.Module, task) -> nn.Module:
+def _initial_student(config: PruneConfig, teacher: nn.Module | None, task) -> nn.Module:
     """Where each strategy's student starts.
 
     sparsebert / prune-then-finetune: the pre-trained weights; finetune-then-prune: the teacher's;
@@ -180,7 +195,7 @@ def _initial_student(config: PruneConfig, teacher: nn.Module, task) -> nn.Module
     the sparse model keeps.
     """
     if config.strategy == "finetune-then-prune":
-        return load_model(config.teacher, task)
+        return load_model(config.teacher, task)  # the teacher itself is not needed: labels only
     student = load_model(config.student, task)
     if config.strategy == "distill-dense":
         student = make_dense_student(student, config.sparsity)
@@ -229,7 +244,8 @@ def prune(config: PruneConfig) -> RunResult:
     accelerator = make_accelerator(config)
     data = _load_data(config)
     tokenizer = load_tokenizer(config.teacher)
-    teacher = load_model(config.teacher, data.task)
+    # Only the distilling strategies use the teacher; the others train on labels.
+    teacher = load_model(config.teacher, data.task) if config.strategy in DISTILLING else None
     student = _initial_student(config, teacher, data.task)
     out, log = _start(config, accelerator)
     log.write(
@@ -258,19 +274,15 @@ def prune(config: PruneConfig) -> RunResult:
             extra.append(loss_fn)
         step_fn = _distillation_step(teacher, student, loss_fn)
     else:
-        del teacher
         step_fn = _classification_step
 
-    train_loader = make_loader(
-        encode(data.train, tokenizer, config.max_seq_length), tokenizer, config.batch_size, shuffle=True, drop_last=True
-    )
     head_lr = config.head_lr if config.head_lr and config.head_lr != config.lr else None
     loop = Loop(
         accelerator,
         config,
         student,
         step_fn,
-        train_loader,
+        _train_loader(data, tokenizer, config),
         _eval_loaders(data, tokenizer, config),
         data.task,
         out,
@@ -281,18 +293,8 @@ def prune(config: PruneConfig) -> RunResult:
     )
     metrics = loop.run()
     report = sparsity_report(accelerator.unwrap_model(loop.model))
-    _finish(
-        accelerator,
-        loop.model,
-        tokenizer,
-        out,
-        {
-            "sparsity.json": report,
-            "metrics.json": _metrics_record(data, metrics),
-        },
-    )
-    seconds = time.perf_counter() - started
-    log.write({"event": "saved", "wall_seconds": round(seconds, 2)})
+    files = {"sparsity.json": report, "metrics.json": _metrics_record(data, metrics)}
+    seconds = _finish(accelerator, loop.model, tokenizer, out, files, log, started)
     return RunResult(out, metrics, seconds, report)
 
 

@@ -71,7 +71,7 @@ def _read_rows(path: Path, delimiter: str, quoting: int) -> list[tuple[int, list
         return [(reader.line_num, row) for row in reader if row]
 
 
-def _read_jsonl(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise SparseBertError(f"{path}: file not found")
     rows = []
@@ -86,7 +86,7 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
             if not isinstance(obj, dict):
                 raise SparseBertError(f"{path}:{line_no}: expected a JSON object per line")
             rows.append((line_no, obj))
-    return [], rows
+    return rows
 
 
 def read_labelled_file(
@@ -104,7 +104,7 @@ def read_labelled_file(
     contain unbalanced quotes).
     """
     if path.suffix in (".jsonl", ".json"):
-        _, objs = _read_jsonl(path)
+        objs = _read_jsonl(path)
         out = []
         for line_no, obj in objs:
             missing = [c for c in (*text_columns, label_column) if c not in obj]

@@ -56,19 +56,17 @@ class LoopState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
-    loss_curve: list[list[float]] = field(default_factory=list)  # [step, mean train loss]
 
     def state_dict(self) -> dict:
         return {
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
-            "loss_curve": self.loss_curve,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self.batch_in_epoch, self.loss_curve = int(state["batch_in_epoch"]), list(state["loss_curve"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
 
 
 def param_groups(model: nn.Module, weight_decay: float, head_lr: float | None = None) -> list[dict]:
@@ -212,7 +210,7 @@ class Loop:
         if self.extra_modules and acc.num_processes > 1:
             # Their gradients would not be all-reduced (the step calls them unwrapped): refuse early.
             raise SparseBertError("students narrower than the teacher train in one process only for now")
-        params = [*param_groups(self.model, cfg.weight_decay, self.head_lr)]
+        params = param_groups(self.model, cfg.weight_decay, self.head_lr)
         for module in self.extra_modules:
             params.append({"params": list(module.parameters()), "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(params, lr=cfg.lr)
@@ -252,7 +250,7 @@ class Loop:
         )
 
         bar = tqdm(total=n_steps, initial=self.state.step, desc="train", disable=not acc.is_local_main_process)
-        running, running_n, metrics = torch.zeros((), device=acc.device), 0, {}
+        running, running_n = torch.zeros((), device=acc.device), 0
         parts_sum: dict[str, torch.Tensor] = {}
         started = time.perf_counter()
         with StopRequest() as stop:
@@ -285,7 +283,6 @@ class Loop:
                     step = self.state.step
                     if step % cfg.log_every == 0 or step == n_steps:
                         mean = float(acc.reduce(running / running_n, "mean"))
-                        self.state.loss_curve.append([step, mean])
                         record = {
                             "step": step,
                             "epoch": self.state.epoch,
@@ -299,8 +296,9 @@ class Loop:
                         bar.set_postfix(loss=f"{mean:.4f}")
                         running, running_n, parts_sum = torch.zeros((), device=acc.device), 0, {}
                     if cfg.eval_every and step % cfg.eval_every == 0 and step < n_steps:
-                        metrics = evaluate(model, eval_loaders, self.task, acc)
-                        self._log({"step": step, "event": "eval", "metrics": metrics})
+                        self._log(
+                            {"step": step, "event": "eval", "metrics": evaluate(model, eval_loaders, self.task, acc)}
+                        )
                     if self._should_stop(stop):
                         bar.close()
                         self._save_checkpoint()
