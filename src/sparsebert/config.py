@@ -117,6 +117,7 @@ class CompareConfig(CompressConfig):
 
     sparsities: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.97])
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    dense_student: str | None = None  # distill-dense starts from this model (default: model, cut down)
 
 
 @dataclass

