@@ -140,6 +140,11 @@ def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.quiet:  # transformers' load reports (e.g. the head a student gets from its teacher) and bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     from sparsebert import api
     from sparsebert.config import (
         CompareConfig,
