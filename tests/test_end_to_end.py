@@ -304,6 +304,8 @@ def test_compress_runs_both_stages_and_reports(tiny_model_dir, sst_dir, tmp_path
         "0.75",
         "--prune-updates",
         "5",
+        "--eval-every",
+        "8",
         *FAST,
     ]
     assert cli(*args) == 0
@@ -315,8 +317,9 @@ def test_compress_runs_both_stages_and_reports(tiny_model_dir, sst_dir, tmp_path
     assert flops["dense"] > flops["sparse"] > 0
     assert set(report["teacher"]) == set(report["student"]) == {"accuracy"}
     assert "| teacher |" in capsys.readouterr().out
-    for name in ("teacher/loss.png", "student/loss.png", "student/sparsity.png", "report.md"):
+    for name in ("teacher/loss.png", "student/loss.png", "student/dev.png", "student/sparsity.png", "report.md"):
         assert (out / name).stat().st_size > 0
+    assert "![student/dev.png](student/dev.png)" in (out / "report.md").read_text()
     # a finished compress is not redone with --resume: both stages are skipped
     teacher_mtime = (out / "teacher" / "model.safetensors").stat().st_mtime
     assert cli(*args, "--resume") == 0

@@ -53,7 +53,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-schedule", choices=["linear", "constant"])
     g.add_argument("--max-seq-length", type=int)
     g.add_argument("--seed", type=int)
-    g.add_argument("--eval-every", type=int, help="evaluate on dev every N steps (default: at the end)")
+    g.add_argument("--eval-every", type=int, help="dev evaluation every N steps (default 200; 0: at the end only)")
     g.add_argument("--save-every", type=int, help="write a resumable checkpoint every N steps")
     g.add_argument("--log-every", type=int)
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])

@@ -42,7 +42,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     max_seq_length: int = 128
     seed: int = 42
-    eval_every: int | None = None  # steps between dev evaluations; None = only at the end
+    eval_every: int | None = 200  # steps between dev evaluations (the reference: 200); 0 = only at the end
     save_every: int = 200  # steps between resumable checkpoints
     log_every: int = 10
     mixed_precision: str = "no"  # no | fp16 | bf16 (GPU)

@@ -30,34 +30,48 @@ def _wall_seconds(run_dir: Path) -> float | None:
 
 
 def plot_run(run_dir: Path, sparsity: dict | None = None) -> list[Path]:
-    """PNG plots of a run: training loss (and target sparsity) vs step; sparsity per layer."""
+    """PNG plots of a run: training loss and dev metrics (with the target sparsity) vs step; sparsity per layer."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in JsonlLog(run_dir / "log.jsonl").read() if "loss" in r and "step" in r]
+    log = JsonlLog(run_dir / "log.jsonl").read()
+    records = [r for r in log if "loss" in r and "step" in r]
+    evals = [r for r in log if r.get("event") == "eval"]
     made = []
+
+    def sparsity_axis(ax) -> None:
+        if any("target_sparsity" in r for r in records):
+            ax2 = ax.twinx()
+            ax2.plot([r["step"] for r in records], [r.get("target_sparsity", 0) for r in records], "r--")
+            ax2.set_ylabel("target sparsity", color="r")
+
     if records:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_yscale("log")
-        if any("target_sparsity" in r for r in records):
-            ax2 = ax.twinx()
-            ax2.plot(
-                [r["step"] for r in records],
-                [r.get("target_sparsity", 0) for r in records],
-                "r--",
-                label="target sparsity",
-            )
-            ax2.set_ylabel("sparsity", color="r")
+        sparsity_axis(ax)
         ax.set_title(run_dir.name)
         fig.tight_layout()
         fig.savefig(run_dir / "loss.png", dpi=80)
         plt.close(fig)
         made.append(run_dir / "loss.png")
+    if len(evals) > 1:  # dev metrics during training: where pruning hurt and how far the run recovered
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for name in evals[-1]["metrics"]:
+            ax.plot([r["step"] for r in evals], [100 * r["metrics"][name] for r in evals], "o-", label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("dev metric (%)")
+        ax.legend(fontsize=8)
+        sparsity_axis(ax)
+        ax.set_title(run_dir.name)
+        fig.tight_layout()
+        fig.savefig(run_dir / "dev.png", dpi=80)
+        plt.close(fig)
+        made.append(run_dir / "dev.png")
     if sparsity:
         fig, ax = plt.subplots(figsize=(6, 3))
         layers = sorted(sparsity["layers"], key=int)
@@ -93,8 +107,8 @@ def write_report(out: Path, config) -> dict:
         },
         "wall_seconds": {"teacher": _wall_seconds(out / "teacher"), "student": _wall_seconds(out / "student")},
     }
-    plot_run(out / "teacher")
-    plot_run(out / "student", sparsity)
+    plots = plot_run(out / "teacher") + plot_run(out / "student", sparsity)
+    report["plots"] = [str(p.relative_to(out)) for p in plots]
     atomic_write_json(out / "report.json", report)
     text = format_report(report)
     atomic_write_text(out / "report.md", text)
@@ -124,5 +138,6 @@ def format_report(r: dict) -> str:
         f"sparse {fl['sparse'] / 1e9:.2f} G ({fl['dense'] / fl['sparse']:.1f}x fewer)",
         f"- wall time: teacher {r['wall_seconds']['teacher']} s, student {r['wall_seconds']['student']} s",
         "",
+        *(f"![{p}]({p})" for p in r.get("plots", [])),
     ]
     return "\n".join(lines)
