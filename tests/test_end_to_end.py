@@ -14,6 +14,8 @@ import torch
 from conftest import cli, outputs_of
 from safetensors.torch import load_file
 
+from sparsebert.io import JsonlLog
+
 FAST = ["--max-seq-length", "16", "--batch-size", "16", "--eval-batch-size", "32", "--log-every", "2"]
 
 
@@ -458,3 +460,12 @@ def test_distill_dense_takes_a_smaller_pretrained_student(teacher, tiny_model_di
     small.save_pretrained(tmp_path / "other-vocab")
     assert cli(*args, "--student", tmp_path / "other-vocab", "--output-dir", tmp_path / "e") == 2
     assert "share the teacher's tokenizer" in capsys.readouterr().err
+
+
+def test_prune_with_augmented_data(teacher, sst_dir, tmp_path):
+    args = ["prune", "--teacher", teacher, "--student", teacher, "--task", "sst2", "--data-dir", sst_dir]
+    assert cli(*args, "--augment", "2", "--max-steps", "2", "--output-dir", tmp_path / "a", *FAST) == 0
+    train_lines = len((sst_dir / "train.tsv").read_text().splitlines()) - 1
+    config = next(r for r in JsonlLog(tmp_path / "a" / "log.jsonl").read() if r.get("event") == "config")
+    assert config["train_examples"] == 3 * train_lines  # the originals and two variants of each
+    assert cli(*args, "--augment", "-1", "--output-dir", tmp_path / "b") == 2

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from torch import nn
 
+from sparsebert.augment import WordNeighbours, augment
 from sparsebert.config import (
     CompressConfig,
     EvaluateConfig,
@@ -252,6 +253,9 @@ def prune(config: PruneConfig) -> RunResult:
     # Only the distilling strategies use the teacher; the others train on labels.
     teacher = load_model(config.teacher, data.task) if config.strategy in DISTILLING else None
     student = _initial_student(config, teacher, data.task)
+    if config.augment:
+        embeddings = (teacher if teacher is not None else student).get_input_embeddings().weight
+        data.train = augment(data.train, WordNeighbours(tokenizer, embeddings), config.augment, seed=config.seed)
     out, log = _start(config, accelerator)
     log.write(
         {"event": "config", "source": data.source, "train_examples": len(data.train), "strategy": config.strategy}

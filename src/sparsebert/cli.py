@@ -74,6 +74,9 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--regression-target", choices=["teacher", "label", "both"])
     g.add_argument("--student-head", choices=["teacher", "fresh"], help="start the task head from the teacher's")
     g.add_argument("--head-lr", type=float, help="learning rate of the task head")
+    g.add_argument(
+        "--augment", type=int, help="augmented copies of each training example, labelled by the teacher (default 0)"
+    )
 
 
 def _teacher_args(p: argparse.ArgumentParser) -> None:

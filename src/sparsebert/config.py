@@ -78,6 +78,7 @@ class PruneOptions:
     regression_target: str = "teacher"  # teacher | label | both
     student_head: str = "teacher"  # teacher (copy the teacher's classifier) | fresh
     head_lr: float | None = None  # learning rate of the (unpruned) task head; None = lr
+    augment: int = 0  # augmented copies of each training example (word replacement; 20 in TinyBERT's data)
 
     def validate_pruning(self) -> None:
         """Check the pruning options before any model is loaded (errors come before slow work)."""
@@ -89,6 +90,8 @@ class PruneOptions:
             raise SparseBertError("--prune-start and --prune-end must be >= 0")
         if self.prune_updates < 1:
             raise SparseBertError(f"--prune-updates must be >= 1, got {self.prune_updates}")
+        if self.augment < 0:
+            raise SparseBertError(f"--augment must be >= 0, got {self.augment}")
 
 
 @dataclass
