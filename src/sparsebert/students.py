@@ -24,7 +24,7 @@ def linear_weights(config) -> int:
 
 def dense_shape(config, sparsity: float) -> tuple[int, int, int, int]:
     """(layers, hidden, heads, intermediate) of a dense student matching ``sparsity``'s nonzeros."""
-    budget = (1 - sparsity) * config.num_hidden_layers * linear_weights(config)
+    budget = (1 - sparsity) * encoder_linear_weights(config)
     layers = max(1, min(config.num_hidden_layers, math.ceil((1 - sparsity) * config.num_hidden_layers - 1e-9)))
     scale = min(1.0, math.sqrt(budget / (layers * linear_weights(config))))
     head_dim = config.hidden_size // config.num_attention_heads
