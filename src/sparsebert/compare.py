@@ -70,12 +70,14 @@ def plot(out: Path, results: dict) -> None:
     import matplotlib.pyplot as plt
 
     strategies = list(dict.fromkeys(r["strategy"] for r in results["runs"]))
+    colors = {strategy: f"C{i}" for i, strategy in enumerate(strategies)}  # the same in every panel
     metrics = list(results["teacher"])  # one panel each: MRPC's F1 alone hides an all-"paraphrase" model
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
         for strategy in strategies:
             rows = sorted((r["sparsity"], r["metrics"][metric]) for r in results["runs"] if r["strategy"] == strategy)
-            ax.plot([100 * s for s, _ in rows], [100 * v for _, v in rows], "o-", label=strategy)
+            x, y = [100 * s for s, _ in rows], [100 * v for _, v in rows]
+            ax.plot(x, y, "o-", label=strategy, color=colors[strategy])
         ax.axhline(100 * results["teacher"][metric], color="gray", ls="--", label="teacher (dense)")
         ax.set_xlabel("sparsity of the encoder's linear layers (%)")
         ax.set_ylabel(f"dev {metric} (%)")
@@ -92,12 +94,13 @@ def plot(out: Path, results: dict) -> None:
             for r in results["runs"]:
                 if r["strategy"] == strategy and r["sparsity"] == sparsity and r["train_loss_curve"]:
                     steps, losses = zip(*r["train_loss_curve"], strict=True)
-                    ax.plot(steps, losses, label=strategy)
+                    ax.plot(steps, losses, label=strategy, color=colors[strategy])
         ax.set_title(f"sparsity {100 * sparsity:g}%")
         ax.set_xlabel("step")
         ax.set_yscale("log")
     axes[0][0].set_ylabel("training loss on labels")
-    axes[0][-1].legend(fontsize=7)
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}  # every strategy, whichever panel has it
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "train_loss.png", dpi=80)
     plt.close(fig)
