@@ -41,6 +41,12 @@ def plot_run(run_dir: Path, sparsity: dict | None = None) -> list[Path]:
     evals = [r for r in log if r.get("event") == "eval"]
     made = []
 
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(run_dir / name, dpi=80)
+        plt.close(fig)
+        made.append(run_dir / name)
+
     def sparsity_axis(ax) -> None:
         if any("target_sparsity" in r for r in records):
             ax2 = ax.twinx()
@@ -55,10 +61,7 @@ def plot_run(run_dir: Path, sparsity: dict | None = None) -> list[Path]:
         ax.set_yscale("log")
         sparsity_axis(ax)
         ax.set_title(run_dir.name)
-        fig.tight_layout()
-        fig.savefig(run_dir / "loss.png", dpi=80)
-        plt.close(fig)
-        made.append(run_dir / "loss.png")
+        save(fig, "loss.png")
     if len(evals) > 1:  # dev metrics during training: where pruning hurt and how far the run recovered
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for name in evals[-1]["metrics"]:
@@ -68,10 +71,7 @@ def plot_run(run_dir: Path, sparsity: dict | None = None) -> list[Path]:
         ax.legend(fontsize=8)
         sparsity_axis(ax)
         ax.set_title(run_dir.name)
-        fig.tight_layout()
-        fig.savefig(run_dir / "dev.png", dpi=80)
-        plt.close(fig)
-        made.append(run_dir / "dev.png")
+        save(fig, "dev.png")
     if sparsity:
         fig, ax = plt.subplots(figsize=(6, 3))
         layers = sorted(sparsity["layers"], key=int)
@@ -79,10 +79,7 @@ def plot_run(run_dir: Path, sparsity: dict | None = None) -> list[Path]:
         ax.set_ylim(0, 1)
         ax.set_xlabel("encoder layer")
         ax.set_ylabel("sparsity")
-        fig.tight_layout()
-        fig.savefig(run_dir / "sparsity.png", dpi=80)
-        plt.close(fig)
-        made.append(run_dir / "sparsity.png")
+        save(fig, "sparsity.png")
     return made
 
 
