@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
@@ -27,6 +28,15 @@ STSB_HEADER = [
     "score",
 ]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER]
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    """Every test starts from the same random state, whatever ran before it: a test that draws from
+    the global generators (``torch.randn``, ``random``, numpy) sees the same inputs on every run."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 def sentiment_rows(n: int, seed: int) -> list[tuple[str, int]]:

@@ -110,9 +110,10 @@ def test_cubic_schedule_values():
         CubicSparsitySchedule(final_sparsity=0.5, start_step=10, end_step=5)
 
 
-def _train_steps(model, pruner, steps, lr=1e-2):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    ids = torch.randint(0, 50, (4, 12))
+def _train_steps(model, pruner, steps, lr=1e-2, opt=None, seed=0):
+    """``steps`` AdamW steps on seeded random tokens, the pruner stepped after each."""
+    opt = opt or torch.optim.AdamW(model.parameters(), lr=lr)
+    ids = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(seed))
     for _ in range(steps):
         loss = model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss
         loss.backward()
@@ -140,17 +141,40 @@ def test_reaches_exact_target_and_pruned_weights_stay_zero_under_adam(scope):
         assert (t.module.weight[frozen[t.name]] != 0).any()
 
 
-def test_masks_only_grow_and_rank_among_survivors():
+@pytest.mark.parametrize("scope", ["per_matrix", "global"])
+def test_masks_only_grow_and_rank_among_survivors(scope):
+    """Adam's momentum moves pruned weights between steps; they must not outrank survivors."""
     model = tiny()
-    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.8, 0, 20, num_updates=4))
+    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.8, 0, 20, num_updates=4), scope=scope)
     previous = None
-    for _ in range(20):
-        _train_steps(model, pruner, 1)
+    for step in range(20):
+        # A fresh AdamW each step moves every weight by about lr, pruned ones included: past the
+        # smallest survivors.
+        _train_steps(model, pruner, 1, seed=step)
         current = {n: m.clone() for n, m in pruner.masks.items()}
         if previous is not None:
             for name in current:  # once pruned, never revived
                 assert not (current[name] & ~previous[name]).any()
         previous = current
+
+
+@pytest.mark.parametrize("scope", ["per_matrix", "global"])
+def test_mask_update_ranks_a_pruned_weight_as_zero(scope):
+    """The case above without an optimizer's numerics: a pruned weight pushed far above every
+    survivor before an update step stays pruned (the ranking must not see its new value)."""
+    model = tiny()
+    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.5, 0, 2, num_updates=2), scope=scope)
+    pruner.step()  # step 1: masks at the first target
+    pruned = {t.name: ~pruner.masks[t.name].clone() for t in pruner.targets}
+    assert all(p.any() for p in pruned.values())
+    with torch.no_grad():
+        for t in pruner.targets:  # what an optimizer step does to pruned weights before step() re-masks
+            t.module.weight[pruned[t.name]] = 100.0
+    pruner.step()  # step 2: an update step
+    for t in pruner.targets:
+        assert not (pruner.masks[t.name] & pruned[t.name]).any()
+        assert (t.module.weight[pruned[t.name]] == 0).all()
+    assert pruner.sparsity_report()["overall"] == pytest.approx(0.5, abs=1e-3)
 
 
 def test_state_dict_round_trip_restores_masks_and_position():

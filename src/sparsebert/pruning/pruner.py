@@ -78,18 +78,25 @@ class MagnitudePruner:
     def update_masks(self, sparsity: float) -> None:
         """Recompute every mask so that ``sparsity`` of the prunable weights are zero.
 
-        Pruned weights are exactly zero, so they rank lowest and stay pruned: the ranking happens
-        among the surviving weights, as in the reference implementation.
+        The ranking happens among the survivors, as in the reference implementation: a weight pruned
+        earlier ranks below every survivor, whatever value the last optimizer step gave it (Adam's
+        momentum moves pruned weights between ``step()`` calls, before the masks are re-applied), so
+        masks only grow.
         """
         if self.scope == "per_matrix":
             for t in self.targets:
-                self.masks[t.name] = _magnitude_mask(t.module.weight, sparsity)
+                self.masks[t.name] = _magnitude_mask(self._survivor_magnitudes(t), sparsity) & self.masks[t.name]
             return
-        magnitudes = torch.cat([t.module.weight.detach().abs().flatten().float() for t in self.targets])
+        magnitudes = torch.cat([self._survivor_magnitudes(t).flatten() for t in self.targets])
         n_prune = round(sparsity * magnitudes.numel())
         threshold = -1.0 if n_prune == 0 else torch.kthvalue(magnitudes, n_prune).values.item()
         for t in self.targets:
-            self.masks[t.name] = t.module.weight.detach().abs() > threshold
+            self.masks[t.name] = (self._survivor_magnitudes(t) > threshold) & self.masks[t.name]
+
+    def _survivor_magnitudes(self, target: PrunableLinear) -> torch.Tensor:
+        """|w| in fp32 for surviving weights, -1 for pruned ones (they rank first for pruning)."""
+        magnitudes = target.module.weight.detach().abs().float()
+        return magnitudes.masked_fill(~self.masks[target.name].to(magnitudes.device), -1.0)
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -128,14 +135,14 @@ class MagnitudePruner:
         return sparsity_report(self.model, self.targets)
 
 
-def _magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Boolean mask keeping the (1 - sparsity) largest-magnitude entries of ``weight`` (exact count)."""
-    n_prune = round(sparsity * weight.numel())
-    mask = torch.ones(weight.numel(), dtype=torch.bool, device=weight.device)
+def _magnitude_mask(magnitudes: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Boolean mask keeping the (1 - sparsity) largest of ``magnitudes`` (exact count)."""
+    n_prune = round(sparsity * magnitudes.numel())
+    mask = torch.ones(magnitudes.numel(), dtype=torch.bool, device=magnitudes.device)
     if n_prune > 0:
-        smallest = torch.topk(weight.detach().abs().flatten(), n_prune, largest=False, sorted=False).indices
+        smallest = torch.topk(magnitudes.flatten(), n_prune, largest=False, sorted=False).indices
         mask[smallest] = False
-    return mask.view_as(weight)
+    return mask.view_as(magnitudes)
 
 
 def sparsity_report(model: nn.Module, targets: list[PrunableLinear] | None = None) -> dict:
