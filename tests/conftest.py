@@ -45,7 +45,8 @@ def sentiment_rows(n: int, seed: int) -> list[tuple[str, int]]:
     rows = []
     for i in range(n):
         label = i % 2
-        words = [*rng.sample(FILLER, 4), rng.choice(POSITIVE if label else NEGATIVE)]
+        # 2 to 6 words: batches differ in length, so length grouping and dynamic padding are exercised
+        words = [*rng.sample(FILLER, rng.randint(1, 5)), rng.choice(POSITIVE if label else NEGATIVE)]
         rng.shuffle(words)
         rows.append((" ".join(words), label))
     return rows

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
+import torch
 from conftest import STSB_HEADER, write_tsv
 
-from sparsebert.data import DataSource, load_task_data, subsample
+from sparsebert.data import DataSource, LengthGroupedSampler, load_task_data, make_loader, subsample
 from sparsebert.errors import SparseBertError
 from sparsebert.packaged import movie_rows
 from sparsebert.tasks import get_task
@@ -154,3 +156,43 @@ def test_movie_sentiment_labelling_rule_and_split(tmp_path):
     train, dev = movie_rows(raw)
     assert train == [("great fun", 1)]  # id 3 is near-neutral (|rating| < 0.5): dropped
     assert sorted(dev) == [("dull", 0), ("nice", 1)]  # ids divisible by 10 go to dev
+
+
+def _lengths(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randint(3, 120) for _ in range(n)]
+
+
+def test_length_grouped_batches_are_homogeneous_deterministic_and_complete():
+    lengths, bs = _lengths(1000, 0), 16
+    sampler = LengthGroupedSampler(lengths, bs, seed=7)
+    order = list(sampler)
+    assert sorted(order) == list(range(1000))  # every example once per epoch
+    assert order == list(LengthGroupedSampler(lengths, bs, seed=7))  # a function of the seed alone
+    assert order != list(LengthGroupedSampler(lengths, bs, seed=8))
+    sampler.set_epoch(1)
+    assert list(sampler) != order and sorted(sampler) == list(range(1000))  # a new order each epoch
+    batches = [order[i : i + bs] for i in range(0, 1000 - 1000 % bs, bs)]
+    padded = sum(bs * max(lengths[i] for i in b) for b in batches)
+    shuffled = torch.randperm(1000, generator=torch.Generator().manual_seed(0)).tolist()
+    padded_random = sum(bs * max(lengths[i] for i in shuffled[j : j + bs]) for j in range(0, 992, bs))
+    assert padded < 0.6 * padded_random  # far less padding than random batches
+    first_batch_lengths = [lengths[i] for i in batches[0]]
+    assert first_batch_lengths == sorted(first_batch_lengths, reverse=True)
+    # batches are shuffled across the epoch, not in one long descending sweep
+    maxima = [max(lengths[i] for i in b) for b in batches]
+    assert maxima != sorted(maxima, reverse=True)
+
+
+def test_train_loader_groups_by_length_only_when_asked(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rng = random.Random(3)
+    features = [{"input_ids": [2] + [5] * rng.randint(1, 40) + [3], "labels": 0} for _ in range(256)]
+    widths = {}
+    for grouped in (True, False):
+        loader = make_loader(features, tokenizer, 16, shuffle=True, drop_last=True, group_by_length=grouped, seed=1)
+        widths[grouped] = sum(b["input_ids"].shape[1] for b in loader)
+        assert sum(len(b["labels"]) for b in loader) == 256
+    assert widths[True] < 0.8 * widths[False]

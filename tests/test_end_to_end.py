@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import cli, outputs_of
 from safetensors.torch import load_file
 
@@ -469,3 +470,37 @@ def test_prune_with_augmented_data(teacher, sst_dir, tmp_path):
     config = next(r for r in JsonlLog(tmp_path / "a" / "log.jsonl").read() if r.get("event") == "config")
     assert config["train_examples"] == 3 * train_lines  # the originals and two variants of each
     assert cli(*args, "--augment", "-1", "--output-dir", tmp_path / "b") == 2
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    from sparsebert import train
+
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    for native, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(train, "native_bf16", lambda device_type, native=native: native)
+        assert train.resolve_mixed_precision("auto") == expected
+    assert train.resolve_mixed_precision("no") == "no" and train.resolve_mixed_precision("bf16") == "bf16"
+
+
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_prune_in_the_chosen_precision_saves_fp32(precision, teacher, tiny_model_dir, sst_dir, tmp_path):
+    """bf16 (forced here, emulated on CPUs without it) runs the teacher and the student under autocast,
+    the losses in fp32, and saves fp32 weights; ``auto`` writes what it chose into config.yaml and the log."""
+    from sparsebert.train import resolve_mixed_precision
+
+    out = tmp_path / precision
+    args = ["--task", "sst2", "--data-dir", sst_dir, "--output-dir", out, "--max-steps", "6", *FAST]
+    code = cli(
+        "prune", "--teacher", teacher, "--student", tiny_model_dir, "--sparsity", "0.5", *args,
+        "--mixed-precision", precision,
+    )  # fmt: skip
+    assert code == 0
+    chosen = resolve_mixed_precision(precision)
+    assert yaml.safe_load((out / "config.yaml").read_text())["mixed_precision"] == chosen
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert next(r for r in log if r.get("event") == "start")["mixed_precision"] == chosen
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    weights = _weights(out)
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert json.loads((out / "sparsity.json").read_text())["overall"] == pytest.approx(0.5, abs=1e-3)

@@ -41,7 +41,7 @@ from sparsebert.models import load_model, load_tokenizer
 from sparsebert.pruning import CubicSparsitySchedule, MagnitudePruner, sparsity_report
 from sparsebert.students import fit_dense_student
 from sparsebert.tasks import get_task
-from sparsebert.train import CHECKPOINT, Loop, make_accelerator
+from sparsebert.train import CHECKPOINT, Loop, make_accelerator, new_accelerator, resolve_mixed_precision
 from sparsebert.train import evaluate as evaluate_loaders
 
 
@@ -75,18 +75,27 @@ def _load_data(config, need_train: bool = True) -> TaskData:
 
 
 def _eval_loaders(data: TaskData, tokenizer, config) -> dict:
-    return {
-        split: make_loader(
-            encode(examples, tokenizer, config.max_seq_length), tokenizer, config.eval_batch_size, shuffle=False
-        )
-        for split, examples in data.dev.items()
-    }
+    """Dev batches in order of length (least padding; the metrics do not depend on the order)."""
+    loaders = {}
+    for split, examples in data.dev.items():
+        features = sorted(encode(examples, tokenizer, config.max_seq_length), key=lambda f: len(f["input_ids"]))
+        loaders[split] = make_loader(features, tokenizer, config.eval_batch_size, shuffle=False)
+    return loaders
 
 
 def _train_loader(data: TaskData, tokenizer, config: TrainConfig):
-    """Shuffled training batches; the incomplete last batch is skipped, as in the reference."""
+    """Shuffled (by default length-grouped) training batches; the incomplete last batch is skipped,
+    as in the reference."""
     features = encode(data.train, tokenizer, config.max_seq_length)
-    return make_loader(features, tokenizer, config.batch_size, shuffle=True, drop_last=True)
+    return make_loader(
+        features,
+        tokenizer,
+        config.batch_size,
+        shuffle=True,
+        drop_last=True,
+        group_by_length=config.group_by_length,
+        seed=config.seed,
+    )
 
 
 def _start(config: TrainConfig, accelerator: Accelerator) -> tuple[Path, JsonlLog]:
@@ -310,7 +319,7 @@ def prune(config: PruneConfig) -> RunResult:
 def evaluate(config: EvaluateConfig) -> dict:
     """Dev metrics of a saved model; returns (and optionally writes) the metrics.json record."""
     require(config, "model", "task")
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = new_accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision))
     data = _load_data(config, need_train=False)
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, data.task)

@@ -56,7 +56,17 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, help="dev evaluation every N steps (default 200; 0: at the end only)")
     g.add_argument("--save-every", type=int, help="write a resumable checkpoint every N steps")
     g.add_argument("--log-every", type=int)
-    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    g.add_argument(
+        "--mixed-precision",
+        choices=["auto", "no", "bf16", "fp16"],
+        help="auto (default): bf16 where the hardware runs it natively, fp32 (no) elsewhere",
+    )
+    g.add_argument(
+        "--group-by-length",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="training batches of similar length, less padding (default: on)",
+    )
     g.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty output dir")
     g.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint")
 
@@ -126,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p, train=False)
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--max-seq-length", type=int)
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--mixed-precision", choices=["no", "auto", "bf16", "fp16"], help="default no: fp32, exact")
     p.add_argument("--output", help="write metrics.json here")
 
     sub.add_parser("fetch-defaults", help="build the embedded data and minilm-l3 (make install runs this)")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from sparsebert.errors import SparseBertError
@@ -299,6 +299,42 @@ def encode(examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_leng
     return features
 
 
+class LengthGroupedSampler(Sampler[int]):
+    """Training order in which each batch holds examples of similar length (less padding).
+
+    The HF Trainer's ``group_by_length`` convention: shuffle, cut into mega-batches of up to 50
+    batches, sort each mega-batch by length, cut it into batches; then the batches are shuffled too,
+    so lengths do not drift in waves through the epoch. The order depends only on ``seed`` and the
+    epoch (``set_epoch``), never on a global random state: a resumed run and every process of a
+    multi-process run see the same batches. An incomplete batch comes last (``drop_last`` drops it).
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.mega = batch_size * max(1, min(len(lengths) // (batch_size * 4), 50))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        full, partial = [], []
+        for start in range(0, len(order), self.mega):
+            mega = sorted(order[start : start + self.mega], key=self.lengths.__getitem__, reverse=True)
+            for i in range(0, len(mega), self.batch_size):
+                batch = mega[i : i + self.batch_size]
+                (full if len(batch) == self.batch_size else partial).append(batch)
+        for i in torch.randperm(len(full), generator=generator).tolist():
+            yield from full[i]
+        for batch in partial:
+            yield from batch
+
+
 def make_loader(
     features: list[dict],
     tokenizer: PreTrainedTokenizerBase,
@@ -306,9 +342,28 @@ def make_loader(
     *,
     shuffle: bool,
     drop_last: bool = False,
+    group_by_length: bool = False,
+    seed: int = 0,
 ) -> DataLoader:
+    """Dynamically padded batches; shuffled training batches are length-grouped if asked.
+
+    A shuffling loader gets its own generator: without one, every new iterator (each epoch, and
+    the one a resumed run starts mid-epoch) draws a seed from the global generator and shifts the
+    dropout masks, so a resumed run would no longer match an uninterrupted one.
+    """
     collator = DataCollatorWithPadding(tokenizer)
-    generator = torch.Generator().manual_seed(0) if shuffle else None
+    if not shuffle:
+        return DataLoader(features, batch_size=batch_size, collate_fn=collator, drop_last=drop_last)
+    generator = torch.Generator().manual_seed(seed)
+    sampler = (
+        LengthGroupedSampler([len(f["input_ids"]) for f in features], batch_size, seed) if group_by_length else None
+    )
     return DataLoader(
-        features, batch_size=batch_size, shuffle=shuffle, collate_fn=collator, drop_last=drop_last, generator=generator
+        features,
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        collate_fn=collator,
+        drop_last=drop_last,
+        generator=generator,
     )

@@ -53,7 +53,8 @@ class AttentionScoreRecorder:
         """Per layer: (batch, heads, seq, seq) scores with padded rows and columns set to 0."""
         result = []
         for q_mod, k_mod in zip(self._q, self._k, strict=True):
-            q, k = self._outputs[id(q_mod)], self._outputs[id(k_mod)]
+            # fp32 scores even when the forward ran in bf16: the loss compares small differences
+            q, k = self._outputs[id(q_mod)].float(), self._outputs[id(k_mod)].float()
             b, s, width = q.shape
             d = width // self.num_heads
             qh = q.view(b, s, self.num_heads, d).transpose(1, 2)
@@ -147,7 +148,8 @@ class DistillationLoss(nn.Module):
             )
 
     def attention_loss(self, student_scores: list[torch.Tensor], teacher_scores: list[torch.Tensor]) -> torch.Tensor:
-        return sum(F.mse_loss(s, teacher_scores[t]) for s, t in zip(student_scores, self.layer_map, strict=True))
+        pairs = zip(student_scores, self.layer_map, strict=True)
+        return sum(F.mse_loss(s.float(), teacher_scores[t].float()) for s, t in pairs)
 
     def hidden_loss(
         self, student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...]
@@ -155,7 +157,7 @@ class DistillationLoss(nn.Module):
         pairs = [(student_hidden[0], teacher_hidden[0])]
         pairs += [(student_hidden[i + 1], teacher_hidden[t + 1]) for i, t in enumerate(self.layer_map)]
         lift = self.projection if self.projection is not None else (lambda x: x)
-        return sum(F.mse_loss(lift(s), t) for s, t in pairs)
+        return sum(F.mse_loss(lift(s).float(), t.float()) for s, t in pairs)
 
     def prediction_loss(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None
@@ -182,6 +184,8 @@ class DistillationLoss(nn.Module):
         teacher_scores: list[torch.Tensor] | None = None,
         labels: torch.Tensor | None = None,
     ) -> DistillOutput:
+        """The weighted sum, computed in fp32 whatever precision the forward passes ran in."""
+        student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
         total = student_logits.new_zeros(())
         parts: dict[str, torch.Tensor] = {}
         if self.weights.attention:

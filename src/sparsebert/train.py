@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import shutil
 import signal
 import threading
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
@@ -38,9 +40,50 @@ StepFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]
 CHECKPOINT = "checkpoint"
 
 
+def native_bf16(device_type: str) -> bool:
+    """Whether ``device_type`` computes bf16 matrix products in hardware (not emulated)."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device_type == "cpu":  # AMX tiles (Sapphire Rapids and later) or AVX512-BF16 (Cooper Lake, Zen 4)
+        cpu = torch.cpu
+        return any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return False
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """``auto`` becomes ``bf16`` where the hardware runs it natively, ``no`` (fp32) elsewhere.
+
+    On a CPU without bf16 instructions oneDNN emulates it and a step is ~3x slower than in fp32
+    (BENCHMARKS.md, "Training cost"), so auto never picks it there.
+    """
+    if choice not in ("auto", "no", "bf16", "fp16"):
+        raise SparseBertError(f"unknown --mixed-precision {choice!r} (auto, no, bf16 or fp16)")
+    if choice != "auto":
+        return choice
+    device_type = "cuda" if torch.cuda.is_available() and not _forced_cpu() else "cpu"
+    return "bf16" if native_bf16(device_type) else "no"
+
+
+def _forced_cpu() -> bool:
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+
+
+def new_accelerator(**kwargs) -> Accelerator:
+    """An Accelerator for one job. Accelerate keeps its state per process and refuses a second job
+    in another precision; the API runs jobs one after another in one process (``compress``, a
+    user's script), so the previous job's precision is forgotten (the process group is kept)."""
+    AcceleratorState._reset_state()
+    return Accelerator(**kwargs)
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
-    """One Accelerator per run; a seedable sampler makes the shuffling identical after a resume."""
-    accelerator = Accelerator(
+    """One Accelerator per run; a seedable sampler makes the shuffling identical after a resume.
+
+    ``auto`` precision is resolved here and written back into ``config``, so ``config.yaml`` says
+    what ran (and a repeat of the run from it uses the same precision).
+    """
+    config.mixed_precision = resolve_mixed_precision(config.mixed_precision)
+    accelerator = new_accelerator(
         mixed_precision=config.mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,
@@ -213,7 +256,9 @@ class Loop:
         params = param_groups(self.model, cfg.weight_decay, self.head_lr)
         for module in self.extra_modules:
             params.append({"params": list(module.parameters()), "weight_decay": 0.0})
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+        # The fused kernel updates every parameter in one pass: ~10x less optimizer time than the
+        # per-tensor loop on a CPU, where AdamW over the 11.7M-entry word embedding was ~15% of a step.
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, fused=acc.device.type in ("cpu", "cuda"))
         for module in self.extra_modules:
             module.to(acc.device)
         prepared = acc.prepare(self.model, optimizer, self.train_loader, *self.eval_loaders.values())
@@ -246,10 +291,15 @@ class Loop:
                 "total_steps": n_steps,
                 "steps_per_epoch": steps_per_epoch,
                 "processes": acc.num_processes,
+                "mixed_precision": cfg.mixed_precision,
+                "group_by_length": cfg.group_by_length,
             }
         )
 
-        bar = tqdm(total=n_steps, initial=self.state.step, desc="train", disable=not acc.is_local_main_process)
+        precision = {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)
+        bar = tqdm(
+            total=n_steps, initial=self.state.step, desc=f"train ({precision})", disable=not acc.is_local_main_process
+        )
         running, running_n = torch.zeros((), device=acc.device), 0
         parts_sum: dict[str, torch.Tensor] = {}
         started = time.perf_counter()
