@@ -1,112 +1,189 @@
-"""Training cost of SparseBERT: a prune-while-distill step vs a plain fine-tuning step, side by side.
+"""Training cost on real task batches: the previous fp32 recipe vs the new defaults, side by side.
 
-Measures, in one process and interleaved (this machine is noisy), the median wall time of:
-  finetune  - student forward + backward + AdamW step (what `sparsebert finetune` does per step)
-  distill   - teacher forward + student forward (hidden states, attention scores) + the three losses
-              + backward + AdamW step, without pruning
-and the pruning bookkeeping on its own: one mask update (magnitude ranking of every matrix) and one
-mask re-application. The amortised bookkeeping share assumes the reference cadence: masks updated
-`--updates` times over a run of `--run-steps` steps, masks re-applied after every step.
+One process, interleaved (step i of every variant before step i+1 of any), so machine noise hits
+all variants alike. Each variant trains its own copy of the student on its own batches:
 
-    .venv/bin/python bench/train_cost.py --model minilm-l6 --batch-size 32 --seq-len 128 --reps 8
+  before  - shuffled batches padded to their longest example, per-tensor AdamW, fp32
+            (what `sparsebert` did until the training-speed issue)
+  new     - length-grouped batches, fused AdamW, `--mixed-precision auto` (bf16 only where the
+            CPU or GPU has it natively; fp32 elsewhere)
+  bf16    - the new defaults with bf16 forced (`--bf16`; on a CPU without bf16 it is emulated)
+
+for both a plain fine-tuning step (forward, backward, clipping, AdamW) and a prune-while-distill step
+(teacher forward, student forward with hidden states and attention scores, three losses, backward,
+clipping, AdamW, mask re-application). Steps per hour come from the mean over the same number of
+consecutive batches of each variant's first epoch; the mean padded length of each variant's whole
+epoch says how representative that sample is. Pruning bookkeeping is timed on its own.
+
+    .venv/bin/python bench/train_cost.py --data-dir ../shared/data/glue/MRPC --task mrpc --steps 30
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
+from transformers import logging as hf_logging
 
-from sparsebert.distill import AttentionScoreRecorder, DistillationLoss
-from sparsebert.models import load_model
+from sparsebert.api import _distillation_step
+from sparsebert.data import DataSource, encode, load_task_data, make_loader
+from sparsebert.distill import DistillationLoss, LossWeights
+from sparsebert.models import load_model, load_tokenizer
 from sparsebert.pruning import CubicSparsitySchedule, MagnitudePruner
 from sparsebert.tasks import get_task
+from sparsebert.train import param_groups, resolve_mixed_precision
+
+VARIANTS = {  # name: (length-grouped batches, fused AdamW, precision)
+    "before": (False, False, "no"),
+    "new": (True, True, "auto"),
+    "bf16": (True, True, "bf16"),
+}
+
+
+def build_step(kind: str, student, teacher, fused: bool, precision: str, pruner) -> Callable[[dict], None]:
+    """One optimizer step of ``kind`` (finetune | distill) on a batch, as the training loop runs it."""
+    optimizer = torch.optim.AdamW(param_groups(student, 0.01), lr=1e-4, fused=fused)
+    if kind == "distill":
+        loss_fn = DistillationLoss(student.config, teacher.config, LossWeights.parse("0.1,1,5"))
+        distill = _distillation_step(teacher, student, loss_fn)
+    bf16 = precision == "bf16"
+
+    def step(batch: dict) -> None:
+        student.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = student(**batch).loss if kind == "finetune" else distill(student, batch)[0]
+        loss.float().backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if pruner is not None:
+            pruner.apply_masks()
+
+    return step
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--task", default="mrpc")
+    p.add_argument("--data-dir", default="../shared/data/glue/MRPC")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--reps", type=int, default=8)
+    p.add_argument("--max-seq-length", type=int, default=128)
+    p.add_argument("--steps", type=int, default=30, help="timed steps per variant and kind")
+    p.add_argument("--bf16", action="store_true", help="also time the new defaults with bf16 forced")
     p.add_argument("--run-steps", type=int, default=1000)
     p.add_argument("--updates", type=int, default=100)
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
-
+    hf_logging.set_verbosity_error()
     torch.manual_seed(0)
-    task = get_task("sst2")
-    student, teacher = load_model(args.model, task), load_model(args.model, task)
-    teacher.eval()
-    ids = torch.randint(1000, 20000, (args.batch_size, args.seq_len))
-    batch = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": torch.randint(0, 2, (args.batch_size,)),
-    }
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    loss_fn = DistillationLoss(student.config, teacher.config)
-    s_rec, t_rec = AttentionScoreRecorder(student), AttentionScoreRecorder(teacher)
-    pruner = MagnitudePruner(student, CubicSparsitySchedule(0.9, 0, args.run_steps, args.updates))
 
-    def finetune_step() -> None:
-        student(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    task = get_task(args.task)
+    data = load_task_data(task, DataSource(data_dir=args.data_dir))
+    tokenizer = load_tokenizer(args.model)
+    features = encode(data.train, tokenizer, args.max_seq_length)
+    teacher = load_model(args.model, task).eval()
+    base = load_model(args.model, task)
+    names = [n for n in VARIANTS if n != "bf16" or args.bf16]
+    precision = {n: resolve_mixed_precision(VARIANTS[n][2]) for n in names}
+    if args.bf16 and precision["new"] == "bf16":
+        names.remove("bf16")  # the same as "new" on this machine
 
-    def distill_step() -> None:
-        with torch.no_grad(), t_rec:
-            t = teacher(**inputs, output_hidden_states=True)
-            ts = t_rec.scores(inputs["attention_mask"])
-        with s_rec:
-            s = student(**inputs, output_hidden_states=True)
-            ss = s_rec.scores(inputs["attention_mask"])
-        loss_fn(s.logits, t.logits, s.hidden_states, t.hidden_states, ss, ts, batch["labels"]).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    batches, steps, epoch_len = {}, {}, {}
+    for name in names:
+        grouped, fused, _ = VARIANTS[name]
+        loader = make_loader(
+            features, tokenizer, args.batch_size, shuffle=True, drop_last=True, group_by_length=grouped
+        )
+        epoch = list(loader)
+        batches[name] = epoch[: args.steps + 1]  # one warm-up step, then the timed ones
+        epoch_len[name] = statistics.mean(b["input_ids"].shape[1] for b in epoch)
+        for kind in ("finetune", "distill"):
+            student = copy.deepcopy(base)
+            pruner = None
+            if kind == "distill":  # the masks a 90% run holds at its end
+                pruner = MagnitudePruner(student, CubicSparsitySchedule(0.9, 0, args.run_steps, args.updates))
+                pruner.update_masks(0.9)
+                pruner.apply_masks()
+            steps[kind, name] = build_step(kind, student, teacher, fused, precision[name], pruner)
 
-    def timed(fn) -> float:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
+    seconds: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
+    for i in range(args.steps + 1):
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step(batches[key[1]][i])
+            if i:
+                seconds[key].append(time.perf_counter() - start)
 
-    timings: dict[str, list[float]] = {"finetune": [], "distill": [], "mask_update": [], "mask_apply": []}
-    finetune_step(), distill_step()  # warm-up
-    for _ in range(args.reps):
-        timings["finetune"].append(timed(finetune_step))
-        timings["distill"].append(timed(distill_step))
-        timings["mask_update"].append(timed(lambda: pruner.update_masks(0.9)))
-        timings["mask_apply"].append(timed(pruner.apply_masks))
-    med = {k: statistics.median(v) for k, v in timings.items()}
-    bookkeeping = (args.updates * med["mask_update"] + args.run_steps * med["mask_apply"]) / args.run_steps
+    pruner = MagnitudePruner(copy.deepcopy(base), CubicSparsitySchedule(0.9, 0, args.run_steps, args.updates))
+    update = statistics.median(_timed(lambda: pruner.update_masks(0.9)) for _ in range(5))
+    apply = statistics.median(_timed(pruner.apply_masks) for _ in range(5))
+    bookkeeping = (args.updates * update + args.run_steps * apply) / args.run_steps
+
     result = {
         "model": args.model,
+        "task": args.task,
         "batch_size": args.batch_size,
-        "seq_len": args.seq_len,
+        "max_seq_length": args.max_seq_length,
         "threads": torch.get_num_threads(),
-        "median_seconds": med,
-        "distill_over_finetune": med["distill"] / med["finetune"],
-        "bookkeeping_per_step": bookkeeping,
-        "bookkeeping_share_of_distill_step": bookkeeping / med["distill"],
+        "timed_steps": args.steps,
+        "variants": {
+            name: {
+                "group_by_length": VARIANTS[name][0],
+                "fused_adamw": VARIANTS[name][1],
+                "precision": precision[name],
+                "mean_padded_length_epoch": round(epoch_len[name], 1),
+                "mean_padded_length_timed": round(
+                    statistics.mean(b["input_ids"].shape[1] for b in batches[name][1:]), 1
+                ),
+                **{f"{kind}_seconds": statistics.mean(seconds[kind, name]) for kind in ("finetune", "distill")},
+            }
+            for name in names
+        },
+        "mask_update_seconds": update,
+        "mask_apply_seconds": apply,
+        "bookkeeping_per_step_seconds": bookkeeping,
     }
-    print(
-        f"{args.model}, batch {args.batch_size} x {args.seq_len} tokens, {result['threads']} threads, "
-        f"medians of {args.reps}"
-    )
-    print(f"  fine-tuning step        {med['finetune']:.3f} s")
-    print(f"  prune-while-distill step {med['distill']:.3f} s  ({result['distill_over_finetune']:.2f}x)")
-    print(f"  mask update {med['mask_update'] * 1e3:.1f} ms, mask re-application {med['mask_apply'] * 1e3:.2f} ms")
-    print(
-        f"  bookkeeping amortised ({args.updates} updates over {args.run_steps} steps): "
-        f"{bookkeeping * 1e3:.2f} ms/step = {100 * result['bookkeeping_share_of_distill_step']:.2f}% of a step"
-    )
+    _report(result, names, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _report(result: dict, names: list[str], args: argparse.Namespace) -> None:
+    v = result["variants"]
+    print(
+        f"{args.model} on {args.task}, batch {args.batch_size}, max length {args.max_seq_length}, "
+        f"{result['threads']} threads, mean of {args.steps} steps per variant"
+    )
+    header = ("variant", "precision", "padded len", "finetune s", "distill s", "distill/h", "speed-up")
+    print("{:8} {:9} {:>10} {:>10} {:>9} {:>9} {:>8}".format(*header))
+    for name in names:
+        r = v[name]
+        print(
+            f"{name:8} {r['precision']:9} {r['mean_padded_length_epoch']:10.1f} {r['finetune_seconds']:10.3f} "
+            f"{r['distill_seconds']:9.3f} {3600 / r['distill_seconds']:9.0f} "
+            f"{v['before']['distill_seconds'] / r['distill_seconds']:7.2f}x"
+        )
+    share = result["bookkeeping_per_step_seconds"] / v["new"]["distill_seconds"]
+    print(
+        f"fine-tuning speed-up (new vs before): {v['before']['finetune_seconds'] / v['new']['finetune_seconds']:.2f}x"
+    )
+    print(
+        f"mask update {result['mask_update_seconds'] * 1e3:.1f} ms, re-application "
+        f"{result['mask_apply_seconds'] * 1e3:.2f} ms: bookkeeping {100 * share:.2f}% of a new distill step"
+    )
 
 
 if __name__ == "__main__":
