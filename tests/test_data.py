@@ -156,6 +156,9 @@ def test_movie_sentiment_labelling_rule_and_split(tmp_path):
     train, dev = movie_rows(raw)
     assert train == [("great fun", 1)]  # id 3 is near-neutral (|rating| < 0.5): dropped
     assert sorted(dev) == [("dull", 0), ("nice", 1)]  # ids divisible by 10 go to dev
+    train, dev = movie_rows(raw, rating=True)  # movie-rating: every snippet, its mean rating as the label
+    assert sorted(train) == [("great fun", 2.5), ("meh", 0.2)]
+    assert sorted(dev) == [("dull", -1.2), ("nice", 0.9)]
 
 
 def _lengths(n: int, seed: int) -> list[int]:

@@ -10,7 +10,7 @@ from conftest import cli
 
 from sparsebert.data import DataSource, load_task_data
 from sparsebert.models import resolve_model
-from sparsebert.packaged import movie_sentiment_dir
+from sparsebert.packaged import packaged_task_dir
 from sparsebert.pruning import find_prunable_linears
 from sparsebert.tasks import get_task
 
@@ -20,7 +20,15 @@ def test_movie_sentiment_split_is_the_documented_one():
     assert (len(data.train), len(data.dev["dev"])) == (9065, 1007)
     counts = Counter(e.label for e in data.train)
     assert 0.45 < counts[1] / len(data.train) < 0.55  # balanced after the neutral ones are dropped
-    assert (movie_sentiment_dir() / "dev.tsv").read_text().startswith("sentence\tlabel\n")
+    assert (packaged_task_dir("movie-sentiment") / "dev.tsv").read_text().startswith("sentence\tlabel\n")
+
+
+def test_movie_rating_is_the_same_split_as_regression():
+    data = load_task_data(get_task("movie-rating"), DataSource())
+    assert data.task.is_regression and data.task.metrics == ("pearson", "spearman")
+    assert (len(data.train), len(data.dev["dev"])) == (9545, 1060)
+    ratings = [e.label for e in data.train]
+    assert min(ratings) >= -4 and max(ratings) <= 4 and any(abs(r) < 0.5 for r in ratings)
 
 
 def test_minilm_alias_is_the_packaged_bert(tmp_path):

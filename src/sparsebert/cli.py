@@ -23,7 +23,7 @@ def _data_args(p: argparse.ArgumentParser, train: bool = True) -> None:
     g = p.add_argument_group("data (one source)")
     g.add_argument(
         "--task",
-        help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli), movie-sentiment, "
+        help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli), movie-sentiment, movie-rating, "
         "or classification/regression for your own files",
     )
     g.add_argument("--data-dir", help="folder in the classic GLUE layout (train.tsv, dev.tsv)")
@@ -171,11 +171,12 @@ def run(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is not None:
         return args.handler(args) or 0
     if args.command == "fetch-defaults":
-        from sparsebert.packaged import minilm_l3_path, minilm_l6_path, movie_sentiment_dir
+        from sparsebert.packaged import PACKAGED_TASKS, minilm_l3_path, minilm_l6_path, packaged_task_dir
 
         print(f"model minilm-l6: {minilm_l6_path()}")
         print(f"model minilm-l3: {minilm_l3_path()}")
-        print(f"task movie-sentiment: {movie_sentiment_dir()}")
+        for task in PACKAGED_TASKS:
+            print(f"task {task}: {packaged_task_dir(task)}")
         return 0
     if args.command == "evaluate":
         record = api.evaluate(build_config(EvaluateConfig, args.config, **_options(args)))

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from sparsebert.errors import SparseBertError
-from sparsebert.packaged import movie_sentiment_dir
+from sparsebert.packaged import PACKAGED_TASKS, packaged_task_dir
 from sparsebert.tasks import TaskSpec
 
 csv.field_size_limit(sys.maxsize)
@@ -258,9 +258,9 @@ def load_task_data(
     if sum(chosen) > 1:
         raise SparseBertError("give only one data source: --data-dir, --dataset, or --train-file/--dev-file")
     if not any(chosen):
-        if task.name != "movie-sentiment":
+        if task.name not in PACKAGED_TASKS:
             raise SparseBertError(f"task {task.name} needs data: --data-dir, --dataset or --train-file/--dev-file")
-        source = replace(source, data_dir=str(movie_sentiment_dir()))
+        source = replace(source, data_dir=str(packaged_task_dir(task.name)))
     if source.data_dir:
         train, dev = _from_glue_dir(task, Path(source.data_dir), need_train)
     elif source.dataset:

