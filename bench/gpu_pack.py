@@ -1,0 +1,164 @@
+"""The folder that travels with the repository to a lent GPU machine, and the campaign's summaries.
+
+The GPU machine reaches no network and takes at most 64 MiB of files, so everything the campaign
+needs goes into one git-ignored folder (default ``gpu_pack/``, under 60 MiB):
+
+  minilm-l6/   the packaged MiniLM-L6 with its weights in fp16 (45 MB instead of 91 MB; ``unpack``
+               restores fp32 there, so the runs start from the pre-trained weights rounded to fp16,
+               a relative change of at most 2^-11 per weight)
+  data/        MRPC, SST-2 (GLUE folders from ../shared) and the embedded movie-rating task
+
+    python bench/gpu_pack.py pack gpu_pack                 # here, before the device call
+    python bench/gpu_pack.py unpack gpu_pack /tmp/minilm   # there: fp32 model folder
+    python bench/gpu_pack.py summarize RUNS OUT/results.json
+
+``summarize`` reads every run folder's ``log.jsonl`` (dev metrics every ``--eval-every`` steps) and
+``metrics.json``, so a campaign cut short still reports every point it reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+LIMIT_MB = 60
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+GLUE = {"MRPC": ("train.tsv", "dev.tsv"), "SST-2": ("train.tsv", "dev.tsv")}
+
+
+def pack(dest: Path, shared: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from sparsebert.packaged import minilm_l6_path, packaged_task_dir
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    model = dest / "minilm-l6"
+    model.mkdir(parents=True)
+    source = minilm_l6_path()
+    for name in MODEL_FILES:
+        shutil.copy(source / name, model / name)
+    weights = load_file(source / "model.safetensors")
+    save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()}, model / "fp16.st")
+    for task, files in GLUE.items():
+        (dest / "data" / task).mkdir(parents=True)
+        for name in files:
+            shutil.copy(shared / "data" / "glue" / task / name, dest / "data" / task / name)
+    shutil.copytree(packaged_task_dir("movie-rating"), dest / "data" / "movie-rating")
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file()) / 2**20
+    print(f"{dest}: {size:.1f} MiB")
+    if size > LIMIT_MB:
+        sys.exit(f"{dest} is {size:.1f} MiB, over the {LIMIT_MB} MiB that may travel")
+
+
+def unpack(pack_dir: Path, dest: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES:
+        shutil.copy(pack_dir / "minilm-l6" / name, dest / name)
+    weights = load_file(pack_dir / "minilm-l6" / "fp16.st")
+    save_file({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, dest / "model.safetensors")
+
+
+def _read_log(path: Path) -> list[dict]:
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written right now
+            break
+    return records
+
+
+def summarize_run(folder: Path) -> dict:
+    """One run's curve: dev metrics at every evaluation, the last step logged, steps per second."""
+    log = _read_log(folder / "log.jsonl") if (folder / "log.jsonl").exists() else []
+    start = next((r for r in log if r.get("event") == "start"), {})
+    steps = [r for r in log if "loss" in r and "step" in r]
+    run = {
+        "total_steps": start.get("total_steps"),
+        "mixed_precision": start.get("mixed_precision"),
+        "last_step": steps[-1]["step"] if steps else 0,
+        "curve": [{"step": r["step"], **r["metrics"]} for r in log if r.get("event") == "eval"],
+        "finished": (folder / "metrics.json").exists(),
+    }
+    if len(steps) > 1:
+        first, last = steps[0], steps[-1]
+        run["steps_per_second"] = round((last["step"] - first["step"]) / max(last["time"] - first["time"], 1e-9), 2)
+    if run["finished"]:
+        run["final"] = json.loads((folder / "metrics.json").read_text())["metrics"]
+    if (folder / "sparsity.json").exists():
+        run["sparsity"] = json.loads((folder / "sparsity.json").read_text())["overall"]
+    return run
+
+
+def summarize(runs: Path, out: Path) -> dict:
+    result = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": {}}
+    for folder in sorted(p for p in runs.iterdir() if (p / "log.jsonl").exists()):
+        result["runs"][folder.name] = summarize_run(folder)
+    chosen = runs / "teachers.json"
+    if chosen.exists():
+        result["teachers"] = json.loads(chosen.read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    return result
+
+
+def choose_teacher(runs: Path, prefix: str, metric: str) -> str:
+    """The finished teacher run named ``prefix*`` with the best final dev ``metric``; recorded in teachers.json."""
+    scored = []
+    for folder in sorted(runs.glob(prefix + "*")):
+        if (folder / "metrics.json").exists():
+            scored.append((json.loads((folder / "metrics.json").read_text())["metrics"][metric], folder.name))
+    if not scored:
+        sys.exit(f"no finished teacher {prefix}* in {runs}")
+    best = max(scored)
+    record = runs / "teachers.json"
+    chosen = json.loads(record.read_text()) if record.exists() else {}
+    chosen[prefix] = {"chosen": best[1], metric: best[0], "candidates": {name: value for value, name in scored}}
+    record.write_text(json.dumps(chosen, indent=1))
+    return str(runs / best[1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("pack")
+    s.add_argument("dest", type=Path)
+    s.add_argument("--shared", type=Path, default=Path("../shared"))
+    s = sub.add_parser("unpack")
+    s.add_argument("pack_dir", type=Path)
+    s.add_argument("dest", type=Path)
+    s = sub.add_parser("summarize")
+    s.add_argument("runs", type=Path)
+    s.add_argument("out", type=Path)
+    s.add_argument("--print", action="store_true", help="also print one progress line per run")
+    s = sub.add_parser("choose-teacher")
+    s.add_argument("runs", type=Path)
+    s.add_argument("prefix")
+    s.add_argument("metric")
+    args = p.parse_args()
+    if args.command == "pack":
+        pack(args.dest, args.shared)
+    elif args.command == "unpack":
+        unpack(args.pack_dir, args.dest)
+    elif args.command == "choose-teacher":
+        print(choose_teacher(args.runs, args.prefix, args.metric))
+    else:
+        result = summarize(args.runs, args.out)
+        for name, run in result["runs"].items() if args.print else ():
+            last = run["curve"][-1] if run["curve"] else {}
+            speed = run.get("steps_per_second", "?")
+            print(f"  {name}: step {run['last_step']}/{run['total_steps']}, {speed} steps/s, last eval {last}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""bench/gpu_campaign.sh end to end at tiny size on the CPU, so the GPU run cannot rot before a GPU
+is lent: the pack that travels (under 60 MiB, fp16 weights restored to fp32), both phases, results.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import sentiment_rows, write_tsv
+from safetensors.torch import load_file
+
+from sparsebert.packaged import minilm_l6_path
+from sparsebert.train import resolve_mixed_precision
+
+ROOT = Path(__file__).resolve().parents[1]
+MRPC_HEADER = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
+
+
+def _fake_shared(root: Path) -> Path:
+    """The two GLUE folders the pack copies, small: MRPC pairs and SST-2 sentences."""
+    for split, seed in (("train", 11), ("dev", 12)):
+        rows = sentiment_rows(48, seed)
+        pairs = [[label, i, i + 1, text, rows[(i + 1) % len(rows)][0]] for i, (text, label) in enumerate(rows)]
+        (root / "data" / "glue" / "MRPC").mkdir(parents=True, exist_ok=True)
+        (root / "data" / "glue" / "SST-2").mkdir(parents=True, exist_ok=True)
+        write_tsv(root / "data" / "glue" / "MRPC" / f"{split}.tsv", MRPC_HEADER, pairs)
+        write_tsv(root / "data" / "glue" / "SST-2" / f"{split}.tsv", ["sentence", "label"], [list(r) for r in rows])
+    return root
+
+
+def test_campaign_runs_end_to_end_at_tiny_size(tmp_path):
+    pack, runs, out = tmp_path / "pack", tmp_path / "runs", tmp_path / "out"
+    shared = _fake_shared(tmp_path / "shared")
+    packed = subprocess.run(
+        [sys.executable, "bench/gpu_pack.py", "pack", pack, "--shared", shared],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert packed.returncode == 0, packed.stderr
+    assert sum(f.stat().st_size for f in pack.rglob("*") if f.is_file()) < 60 * 2**20
+
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "SCALE": "tiny",
+        "PACK": str(pack),
+        "RUNS": str(runs),
+        "OUT": str(out),
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run(
+        ["bash", "bench/gpu_campaign.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "campaign done" in done.stdout
+
+    original = load_file(minilm_l6_path() / "model.safetensors")
+    restored = load_file(runs / "minilm-l6" / "model.safetensors")
+    for name, weight in original.items():  # fp16 on the way, fp32 again: within fp16's rounding
+        assert restored[name].dtype == weight.dtype
+        assert torch.allclose(restored[name].double(), weight.double(), rtol=2**-10, atol=1e-7), name
+
+    result = json.loads((out / "results.json").read_text())
+    students = {n: r for n, r in result["runs"].items() if n.startswith("student-")}
+    assert len(result["runs"]) == 13 and len(students) == 5
+    assert all(r["finished"] for r in result["runs"].values())
+    assert set(result["teachers"]) == {"teacher-mrpc", "teacher-sst2", "teacher-rating"}
+    assert students["student-mrpc-95-aug"]["sparsity"] == pytest.approx(0.95, abs=1e-3)
+    assert students["student-rating-90"]["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    for run in students.values():
+        assert [point["step"] for point in run["curve"]] == [3, 6]
+        assert run["mixed_precision"] == resolve_mixed_precision("auto")
