@@ -14,11 +14,14 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from accelerate import Accelerator, PartialState
 from torch import nn
 
@@ -36,8 +39,15 @@ from sparsebert.config import (
 from sparsebert.data import DataSource, TaskData, encode, load_task_data, make_loader
 from sparsebert.distill import AttentionScoreRecorder, DistillationLoss, LossWeights
 from sparsebert.errors import SparseBertError
-from sparsebert.io import JsonlLog, atomic_write_json, atomic_write_text, prepare_output_dir, publish_dir
-from sparsebert.models import load_model, load_tokenizer
+from sparsebert.io import (
+    JsonlLog,
+    atomic_write_json,
+    atomic_write_text,
+    check_not_an_input,
+    claimed_output_dir,
+    publish_dir,
+)
+from sparsebert.models import load_model, load_tokenizer, resolve_model
 from sparsebert.pruning import CubicSparsitySchedule, MagnitudePruner, sparsity_report
 from sparsebert.students import fit_dense_student
 from sparsebert.tasks import get_task
@@ -98,15 +108,41 @@ def _train_loader(data: TaskData, tokenizer, config: TrainConfig):
     )
 
 
-def _start(config: TrainConfig, accelerator: Accelerator) -> tuple[Path, JsonlLog]:
-    out = Path(config.output_dir)
-    if accelerator.is_main_process:
-        prepare_output_dir(out, overwrite=config.overwrite, resume=config.resume)
-        if config.resume and not (out / CHECKPOINT).exists() and (out / "metrics.json").exists():
+RESUME_MAY_CHANGE = ("output_dir", "overwrite", "resume", "log_every", "eval_every", "save_every")
+
+
+def check_paths(config: object) -> None:
+    """The output folder must not be, contain or sit inside any input (checked before any work)."""
+    inputs = ("data_dir", "train_file", "dev_file", "teacher", "student", "model", "dense_student")
+    check_not_an_input(config.output_dir, [getattr(config, name, None) for name in inputs])
+
+
+def _check_resume(config: TrainConfig, out: Path) -> None:
+    """A resumed run must be the run that was interrupted: refuse options that change its result."""
+    if not (out / CHECKPOINT).exists():
+        if (out / "metrics.json").exists():
             raise SparseBertError(f"{out} holds a finished run; nothing to resume (use --overwrite to redo it)")
-        atomic_write_text(out / "config.yaml", to_yaml(config))
-    accelerator.wait_for_everyone()
-    return out, JsonlLog(out / "log.jsonl", enabled=accelerator.is_main_process)
+        return
+    saved = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").exists() else {}
+    now = dataclasses.asdict(config)
+    changed = [k for k in now if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
+    if changed:
+        diffs = ", ".join(f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in changed)
+        raise SparseBertError(f"--resume with changed options ({diffs}); resume with the checkpoint's options")
+
+
+@contextmanager
+def _run_dir(config: TrainConfig, accelerator: Accelerator) -> Iterator[tuple[Path, JsonlLog]]:
+    """The run's output folder, held (locked) by the main process for the whole job."""
+    out = Path(config.output_dir)
+    main = accelerator.is_main_process
+    with claimed_by_main_process(out, overwrite=config.overwrite, resume=config.resume):
+        if main:
+            if config.resume:
+                _check_resume(config, out)
+            atomic_write_text(out / "config.yaml", to_yaml(config))
+        accelerator.wait_for_everyone()
+        yield out, JsonlLog(out / "log.jsonl", enabled=main)
 
 
 def _metrics_record(data: TaskData, metrics: dict[str, float]) -> dict:
@@ -149,27 +185,26 @@ def _classification_step(model: nn.Module, batch: dict) -> tuple[torch.Tensor, d
 def finetune(config: FinetuneConfig) -> RunResult:
     """Fine-tune ``config.model`` on the task's labels (the teacher, or a baseline)."""
     require(config, "model", "task", "output_dir")
+    check_paths(config)
     started = time.perf_counter()
     accelerator = make_accelerator(config)
     data = _load_data(config)
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, data.task)
-    out, log = _start(config, accelerator)
-    log.write({"event": "config", "source": data.source, "train_examples": len(data.train)})
-    loop = Loop(
-        accelerator,
-        config,
-        model,
-        _classification_step,
-        _train_loader(data, tokenizer, config),
-        _eval_loaders(data, tokenizer, config),
-        data.task,
-        out,
-        log,
-    )
-    metrics = loop.run()
-    files = {"metrics.json": _metrics_record(data, metrics)}
-    return RunResult(out, metrics, _finish(accelerator, loop.model, tokenizer, out, files, log, started))
+    _check_length(config, model)
+    with _run_dir(config, accelerator) as (out, log):
+        log.write({"event": "config", "source": data.source, "train_examples": len(data.train)})
+        train, dev = _train_loader(data, tokenizer, config), _eval_loaders(data, tokenizer, config)
+        loop = Loop(accelerator, config, model, _classification_step, train, dev, data.task, out, log)
+        metrics = loop.run()
+        files = {"metrics.json": _metrics_record(data, metrics)}
+        return RunResult(out, metrics, _finish(accelerator, loop.model, tokenizer, out, files, log, started))
+
+
+def _check_length(config: TrainConfig, model: nn.Module) -> None:
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and config.max_seq_length > positions:
+        raise SparseBertError(f"--max-seq-length {config.max_seq_length} is over the model's {positions} positions")
 
 
 def copy_head(teacher: nn.Module, student: nn.Module) -> list[str]:
@@ -197,7 +232,7 @@ def _resolve_step(value: float, n_steps: int) -> int:
 DISTILLING = ("sparsebert", "distill-dense")
 
 
-def _initial_student(config: PruneConfig, teacher: nn.Module | None, task) -> nn.Module:
+def _initial_student(config: PruneConfig, teacher: nn.Module | None, tokenizer, task) -> nn.Module:
     """Where each strategy's student starts.
 
     sparsebert / prune-then-finetune: the pre-trained weights; finetune-then-prune: the teacher's;
@@ -207,16 +242,32 @@ def _initial_student(config: PruneConfig, teacher: nn.Module | None, task) -> nn
     if config.strategy == "finetune-then-prune":
         return load_model(config.teacher, task)  # the teacher itself is not needed: labels only
     student = load_model(config.student, task)
-    if teacher is not None and student.config.vocab_size != teacher.config.vocab_size:
-        raise SparseBertError(
-            f"student {config.student} has a vocabulary of {student.config.vocab_size}, the teacher "
-            f"{teacher.config.vocab_size}: a distilled student must share the teacher's tokenizer"
-        )
+    if teacher is not None:
+        _check_same_vocabulary(config, student, teacher, tokenizer)
     if config.strategy == "distill-dense":
         student = fit_dense_student(student, teacher.config, config.sparsity)
     if config.strategy in DISTILLING and config.student_head == "teacher":
         copy_head(teacher, student)
     return student
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json", "spiece.model")
+
+
+def _check_same_vocabulary(config: PruneConfig, student: nn.Module, teacher: nn.Module, teacher_tokenizer) -> None:
+    """A distilled student reads the teacher's token ids: the vocabularies must be the same, entry for
+    entry (equal sizes are not enough: a shuffled vocabulary has the same size). A student folder
+    without a tokenizer can only be checked by size."""
+    same = student.config.vocab_size == teacher.config.vocab_size
+    folder = Path(resolve_model(config.student))
+    has_tokenizer = not folder.is_dir() or any((folder / f).exists() for f in TOKENIZER_FILES)
+    if same and has_tokenizer:
+        same = load_tokenizer(config.student).get_vocab() == teacher_tokenizer.get_vocab()
+    if not same:
+        raise SparseBertError(
+            f"student {config.student} and teacher {config.teacher} have different vocabularies: "
+            "a distilled student must share the teacher's tokenizer"
+        )
 
 
 def _distillation_step(teacher: nn.Module, student: nn.Module, loss_fn: DistillationLoss):
@@ -249,26 +300,10 @@ def _distillation_step(teacher: nn.Module, student: nn.Module, loss_fn: Distilla
     return step_fn
 
 
-def prune(config: PruneConfig) -> RunResult:
-    """Prune the student to ``config.sparsity`` (by ``config.strategy``, SparseBERT by default)."""
-    require(config, "teacher", "task", "output_dir")
-    config.validate_pruning()
-    if config.strategy != "finetune-then-prune":
-        require(config, "student")
-    started = time.perf_counter()
-    accelerator = make_accelerator(config)
-    data = _load_data(config)
-    tokenizer = load_tokenizer(config.teacher)
-    # Only the distilling strategies use the teacher; the others train on labels.
-    teacher = load_model(config.teacher, data.task) if config.strategy in DISTILLING else None
-    student = _initial_student(config, teacher, data.task)
-    if config.augment:
-        embeddings = (teacher if teacher is not None else student).get_input_embeddings().weight
-        data.train = augment(data.train, WordNeighbours(tokenizer, embeddings), config.augment, seed=config.seed)
-    out, log = _start(config, accelerator)
-    log.write(
-        {"event": "config", "source": data.source, "train_examples": len(data.train), "strategy": config.strategy}
-    )
+def _pruner_factory(config: PruneConfig) -> Callable[[nn.Module, int], MagnitudePruner] | None:
+    """How the strategy prunes, built once the run's length is known (the schedule is in steps)."""
+    if config.strategy == "distill-dense":
+        return None
 
     def make_pruner(model: nn.Module, n_steps: int) -> MagnitudePruner:
         if config.strategy == "prune-then-finetune":  # one-shot on the pre-trained magnitudes, then fixed
@@ -277,43 +312,55 @@ def prune(config: PruneConfig) -> RunResult:
         schedule = CubicSparsitySchedule(config.sparsity, start, min(max(end, start), n_steps), config.prune_updates)
         return MagnitudePruner(model, schedule, config.prune_scope)
 
-    extra: list[nn.Module] = []
-    if config.strategy in DISTILLING:
-        teacher_config = teacher.config
-        teacher = accelerator.prepare_model(teacher, evaluation_mode=True).eval()
-        weights = LossWeights.parse(config.loss_weights)
-        if student.config.num_attention_heads != teacher_config.num_attention_heads:
-            weights.attention = 0.0  # a narrowed student has fewer heads: no head-to-head attention map
-            log.write({"event": "note", "message": "student has fewer heads: attention loss disabled"})
-        loss_fn = DistillationLoss(
-            student.config, teacher_config, weights, config.temperature, config.regression_target
-        )
-        if loss_fn.projection is not None:
-            extra.append(loss_fn)
-        step_fn = _distillation_step(teacher, student, loss_fn)
-    else:
-        step_fn = _classification_step
+    return make_pruner
 
-    head_lr = config.head_lr if config.head_lr and config.head_lr != config.lr else None
-    loop = Loop(
-        accelerator,
-        config,
-        student,
-        step_fn,
-        _train_loader(data, tokenizer, config),
-        _eval_loaders(data, tokenizer, config),
-        data.task,
-        out,
-        log,
-        pruner_factory=None if config.strategy == "distill-dense" else make_pruner,
-        extra_modules=extra,
-        head_lr=head_lr,
-    )
-    metrics = loop.run()
-    report = sparsity_report(accelerator.unwrap_model(loop.model))
-    files = {"sparsity.json": report, "metrics.json": _metrics_record(data, metrics)}
-    seconds = _finish(accelerator, loop.model, tokenizer, out, files, log, started)
-    return RunResult(out, metrics, seconds, report)
+
+def _distillation(config: PruneConfig, teacher: nn.Module, student: nn.Module, accelerator, log: JsonlLog):
+    """The distilling strategies' step and the modules it trains beside the student (a projection)."""
+    teacher_config = teacher.config
+    teacher = accelerator.prepare_model(teacher, evaluation_mode=True).eval()
+    weights = LossWeights.parse(config.loss_weights)
+    if student.config.num_attention_heads != teacher_config.num_attention_heads:
+        weights.attention = 0.0  # a narrowed student has fewer heads: no head-to-head attention map
+        log.write({"event": "note", "message": "student has fewer heads: attention loss disabled"})
+    loss_fn = DistillationLoss(student.config, teacher_config, weights, config.temperature, config.regression_target)
+    extra = [loss_fn] if loss_fn.projection is not None else []
+    return _distillation_step(teacher, student, loss_fn), extra
+
+
+def prune(config: PruneConfig) -> RunResult:
+    """Prune the student to ``config.sparsity`` (by ``config.strategy``, SparseBERT by default)."""
+    require(config, "teacher", "task", "output_dir")
+    if config.strategy != "finetune-then-prune":
+        require(config, "student")
+    check_paths(config)
+    started = time.perf_counter()
+    accelerator = make_accelerator(config)
+    data = _load_data(config)
+    tokenizer = load_tokenizer(config.teacher)
+    # Only the distilling strategies use the teacher; the others train on labels.
+    teacher = load_model(config.teacher, data.task) if config.strategy in DISTILLING else None
+    student = _initial_student(config, teacher, tokenizer, data.task)
+    _check_length(config, student)
+    if config.augment:
+        embeddings = (teacher if teacher is not None else student).get_input_embeddings().weight
+        data.train = augment(data.train, WordNeighbours(tokenizer, embeddings), config.augment, seed=config.seed)
+    with _run_dir(config, accelerator) as (out, log):
+        log.write(
+            {"event": "config", "source": data.source, "train_examples": len(data.train), "strategy": config.strategy}
+        )
+        step_fn, extra = _classification_step, []
+        if config.strategy in DISTILLING:
+            step_fn, extra = _distillation(config, teacher, student, accelerator, log)
+        head_lr = config.head_lr if config.head_lr and config.head_lr != config.lr else None
+        train, dev = _train_loader(data, tokenizer, config), _eval_loaders(data, tokenizer, config)
+        loop = Loop(accelerator, config, student, step_fn, train, dev, data.task, out, log,
+                    pruner_factory=_pruner_factory(config), extra_modules=extra, head_lr=head_lr)  # fmt: skip
+        metrics = loop.run()
+        report = sparsity_report(accelerator.unwrap_model(loop.model))
+        files = {"sparsity.json": report, "metrics.json": _metrics_record(data, metrics)}
+        seconds = _finish(accelerator, loop.model, tokenizer, out, files, log, started)
+        return RunResult(out, metrics, seconds, report)
 
 
 def evaluate(config: EvaluateConfig) -> dict:
@@ -380,11 +427,17 @@ def compress(config: CompressConfig) -> dict:
     from sparsebert.report import write_report
 
     require(config, "model", "task", "output_dir")
-    config.validate_pruning()
+    check_paths(config)
     out = Path(config.output_dir)
+    with claimed_by_main_process(out, overwrite=config.overwrite, resume=config.resume):
+        teacher_cfg, student_cfg = _stage_configs(config, out)
+        run_stage(teacher_cfg, finetune)
+        run_stage(student_cfg, prune)
+        return write_report(out, config)
+
+
+def claimed_by_main_process(out: Path, *, overwrite: bool, resume: bool):
+    """The folder of a multi-stage job (compress, compare), held by the main process for the whole job."""
     if PartialState().is_main_process:
-        prepare_output_dir(out, overwrite=config.overwrite, resume=config.resume)
-    teacher_cfg, student_cfg = _stage_configs(config, out)
-    run_stage(teacher_cfg, finetune)
-    run_stage(student_cfg, prune)
-    return write_report(out, config)
+        return claimed_output_dir(out, overwrite=overwrite, resume=resume)
+    return nullcontext()

@@ -167,6 +167,7 @@ def run(argv: list[str] | None = None) -> int:
         PruneConfig,
         build_config,
     )
+    from sparsebert.io import check_not_an_input
 
     if getattr(args, "handler", None) is not None:
         return args.handler(args) or 0
@@ -184,6 +185,8 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     cls = {"finetune": FinetuneConfig, "prune": PruneConfig, "compress": CompressConfig, "compare": CompareConfig}
     config = build_config(cls[args.command], args.config, **_options(args))
+    if config.output_dir:  # the recipe is an input too: never inside the folder a run may empty
+        check_not_an_input(config.output_dir, [args.config])
     if args.command == "compress":
         api.compress(config)
         return 0
@@ -194,7 +197,7 @@ def run(argv: list[str] | None = None) -> int:
         for r in results["runs"]:
             print(
                 f"{r['strategy']:<22} {100 * r['sparsity']:5.1f}%  nonzero {r['nonzero_params']:>10,}  "
-                + "  ".join(f"{k} {100 * v:.2f}" for k, v in r["metrics"].items())
+                + "  ".join(f"{k} {_percent(v)}" for k, v in r["metrics"].items())
             )
         print(f"results in {config.output_dir}/results.json, results.csv, metric_vs_sparsity.png, train_loss.png")
         return 0
@@ -206,8 +209,13 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _percent(value: float | None) -> str:
+    """A metric as a percentage; ``None`` is what JSON holds for an undefined one (NaN)."""
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
 def format_metrics(record: dict) -> str:
-    rows = [f"{name:<22} {100 * value:8.2f}" for name, value in record["metrics"].items()]
+    rows = [f"{name:<22} {_percent(value):>8}" for name, value in record["metrics"].items()]
     head = f"{record['task']} (dev, {record.get('num_examples', '?')} examples)"
     return "\n".join([head, *rows])
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from sparsebert.api import _stage_configs, finetune, prune, run_stage
+from sparsebert.api import _stage_configs, check_paths, claimed_by_main_process, finetune, prune, run_stage
 from sparsebert.config import STRATEGIES, CompareConfig, require
 from sparsebert.errors import SparseBertError
-from sparsebert.io import JsonlLog, atomic_write_json, prepare_output_dir
+from sparsebert.io import JsonlLog, atomic_write_json
 from sparsebert.tasks import get_task
 
 
@@ -76,9 +76,10 @@ def plot(out: Path, results: dict) -> None:
     for ax, metric in zip(axes[0], metrics, strict=True):
         for strategy in strategies:
             rows = sorted((r["sparsity"], r["metrics"][metric]) for r in results["runs"] if r["strategy"] == strategy)
-            x, y = [100 * s for s, _ in rows], [100 * v for _, v in rows]
+            x, y = [100 * s for s, _ in rows], [float("nan") if v is None else 100 * v for _, v in rows]
             ax.plot(x, y, "o-", label=strategy, color=colors[strategy])
-        ax.axhline(100 * results["teacher"][metric], color="gray", ls="--", label="teacher (dense)")
+        if results["teacher"][metric] is not None:
+            ax.axhline(100 * results["teacher"][metric], color="gray", ls="--", label="teacher (dense)")
         ax.set_xlabel("sparsity of the encoder's linear layers (%)")
         ax.set_ylabel(f"dev {metric} (%)")
         ax.set_title(f"{results['task']}: {metric} vs sparsity")
@@ -109,27 +110,25 @@ def plot(out: Path, results: dict) -> None:
 def compare(config: CompareConfig) -> dict:
     """Run (or continue) the sweep and write its results and plots."""
     require(config, "model", "task", "output_dir")
-    config.validate_pruning()
+    check_paths(config)
     unknown = set(config.strategies) - set(STRATEGIES)
     if unknown:
         raise SparseBertError(f"unknown strategies: {', '.join(sorted(unknown))}")
     out = Path(config.output_dir)
-    if PartialState().is_main_process:
-        prepare_output_dir(out, overwrite=config.overwrite, resume=True)
-    teacher_cfg, template = _stage_configs(config, out)
-    run_stage(teacher_cfg, finetune)
-    for strategy in config.strategies:
-        for sparsity in config.sparsities:
-            run_cfg = dataclasses.replace(
-                template, strategy=strategy, sparsity=sparsity, output_dir=str(out / f"{strategy}-{sparsity:g}")
-            )
-            if strategy == "distill-dense" and config.dense_student:
-                run_cfg.student = config.dense_student
-            run_cfg.validate_pruning()
-            run_stage(run_cfg, prune)
-    results = collect(out, config)
-    if PartialState().is_main_process:
-        atomic_write_json(out / "results.json", results)
-        write_csv(out / "results.csv", results)
-        plot(out, results)
-    return results
+    with claimed_by_main_process(out, overwrite=config.overwrite, resume=True):
+        teacher_cfg, template = _stage_configs(config, out)
+        run_stage(teacher_cfg, finetune)
+        for strategy in config.strategies:
+            for sparsity in config.sparsities:
+                run_cfg = dataclasses.replace(
+                    template, strategy=strategy, sparsity=sparsity, output_dir=str(out / f"{strategy}-{sparsity:g}")
+                )
+                if strategy == "distill-dense" and config.dense_student:
+                    run_cfg.student = config.dense_student
+                run_stage(run_cfg, prune)
+        results = collect(out, config)
+        if PartialState().is_main_process:
+            atomic_write_json(out / "results.json", results)
+            write_csv(out / "results.csv", results)
+            plot(out, results)
+        return results

@@ -6,7 +6,10 @@ The resolved configuration is saved beside every result (``config.yaml``), so a 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+import math
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,6 +55,52 @@ class TrainConfig:
     overwrite: bool = False
     resume: bool = False
 
+    def __post_init__(self) -> None:
+        """Check every value on construction: errors come before any model is loaded or file written."""
+        _at_least(self, ("batch_size", "eval_batch_size", "log_every"), 1)
+        _at_least(self, ("save_every",), 0)
+        if self.max_steps is not None:
+            _at_least(self, ("max_steps",), 1)
+        if self.eval_every is not None:
+            _at_least(self, ("eval_every",), 0)
+        _at_least(self, ("max_seq_length",), 2)
+        _positive(self, ("lr", "epochs"))
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise SparseBertError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise SparseBertError(f"--warmup-ratio must satisfy 0 <= ratio < 1, got {self.warmup_ratio}")
+        if self.max_grad_norm is not None:
+            _positive(self, ("max_grad_norm",))
+        _one_of(self, "lr_schedule", LR_SCHEDULES)
+        _one_of(self, "mixed_precision", PRECISIONS)
+
+
+LR_SCHEDULES = ("linear", "constant")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _at_least(config: object, names: tuple[str, ...], low: int) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value < low:
+            raise SparseBertError(f"{_flag(name)} must be >= {low}, got {value}")
+
+
+def _positive(config: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not (math.isfinite(value) and value > 0):
+            raise SparseBertError(f"{_flag(name)} must be a positive number, got {value}")
+
+
+def _one_of(config: object, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(config, name) not in choices:
+        raise SparseBertError(f"{_flag(name)} must be one of {', '.join(choices)}; got {getattr(config, name)!r}")
+
 
 @dataclass
 class FinetuneConfig(TrainConfig):
@@ -95,6 +144,12 @@ class PruneOptions:
             raise SparseBertError(f"--prune-updates must be >= 1, got {self.prune_updates}")
         if self.augment < 0:
             raise SparseBertError(f"--augment must be >= 0, got {self.augment}")
+        _positive(self, ("temperature",))
+        _one_of(self, "prune_scope", ("per_matrix", "global"))
+        _one_of(self, "regression_target", ("teacher", "label", "both"))
+        _one_of(self, "student_head", ("teacher", "fresh"))
+        if self.head_lr is not None:
+            _positive(self, ("head_lr",))
 
 
 @dataclass
@@ -104,6 +159,10 @@ class PruneConfig(PruneOptions, TrainConfig):
     teacher: str | None = None
     student: str | None = None
     lr_schedule: str = "constant"  # the reference keeps the LR constant in the joint run
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate_pruning()
 
 
 @dataclass
@@ -115,6 +174,13 @@ class CompressConfig(PruneOptions, TrainConfig):
     teacher_epochs: float = 3.0
     teacher_max_steps: int | None = None
     teacher_lr: float = 5e-5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate_pruning()
+        _positive(self, ("teacher_epochs", "teacher_lr"))
+        if self.teacher_max_steps is not None:
+            _at_least(self, ("teacher_max_steps",), 1)
 
 
 @dataclass
@@ -143,6 +209,10 @@ class EvaluateConfig:
     output: str | None = None  # where to write metrics.json
     mixed_precision: str = "no"
 
+    def __post_init__(self) -> None:
+        _at_least(self, ("eval_batch_size", "max_seq_length"), 1)
+        _one_of(self, "mixed_precision", PRECISIONS)
+
 
 C = TypeVar("C")
 
@@ -152,31 +222,69 @@ def _norm(key: str) -> str:
 
 
 def build_config(cls: type[C], recipe: str | Path | None = None, **overrides: Any) -> C:
-    """Defaults, then the YAML recipe, then ``overrides`` whose value is not None."""
+    """Defaults, then the YAML recipe, then ``overrides`` whose value is not None.
+
+    Every value is checked against its option's declared type first (a YAML ``no`` is a boolean, the
+    string ``"no"`` is not; ``2.7`` is no step count), so a bad recipe fails before any work starts.
+    """
     values: dict[str, Any] = {}
-    known = {f.name for f in fields(cls)}
+    hints = typing.get_type_hints(cls)
     if recipe:
         path = Path(recipe)
         if not path.is_file():
             raise SparseBertError(f"{path}: recipe file not found")
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise SparseBertError(f"{path}: not valid YAML ({exc})") from None
         if not isinstance(loaded, dict):
             raise SparseBertError(f"{path}: a recipe is a mapping of option: value")
         for key, value in loaded.items():
-            if _norm(key) not in known:
+            if _norm(str(key)) not in hints:
                 raise SparseBertError(f"{path}: unknown option {key!r} for this command")
-            values[_norm(key)] = value
-    values.update({_norm(k): v for k, v in overrides.items() if v is not None})
-    unknown = set(values) - known
-    if unknown:
-        raise SparseBertError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    for key, kind in (("text_columns", str), ("strategies", str), ("sparsities", float)):
-        if isinstance(values.get(key), str):
-            values[key] = [kind(v) for v in values[key].split(",")]
+            values[_norm(key)] = _typed(value, hints[_norm(key)], f"{path}: option {key}")
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if _norm(key) not in hints:
+            raise SparseBertError(f"unknown option: {key}")
+        values[_norm(key)] = _typed(value, hints[_norm(key)], _flag(_norm(key)))
     return cls(**values)
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the type ``hint`` declares, or a one-line error naming ``where``."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        hint = args[0]
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [_from_text(v.strip(), item, where) for v in value.split(",")]
+        if not isinstance(value, list):
+            raise SparseBertError(f"{where}: expected a list or comma-separated text, got {value!r}")
+        return [_typed(v, item, where) for v in value]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(hint, True)
+    if not ok:
+        names = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+        raise SparseBertError(f"{where}: expected {names[hint]}, got {value!r}")
+    return float(value) if hint is float else value
+
+
+def _from_text(text: str, kind: type, where: str) -> Any:
+    if kind is str:
+        return text
+    try:
+        return kind(text)
+    except ValueError:
+        raise SparseBertError(f"{where}: {text!r} is not a number") from None
 
 
 def to_yaml(config: object) -> str:

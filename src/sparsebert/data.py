@@ -8,6 +8,7 @@ longest sequence (dynamic padding), which is what makes short-sentence tasks che
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 import sys
@@ -63,29 +64,37 @@ class DataSource:
 # -- raw readers -----------------------------------------------------------------------------------
 
 
-def _read_rows(path: Path, delimiter: str, quoting: int) -> list[tuple[int, list[str]]]:
+def _read_text(path: Path) -> str:
+    """A file's text (UTF-8, an optional byte-order mark); bad bytes name their line and offset."""
     if not path.is_file():
         raise SparseBertError(f"{path}: file not found")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
-        return [(reader.line_num, row) for row in reader if row]
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise SparseBertError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
+
+
+def _read_rows(path: Path, delimiter: str, quoting: int) -> list[tuple[int, list[str]]]:
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter, quoting=quoting)
+    return [(reader.line_num, row) for row in reader if row]
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    if not path.is_file():
-        raise SparseBertError(f"{path}: file not found")
     rows = []
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SparseBertError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise SparseBertError(f"{path}:{line_no}: expected a JSON object per line")
-            rows.append((line_no, obj))
+    for line_no, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SparseBertError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise SparseBertError(f"{path}:{line_no}: expected a JSON object per line")
+        rows.append((line_no, obj))
     return rows
 
 
@@ -347,14 +356,16 @@ def make_loader(
 ) -> DataLoader:
     """Dynamically padded batches; shuffled training batches are length-grouped if asked.
 
-    A shuffling loader gets its own generator: without one, every new iterator (each epoch, and
-    the one a resumed run starts mid-epoch) draws a seed from the global generator and shifts the
-    dropout masks, so a resumed run would no longer match an uninterrupted one.
+    Every loader gets its own generator: without one, every new iterator (each epoch, each dev
+    evaluation, the one a resumed run starts mid-epoch) draws a seed from the global generator and
+    shifts the dropout masks, so a resumed run would no longer match an uninterrupted one.
     """
     collator = DataCollatorWithPadding(tokenizer)
-    if not shuffle:
-        return DataLoader(features, batch_size=batch_size, collate_fn=collator, drop_last=drop_last)
     generator = torch.Generator().manual_seed(seed)
+    if not shuffle:  # its own generator too: a dev evaluation must not shift the training's random state
+        return DataLoader(
+            features, batch_size=batch_size, collate_fn=collator, drop_last=drop_last, generator=generator
+        )
     sampler = (
         LengthGroupedSampler([len(f["input_ids"]) for f in features], batch_size, seed) if group_by_length else None
     )

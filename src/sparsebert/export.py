@@ -14,6 +14,7 @@ the values themselves in fp16 and caps the fp16 ratio below 18x; CSR is also wha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,12 +24,13 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig
 
 from sparsebert.errors import SparseBertError
-from sparsebert.io import atomic_write_json
+from sparsebert.io import atomic_write_json, publish_dir
 
 MANIFEST = "sparsebert_manifest.json"
 FORMAT = "sparsebert-csr"
@@ -78,6 +80,38 @@ def _encode_csr(weight: torch.Tensor, values: torch.dtype) -> dict[str, torch.Te
     index_dtype = torch.int16 if w.shape[1] < 2**15 else torch.int32
     cols = mask.nonzero()[:, 1]
     return {"row_nnz": mask.sum(dim=1).to(index_dtype), "indices": cols.to(index_dtype), "values": w[mask].to(values)}
+
+
+CHECKED_FILES = ("dense.safetensors", "sparse.safetensors", "config.json")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_manifest(folder: Path) -> dict:
+    """The manifest, checked: format, version, and each file's SHA-256 (a changed byte is refused)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SparseBertError(f"{folder / MANIFEST}: not a valid manifest ({exc})") from None
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or manifest.get("version", 0) > FORMAT_VERSION
+    ):
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise SparseBertError(f"{folder}: unsupported compressed format {found}")
+    for name, expected in manifest.get("sha256", {}).items():  # exports from before checksums have none
+        if not (folder / name).is_file():
+            raise SparseBertError(f"{folder / name}: missing from the compressed model")
+        if _sha256(folder / name) != expected:
+            raise SparseBertError(f"{folder / name}: checksum mismatch (the file is damaged or was changed)")
+    return manifest
 
 
 def _decode_csr(parts: dict[str, torch.Tensor], shape: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -155,7 +189,9 @@ def export_compressed(
         dense_tensors[name] = tensor.detach().cpu().contiguous()
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.") as tmp:
+    with tempfile.TemporaryDirectory(
+        dir=output_dir.parent, prefix=f".{output_dir.name}.", ignore_cleanup_errors=True
+    ) as tmp:
         staging = Path(tmp)
         if source is not None:  # tokenizer and other side files travel with the model
             for item in source.iterdir():
@@ -174,14 +210,10 @@ def export_compressed(
                 "sparse": matrices,
                 "aliases": aliases,
                 "pruned_sparsity": zeros / max(1, total),
+                "sha256": {name: _sha256(staging / name) for name in CHECKED_FILES},
             },
         )
-        output_dir.mkdir(parents=True, exist_ok=True)
-        umask = os.umask(0)
-        os.umask(umask)
-        for item in staging.iterdir():
-            item.chmod(0o666 & ~umask)  # safetensors writes 0600 files; a model folder should be readable
-            os.replace(item, output_dir / item.name)
+        publish_dir(staging, output_dir)
     return ExportReport(
         output_dir=output_dir,
         values=values,
@@ -213,25 +245,26 @@ def load(path: str | os.PathLike) -> nn.Module:
     The model comes back in eval mode with dense weights (pruned entries exactly zero); call
     ``sparsebert.runtime.sparsify`` on it for the fast sparse CPU kernels.
     """
-    from sparsebert.models import resolve_model
+    from sparsebert.models import read_pretrained, resolve_model
 
     folder = Path(resolve_model(path))
     if not is_compressed(folder):
-        config = AutoConfig.from_pretrained(folder)
+        config = read_pretrained(AutoConfig.from_pretrained, str(folder))
         cls = _model_class(config, None) if config.architectures else transformers.AutoModel
-        return cls.from_pretrained(folder).eval()
-    manifest = json.loads((folder / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT or manifest.get("version", 0) > FORMAT_VERSION:
-        raise SparseBertError(
-            f"{folder}: unsupported compressed format {manifest.get('format')} v{manifest.get('version')}"
-        )
+        return read_pretrained(cls.from_pretrained, str(folder)).eval()
+    manifest = _read_manifest(folder)
     config = AutoConfig.from_pretrained(folder)
     model = _model_class(config, manifest.get("architecture"))(config)
-    state = load_file(folder / "dense.safetensors")
-    sparse = load_file(folder / "sparse.safetensors")
-    for name, meta in manifest["sparse"].items():
-        parts = {p: sparse[f"{name}.{p}"] for p in ("row_nnz", "indices", "values")}
-        state[name] = _decode_csr(parts, meta["shape"], torch.float32)
+    try:
+        state = load_file(folder / "dense.safetensors")
+        sparse = load_file(folder / "sparse.safetensors")
+        for name, meta in manifest["sparse"].items():
+            parts = {p: sparse[f"{name}.{p}"] for p in ("row_nnz", "indices", "values")}
+            state[name] = _decode_csr(parts, meta["shape"], torch.float32)
+    except (OSError, KeyError, IndexError, RuntimeError, SafetensorError) as exc:
+        raise SparseBertError(
+            f"{folder}: the compressed weights cannot be read ({type(exc).__name__}: {exc})"
+        ) from None
     for name, target in manifest.get("aliases", {}).items():
         state[name] = state[target]
     result = model.load_state_dict(state, strict=False)

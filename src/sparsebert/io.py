@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from sparsebert.errors import SparseBertError
 
@@ -23,7 +28,19 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 
 
 def atomic_write_json(path: Path | str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(finite_json(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as null: strict JSON readers reject bare ``NaN`` (a Pearson
+    correlation of constant predictions is NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 def publish_dir(staging: Path, target: Path) -> None:
@@ -32,27 +49,92 @@ def publish_dir(staging: Path, target: Path) -> None:
     Used for saved models: the files are complete before they appear under their final names.
     """
     target.mkdir(parents=True, exist_ok=True)
+    mode = 0o666 & ~_umask()  # what an ordinary file gets (safetensors writes its files 0600)
     for item in staging.iterdir():
         dest = target / item.name
         if dest.is_dir() and item.is_dir():
             shutil.rmtree(dest)
+        if item.is_file():
+            item.chmod(mode)
         os.replace(item, dest)
     staging.rmdir()
 
 
-def prepare_output_dir(path: Path | str, *, overwrite: bool, resume: bool) -> Path:
-    """Refuse a non-empty output folder unless the user asked to overwrite or resume it."""
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+LOCK, OWNER, MARKER = ".sparsebert.lock", ".sparsebert.owner", ".sparsebert"
+
+
+def check_not_an_input(out: Path | str, inputs: list[Path | str | None]) -> None:
+    """Refuse an output folder that is, contains or sits inside an input (data, teacher, student, recipe).
+
+    ``--overwrite`` deletes the output folder's contents: pointed at the data or the teacher, it would
+    delete them, and a run writing inside its inputs mixes outputs with them.
+    """
+    out_path = Path(out).expanduser().resolve()
+    for given in inputs:
+        if not given or not Path(given).expanduser().exists():
+            continue  # a hub id or a model alias: nothing on disk to protect
+        path = Path(given).expanduser().resolve()
+        if out_path == path or out_path in path.parents or path in out_path.parents:
+            raise SparseBertError(f"output directory {out} overlaps the input {given}; choose another --output-dir")
+
+
+def is_sparsebert_output(path: Path) -> bool:
+    """Whether a folder was written by sparsebert (the marker, or a run folder from before it)."""
+    return (path / MARKER).exists() or ((path / "config.yaml").exists() and (path / "log.jsonl").exists())
+
+
+@contextmanager
+def claimed_output_dir(path: Path | str, *, overwrite: bool, resume: bool) -> Iterator[Path]:
+    """Hold the output folder for a whole run: locked, empty unless resumed, and ours to delete.
+
+    A second run on the same folder is refused while the first holds the lock (naming its PID).
+    ``overwrite`` deletes only what an earlier sparsebert run wrote there; a non-empty folder without
+    sparsebert's marker is refused, never emptied.
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SparseBertError(f"output path {path} exists and is not a directory")
-    if path.exists() and any(path.iterdir()) and not (overwrite or resume):
-        raise SparseBertError(
-            f"output directory {path} is not empty; pass --overwrite to replace it or --resume to continue"
-        )
-    if overwrite and not resume and path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path / LOCK)
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = _read(path / OWNER) or "unknown"
+        raise SparseBertError(f"output directory {path} is in use by another sparsebert run (PID {holder})") from None
+    except OSError as exc:
+        raise SparseBertError(f"cannot write to output directory {path}: {exc.strerror}") from None
+    try:
+        (path / OWNER).write_text(str(os.getpid()))
+        contents = [p for p in path.iterdir() if p.name not in (LOCK, OWNER)]
+        if contents and not (overwrite or resume):
+            raise SparseBertError(
+                f"output directory {path} is not empty; pass --overwrite to replace it or --resume to continue"
+            )
+        if contents and overwrite and not resume:
+            if not is_sparsebert_output(path):
+                raise SparseBertError(
+                    f"output directory {path} holds files that sparsebert did not write; refusing to delete them"
+                )
+            for item in contents:
+                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+        (path / MARKER).touch()
+        yield path
+    finally:
+        (path / OWNER).unlink(missing_ok=True)
+        lock.release()
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
 
 
 class JsonlLog:
@@ -66,7 +148,7 @@ class JsonlLog:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
 
     def read(self) -> list[dict]:
         if not self.path.exists():

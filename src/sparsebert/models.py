@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -40,15 +41,19 @@ def resolve_model(name: str | os.PathLike) -> str:
     return name  # a hub id such as "bert-base-uncased" or "google/electra-small-discriminator"
 
 
-def _hub_call(fn, name: str, **kwargs):
+def read_pretrained(fn, name: str, **kwargs):
+    """Load through transformers; every failure to read the files becomes a one-line error."""
     try:
         return fn(name, **kwargs)
+    except SafetensorError as exc:
+        raise SparseBertError(f"could not read the weights of {name} (damaged or truncated file?): {exc}") from None
     except OSError as exc:
-        raise SparseBertError(f"could not load model {name!r} (not a local folder; hub said: {exc})") from None
+        where = "" if Path(name).is_dir() else " (not a local folder; hub said)"
+        raise SparseBertError(f"could not load model {name!r}{where}: {exc}") from None
 
 
 def load_tokenizer(name: str | os.PathLike) -> PreTrainedTokenizerBase:
-    return _hub_call(AutoTokenizer.from_pretrained, resolve_model(name))
+    return read_pretrained(AutoTokenizer.from_pretrained, resolve_model(name))
 
 
 def load_model(name: str | os.PathLike, task: TaskSpec) -> nn.Module:
@@ -61,7 +66,7 @@ def load_model(name: str | os.PathLike, task: TaskSpec) -> nn.Module:
 
     if is_compressed(Path(resolved)):
         return load(resolved)
-    config = _hub_call(AutoConfig.from_pretrained, resolved)
+    config = read_pretrained(AutoConfig.from_pretrained, resolved)
     kwargs: dict = {"num_labels": task.num_labels}
     if task.is_regression:
         kwargs["problem_type"] = "regression"
@@ -74,4 +79,4 @@ def load_model(name: str | os.PathLike, task: TaskSpec) -> nn.Module:
         raise SparseBertError(
             f"model {name} has a head for {config.num_labels} labels but task {task.name} has {task.num_labels}"
         )
-    return _hub_call(AutoModelForSequenceClassification.from_pretrained, resolved, **kwargs)
+    return read_pretrained(AutoModelForSequenceClassification.from_pretrained, resolved, **kwargs)

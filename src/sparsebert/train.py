@@ -219,9 +219,50 @@ class Loop:
     head_lr: float | None = None
     state: LoopState = field(default_factory=LoopState)
     pruner: MagnitudePruner | None = None
+    _losses: list[torch.Tensor] = field(default_factory=list)  # since the last log record, on the device
+    _parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def _log_window(self, lr: float, bar: tqdm) -> None:
+        """Log the mean loss and loss parts since the last record (reduced over processes alike)."""
+        self._check_finite()
+        acc, n = self.accelerator, len(self._losses)
+        mean = float(acc.reduce(torch.stack(self._losses).mean(), "mean"))
+        parts = {f"loss_{k}": float(acc.reduce(v / n, "mean")) for k, v in self._parts.items()}
+        record = {"step": self.state.step, "epoch": self.state.epoch, "loss": mean, "lr": lr, **parts}
+        if self.pruner is not None:
+            record["target_sparsity"] = self.pruner.get_last_sparsity()
+        self._log(record)
+        bar.set_postfix(loss=f"{mean:.4f}")
+        self._losses, self._parts = [], {}
+
+    def _check_finite(self, model: nn.Module | None = None) -> None:
+        """Stop at a non-finite loss (or, given ``model``, weight) before anything is saved from it.
+
+        Losses are kept on the device since the last log record and checked here (at every log
+        record, checkpoint and the end), so training never waits for the device just for this check;
+        all processes take the same decision. The last good checkpoint stays; nothing is marked finished.
+        """
+        acc, step = self.accelerator, self.state.step
+        bad = ~torch.isfinite(torch.stack(self._losses)) if self._losses else torch.zeros(0, dtype=torch.bool)
+        count = bad.sum().float().to(acc.device)
+        if model is not None:
+            count = count + sum((~torch.isfinite(p.detach())).sum().float() for p in model.parameters())
+        if acc.num_processes > 1:
+            count = acc.reduce(count, "sum")
+        if float(count) == 0:
+            return
+        first = step - len(self._losses) + 1
+        where = f"step {first + int(bad.nonzero()[0])}" if bad.any() else f"step {step} (weights)"
+        self._log({"event": "non_finite", "step": step})
+        kept = "the last checkpoint is kept" if (self.output_dir / CHECKPOINT).exists() else "no checkpoint was written"
+        raise SparseBertError(
+            f"training diverged: not-a-number or infinite values at {where}; stopped without saving them "
+            f"({kept}). Lower --lr, or check --temperature, --loss-weights and the data"
+        )
 
     def _save_checkpoint(self) -> None:
         acc = self.accelerator
+        self._check_finite(self.model)
         final, tmp = self.output_dir / CHECKPOINT, self.output_dir / (CHECKPOINT + ".tmp")
         if acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
@@ -300,8 +341,7 @@ class Loop:
         bar = tqdm(
             total=n_steps, initial=self.state.step, desc=f"train ({precision})", disable=not acc.is_local_main_process
         )
-        running, running_n = torch.zeros((), device=acc.device), 0
-        parts_sum: dict[str, torch.Tensor] = {}
+        self._losses, self._parts = [], {}
         started = time.perf_counter()
         with StopRequest() as stop:
             while self.state.step < n_steps:
@@ -325,26 +365,13 @@ class Loop:
                     self.state.step += 1
                     self.state.batch_in_epoch += 1
                     bar.update(1)
-                    running += loss.detach()
-                    running_n += 1
+                    self._losses.append(loss.detach())
                     for k, v in parts.items():
-                        parts_sum[k] = parts_sum.get(k, 0) + v
+                        self._parts[k] = self._parts.get(k, 0) + v
 
                     step = self.state.step
                     if step % cfg.log_every == 0 or step == n_steps:
-                        mean = float(acc.reduce(running / running_n, "mean"))
-                        record = {
-                            "step": step,
-                            "epoch": self.state.epoch,
-                            "loss": mean,
-                            "lr": scheduler.get_last_lr()[0],
-                            **{f"loss_{k}": float(v) / running_n for k, v in parts_sum.items()},
-                        }
-                        if self.pruner is not None:
-                            record["target_sparsity"] = self.pruner.schedule.sparsity(self.pruner.last_step)
-                        self._log(record)
-                        bar.set_postfix(loss=f"{mean:.4f}")
-                        running, running_n, parts_sum = torch.zeros((), device=acc.device), 0, {}
+                        self._log_window(scheduler.get_last_lr()[0], bar)
                     if cfg.eval_every and step % cfg.eval_every == 0 and step < n_steps:
                         self._log(
                             {"step": step, "event": "eval", "metrics": evaluate(model, eval_loaders, self.task, acc)}
@@ -361,6 +388,7 @@ class Loop:
                 else:
                     self.state.epoch += 1
                     self.state.batch_in_epoch = 0
+        self._check_finite(model)
         bar.close()
         elapsed = time.perf_counter() - started
         metrics = evaluate(model, eval_loaders, self.task, acc)

@@ -74,6 +74,10 @@ class MagnitudePruner:
         self.apply_masks()
         return updated
 
+    def get_last_sparsity(self) -> float:
+        """The target sparsity of the last ``step()`` (like ``torch.ao``'s ``get_last_sl()``)."""
+        return self.schedule.sparsity(self.last_step)
+
     @torch.no_grad()
     def update_masks(self, sparsity: float) -> None:
         """Recompute every mask so that ``sparsity`` of the prunable weights are zero.

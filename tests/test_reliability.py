@@ -1,0 +1,242 @@
+"""Nothing lost, nothing silently wrong: one run per folder, inputs never deleted, changed-option and
+diverged runs refused, every bad input a one-line error before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import VOCAB, cli, sentiment_rows, write_tsv
+from transformers import AutoModelForSequenceClassification, BertConfig, BertTokenizerFast
+
+from sparsebert import api
+from sparsebert.errors import SparseBertError
+from sparsebert.export import export_compressed, load
+from sparsebert.pruning import MagnitudePruner
+
+FAST = ["--max-seq-length", "16", "--batch-size", "16", "--eval-batch-size", "32", "--log-every", "2"]
+
+
+def _finetune(model: Path, data: Path, out: Path, *extra) -> list:
+    return ["finetune", "--model", model, "--task", "sst2", "--data-dir", data, "--output-dir", out, *FAST, *extra]
+
+
+def _one_line_error(capsys, code: int, message: str) -> str:
+    """Exit status 2 and one error line (progress bars may share stderr), no traceback."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.replace("\r", "\n").splitlines() if "sparsebert: error:" in line]
+    assert code == 2, err
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_a_second_run_on_a_held_folder_is_refused_naming_the_holder(tiny_model_dir, sst_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from sparsebert.io import claimed_output_dir
+            with claimed_output_dir({str(out)!r}, overwrite=False, resume=False):
+                print("held", flush=True)
+                sys.stdin.read()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code = cli(*_finetune(tiny_model_dir, sst_dir, out, "--max-steps", "1", "--overwrite"))
+        _one_line_error(capsys, code, f"in use by another sparsebert run (PID {holder.pid})")
+    finally:
+        holder.communicate("")
+    assert cli(*_finetune(tiny_model_dir, sst_dir, out, "--max-steps", "1", "--overwrite")) == 0  # free again
+
+
+def test_resume_refuses_changed_options_but_not_logging_ones(tiny_model_dir, sst_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = _finetune(tiny_model_dir, sst_dir, out, "--max-steps", "6", "--save-every", "2", "--lr", "3e-3")
+    calls = {"n": 0}
+    original = torch.optim.AdamW.step
+
+    def step_then_ctrl_c(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_ctrl_c)
+    assert cli(*args) == 130
+    monkeypatch.setattr(torch.optim.AdamW, "step", original)
+    changed = [a if a != "3e-3" else "1e-3" for a in args]
+    _one_line_error(capsys, cli(*changed, "--resume"), "--lr 0.003 -> 0.001")
+    assert cli(*args, "--resume", "--log-every", "3") == 0  # logging cadence may change
+
+
+def test_an_output_folder_overlapping_an_input_is_refused_and_nothing_deleted(teacher_dir, sst_dir, tmp_path, capsys):
+    before = {p.name: p.read_bytes() for p in sst_dir.iterdir()}
+    code = cli(*_finetune(teacher_dir, sst_dir, sst_dir, "--overwrite"))  # output = the data
+    _one_line_error(capsys, code, "overlaps the input")
+    code = cli(*_finetune(teacher_dir, sst_dir, sst_dir / "inside", "--overwrite"))
+    _one_line_error(capsys, code, "overlaps the input")
+    prune = ["prune", "--teacher", teacher_dir, "--student", teacher_dir, "--task", "sst2", "--data-dir", sst_dir]
+    _one_line_error(capsys, cli(*prune, "--output-dir", teacher_dir, "--overwrite"), "overlaps the input")
+    _one_line_error(capsys, cli(*prune, "--output-dir", teacher_dir.parent, "--overwrite"), "overlaps the input")
+    recipe = tmp_path / "out" / "recipe.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text("lr: 0.001\n")
+    code = cli(*_finetune(teacher_dir, sst_dir, tmp_path / "out", "--config", recipe, "--overwrite"))
+    _one_line_error(capsys, code, "overlaps the input")
+    assert {p.name: p.read_bytes() for p in sst_dir.iterdir()} == before
+    assert (teacher_dir / "model.safetensors").exists() and recipe.exists()
+
+
+def test_overwrite_deletes_only_what_sparsebert_wrote(tiny_model_dir, sst_dir, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    code = cli(*_finetune(tiny_model_dir, sst_dir, mine, "--max-steps", "1", "--overwrite"))
+    _one_line_error(capsys, code, "holds files that sparsebert did not write")
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    run = tmp_path / "run"
+    assert cli(*_finetune(tiny_model_dir, sst_dir, run, "--max-steps", "1")) == 0
+    assert cli(*_finetune(tiny_model_dir, sst_dir, run, "--max-steps", "2", "--overwrite")) == 0  # a run of ours
+    assert json.loads((run / "log.jsonl").read_text().splitlines()[1])["total_steps"] == 2
+    assert (run / "model.safetensors").stat().st_mode & 0o044 == 0o044  # readable like any saved model
+
+
+@pytest.mark.parametrize(
+    ("extra", "recipe", "message"),
+    [
+        (["--batch-size", "-4"], None, "--batch-size must be >= 1"),
+        (["--batch-size", "0"], None, "--batch-size must be >= 1"),
+        (["--lr", "-1"], None, "--lr must be a positive number"),
+        (["--lr", "nan"], None, "--lr must be a positive number"),
+        (["--max-steps", "0"], None, "--max-steps must be >= 1"),
+        (["--max-seq-length", "1000"], None, "over the model's 64 positions"),
+        ([], 'overwrite: "no"\n', "option overwrite: expected true or false"),
+        ([], "max_steps: 2.7\n", "option max_steps: expected a whole number"),
+        ([], "batch_size: four\n", "option batch_size: expected a whole number"),
+        ([], "lr: [1]\n", "option lr: expected a number"),
+    ],
+)
+def test_bad_values_fail_in_one_line_before_anything_is_written(
+    extra, recipe, message, tiny_model_dir, sst_dir, tmp_path, capsys
+):
+    out = tmp_path / "never"
+    if recipe is not None:
+        (tmp_path / "r.yaml").write_text(recipe)
+        extra = [*extra, "--config", tmp_path / "r.yaml"]
+    _one_line_error(capsys, cli(*_finetune(tiny_model_dir, sst_dir, out, *extra)), message)
+    assert not out.exists()
+
+
+def test_temperature_must_be_positive(teacher_dir, sst_dir, tmp_path, capsys):
+    args = ["prune", "--teacher", teacher_dir, "--student", teacher_dir, "--task", "sst2", "--data-dir", sst_dir]
+    code = cli(*args, "--output-dir", tmp_path / "o", "--temperature", "0")
+    _one_line_error(capsys, code, "--temperature must be a positive number")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_diverged_run_stops_at_its_step_and_keeps_the_last_good_checkpoint(
+    tiny_model_dir, sst_dir, tmp_path, monkeypatch, capsys
+):
+    calls = {"n": 0}
+    step = api._classification_step
+
+    def nan_from_step_4(model, batch):
+        calls["n"] += 1
+        loss, parts = step(model, batch)
+        return (loss * float("nan") if calls["n"] >= 4 else loss), parts
+
+    monkeypatch.setattr(api, "_classification_step", nan_from_step_4)
+    out = tmp_path / "run"
+    code = cli(*_finetune(tiny_model_dir, sst_dir, out, "--max-steps", "8", "--save-every", "2", "--log-every", "5"))
+    _one_line_error(capsys, code, "not-a-number or infinite values at step 4")
+    assert (out / "checkpoint").is_dir() and not (out / "metrics.json").exists()
+    records = [json.loads(line, parse_constant=pytest.fail) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {"event": "non_finite", "step": 4}.items() <= records[-1].items()
+    state = (
+        torch.load(out / "checkpoint" / "pytorch_model.bin", weights_only=True)
+        if (out / "checkpoint" / "pytorch_model.bin").exists()
+        else None
+    )
+    if state is None:
+        from safetensors.torch import load_file
+
+        state = load_file(out / "checkpoint" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in state.values())  # the step-2 checkpoint, untouched
+
+
+def test_a_student_with_a_shuffled_vocabulary_is_refused(teacher_dir, sst_dir, tmp_path, capsys):
+    student = tmp_path / "student"
+    AutoModelForSequenceClassification.from_pretrained(teacher_dir).save_pretrained(student)
+    shuffled = [*VOCAB[:5], *reversed(VOCAB[5:])]  # same size, other ids
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(shuffled)}).save_pretrained(student)
+    args = ["prune", "--teacher", teacher_dir, "--student", student, "--task", "sst2", "--data-dir", sst_dir]
+    _one_line_error(capsys, cli(*args, "--output-dir", tmp_path / "o", *FAST), "different vocabularies")
+
+
+def test_non_utf8_data_names_the_file_line_and_byte(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "SST-2"
+    data.mkdir()
+    write_tsv(data / "dev.tsv", ["sentence", "label"], [list(r) for r in sentiment_rows(8, 1)])
+    lines = ["sentence\tlabel", "good film\t1", "bad film\t0"]
+    (data / "train.tsv").write_bytes(("\n".join(lines) + "\n").encode() + b"caf\xe9 film\t1\n")
+    code = cli(*_finetune(tiny_model_dir, data, tmp_path / "o"))
+    _one_line_error(capsys, code, "train.tsv:4: not UTF-8 text (byte 0xe9")
+
+
+def test_a_truncated_teacher_is_a_one_line_error(teacher_dir, sst_dir, tmp_path, capsys):
+    broken = tmp_path / "teacher"
+    broken.mkdir()
+    for item in teacher_dir.iterdir():
+        if item.is_file():
+            data = item.read_bytes()
+            (broken / item.name).write_bytes(data[: len(data) // 2] if item.suffix == ".safetensors" else data)
+    args = ["prune", "--teacher", broken, "--student", teacher_dir, "--task", "sst2", "--data-dir", sst_dir]
+    _one_line_error(capsys, cli(*args, "--output-dir", tmp_path / "o"), "damaged or truncated")
+
+
+def _export(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    MagnitudePruner.one_shot(model, 0.9)
+    export_compressed(model, tmp_path / "csr")
+    return tmp_path / "csr"
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "sparse.safetensors").write_bytes((d / "sparse.safetensors").read_bytes()[:100]), "checksum"),
+        (lambda d: (d / "sparse.safetensors").unlink(), "missing from the compressed model"),
+        (lambda d: (d / "sparsebert_manifest.json").write_text("{not json"), "not a valid manifest"),
+        (lambda d: _flip_last_byte(d / "dense.safetensors"), "checksum mismatch"),
+    ],
+)
+def test_a_damaged_export_is_refused(damage, message, tmp_path):
+    folder = _export(tmp_path)
+    load(folder)  # intact: loads
+    damage(folder)
+    with pytest.raises(SparseBertError, match=message):
+        load(folder)
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny_model_dir, sst_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    assert cli(*_finetune(tiny_model_dir, sst_dir, out, "--max-steps", "4")) == 0
+    return out
