@@ -240,3 +240,71 @@ def teacher_dir(tiny_model_dir, sst_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "teacher"
     assert cli(*_finetune(tiny_model_dir, sst_dir, out, "--max-steps", "4")) == 0
     return out
+
+
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+
+import accelerate
+
+from sparsebert.cli import main
+
+where, kill_at, calls = sys.argv[1], int(sys.argv[2]), {"n": 0}
+save_state, rename = accelerate.Accelerator.save_state, Path.rename
+
+
+def dying_save_state(self, output_dir=None, **kwargs):  # power lost in the middle of writing a checkpoint
+    calls["n"] += 1
+    result = save_state(self, output_dir, **kwargs)
+    if calls["n"] == kill_at:
+        written = sorted(p for p in Path(output_dir).iterdir() if p.is_file())
+        written[0].write_bytes(written[0].read_bytes()[:10])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+
+def dying_rename(self, target):  # power lost between moving the old checkpoint away and the new one in
+    result = rename(self, target)
+    if Path(target).name == "checkpoint.old":
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+
+if where == "write":
+    accelerate.Accelerator.save_state = dying_save_state
+else:
+    Path.rename = dying_rename
+main(sys.argv[3:])
+"""
+
+
+@pytest.mark.parametrize(("where", "choices"), [("write", [2, 3]), ("swap", [1, 2])])
+def test_kill_9_during_a_checkpoint_then_resume_gives_the_same_weights(where, choices, teacher_dir, sst_dir, tmp_path):
+    import random
+
+    from safetensors.torch import load_file
+
+    kill_at = random.Random(where).choice(choices)  # a seeded "random" checkpoint to die in
+    args = ["prune", "--teacher", teacher_dir, "--student", teacher_dir, "--task", "sst2", "--data-dir", sst_dir]
+    args += ["--sparsity", "0.6", "--max-steps", "8", "--save-every", "2", "--prune-updates", "4", *FAST]
+    assert cli(*args, "--output-dir", tmp_path / "straight") == 0
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", KILLER, where, str(kill_at), *map(str, args), "--output-dir", str(out)]
+    died = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
+    assert not (out / "metrics.json").exists()
+    assert cli(*args, "--output-dir", out, "--resume") == 0
+    # it went on from the last complete checkpoint: the one before the write that died, or the old one
+    # that the swap had moved aside (put back by the recovery)
+    expected = 2 * (kill_at - 1) if where == "write" else 2 * kill_at
+    resumes = [
+        r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r.get("event") == "resume"
+    ]
+    assert resumes == ([expected] if expected else [])
+    straight, resumed = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
+    for name in straight:
+        assert torch.allclose(straight[name], resumed[name], atol=1e-6), name

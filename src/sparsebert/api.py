@@ -51,7 +51,14 @@ from sparsebert.models import load_model, load_tokenizer, resolve_model
 from sparsebert.pruning import CubicSparsitySchedule, MagnitudePruner, sparsity_report
 from sparsebert.students import fit_dense_student
 from sparsebert.tasks import get_task
-from sparsebert.train import CHECKPOINT, Loop, make_accelerator, new_accelerator, resolve_mixed_precision
+from sparsebert.train import (
+    CHECKPOINT,
+    Loop,
+    make_accelerator,
+    new_accelerator,
+    recover_checkpoint,
+    resolve_mixed_precision,
+)
 from sparsebert.train import evaluate as evaluate_loaders
 
 
@@ -139,6 +146,7 @@ def _run_dir(config: TrainConfig, accelerator: Accelerator) -> Iterator[tuple[Pa
     with claimed_by_main_process(out, overwrite=config.overwrite, resume=config.resume):
         if main:
             if config.resume:
+                recover_checkpoint(out)
                 _check_resume(config, out)
             atomic_write_text(out / "config.yaml", to_yaml(config))
         accelerator.wait_for_everyone()
@@ -412,6 +420,8 @@ def run_stage(config: TrainConfig, fn) -> bool:
     stage_dir = Path(config.output_dir)
     if (stage_dir / "metrics.json").exists():
         return False
+    if stage_dir.is_dir():
+        recover_checkpoint(stage_dir)
     config.resume = (stage_dir / CHECKPOINT).exists()
     config.overwrite = not config.resume
     fn(config)

@@ -172,6 +172,18 @@ def weights_digest(model: nn.Module, pruner: MagnitudePruner | None = None) -> s
     return h.hexdigest()
 
 
+def recover_checkpoint(output_dir: Path) -> None:
+    """Finish a checkpoint swap that a crash (kill -9, power loss) cut short.
+
+    ``_save_checkpoint`` writes ``checkpoint.tmp``, renames ``checkpoint`` to ``checkpoint.old``, renames
+    the new one into place, then deletes the old one. Killed between the two renames, only
+    ``checkpoint.old`` is complete (``.tmp`` may be too, but nothing says so): it is put back.
+    """
+    final, old = output_dir / CHECKPOINT, output_dir / (CHECKPOINT + ".old")
+    if not final.exists() and old.exists():
+        old.rename(final)
+
+
 class StopRequest:
     """Turns Ctrl-C / SIGTERM into a request honoured at the next step boundary.
 
