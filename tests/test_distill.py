@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -70,8 +71,9 @@ def test_regression_prediction_targets():
 def test_uniform_layer_map_and_width_projection():
     assert layer_map(4, 12) == [2, 5, 8, 11]
     assert layer_map(6, 6) == list(range(6))
+    assert layer_map(5, 12) == [2, 4, 7, 9, 11]  # any depth: uniform, the last layers meet
     with pytest.raises(SparseBertError):
-        layer_map(5, 12)
+        layer_map(7, 6)
     loss = DistillationLoss(bert(layers=2, hidden=8), bert(layers=4, hidden=16), LossWeights(0, 1, 0))
     assert loss.projection is not None and loss.projection.weight.shape == (16, 8)
     sh = tuple(torch.randn(1, 3, 8) for _ in range(3))
@@ -116,3 +118,18 @@ def test_loss_weights_parse():
     assert LossWeights.parse({"hidden": 0}) == LossWeights(1.0, 0.0, 1.0)
     with pytest.raises(SparseBertError):
         LossWeights.parse("1,2")
+
+
+@pytest.mark.parametrize("teacher_layers", range(2, 25))
+def test_every_dense_student_depth_has_a_layer_map(teacher_layers):
+    """A dense student's depth comes from ``dense_shape``; the distillation must accept every one."""
+    from sparsebert.students import dense_shape
+
+    teacher = bert(layers=teacher_layers, hidden=64)
+    for sparsity in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97):
+        layers, hidden, heads, _ = dense_shape(teacher, sparsity)
+        mapping = layer_map(layers, teacher_layers)
+        assert len(mapping) == layers and mapping[-1] == teacher_layers - 1
+        assert mapping[0] >= 0 and all(a < b for a, b in itertools.pairwise(mapping))
+        weights = LossWeights(0 if heads != teacher.num_attention_heads else 1, 1, 1)
+        assert DistillationLoss(bert(layers, hidden, heads), teacher, weights).layer_map == mapping

@@ -94,11 +94,15 @@ class LossWeights:
 
 
 def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
-    """Uniform mapping: student layer i (0-based) learns from teacher layer (i+1)*k - 1."""
-    if teacher_layers % student_layers:
-        raise SparseBertError(f"teacher depth {teacher_layers} is not a multiple of student depth {student_layers}")
-    k = teacher_layers // student_layers
-    return [(i + 1) * k - 1 for i in range(student_layers)]
+    """Uniform mapping for any pair of depths: student layer i (0-based) learns from teacher layer
+    ceil((i + 1) * t / s) - 1, so the last layers always meet ((i+1)*k - 1 when t = k * s).
+
+    Dense students are cut from the teacher's layers by the same map (``students``), so each keeps
+    the layer it is distilled from.
+    """
+    if not 1 <= student_layers <= teacher_layers:
+        raise SparseBertError(f"a student of {student_layers} layers cannot map onto a teacher of {teacher_layers}")
+    return [((i + 1) * teacher_layers + student_layers - 1) // student_layers - 1 for i in range(student_layers)]
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

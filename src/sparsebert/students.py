@@ -13,6 +13,7 @@ import math
 
 from torch import nn
 
+from sparsebert.distill import layer_map
 from sparsebert.errors import SparseBertError
 from sparsebert.pruning import find_encoder_layers, find_prunable_linears
 
@@ -67,8 +68,7 @@ def make_dense_student(model: nn.Module, sparsity: float) -> nn.Module:
         new_config.embedding_size = hidden
     student = type(model)(new_config)
 
-    k = config.num_hidden_layers / layers
-    kept = [math.ceil((i + 1) * k) - 1 for i in range(layers)]  # uniform, last layer always kept
+    kept = layer_map(layers, config.num_hidden_layers)  # the layers the student is distilled from
     stack_name, _ = find_encoder_layers(student)
     source = model.state_dict()
     state = {}
