@@ -12,133 +12,34 @@ import logging
 import os
 import sys
 
-from sparsebert.config import STRATEGIES
 from sparsebert.errors import SparseBertError
 from sparsebert.runtime.commands import register_commands
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 
-def _data_args(p: argparse.ArgumentParser, train: bool = True) -> None:
-    g = p.add_argument_group("data (one source)")
-    g.add_argument(
-        "--task",
-        help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli), movie-sentiment, movie-rating, "
-        "or classification/regression for your own files",
-    )
-    g.add_argument("--data-dir", help="folder in the classic GLUE layout (train.tsv, dev.tsv)")
-    g.add_argument("--dataset", help="hub dataset name, e.g. glue (needs network)")
-    if train:
-        g.add_argument("--train-file", help="your own CSV/TSV/JSONL training file")
-    g.add_argument("--dev-file", help="your own CSV/TSV/JSONL dev file")
-    g.add_argument("--text-columns", help="comma-separated text column(s) of your files")
-    g.add_argument("--label-column", help="label column of your files")
-    g.add_argument("--max-eval-examples", type=int, help="use only the first N dev examples")
-    if train:
-        g.add_argument("--max-train-examples", type=int, help="use only the first N training examples")
-
-
-def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML recipe; flags override it")
-    p.add_argument("--output-dir", help="where the model, metrics.json, config.yaml and log.jsonl go")
-    _data_args(p)
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=float)
-    g.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
-    g.add_argument("--batch-size", type=int, help="per process")
-    g.add_argument("--eval-batch-size", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--warmup-ratio", type=float)
-    g.add_argument("--lr-schedule", choices=["linear", "constant"])
-    g.add_argument("--max-seq-length", type=int)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--eval-every", type=int, help="dev evaluation every N steps (default 200; 0: at the end only)")
-    g.add_argument("--save-every", type=int, help="write a resumable checkpoint every N steps")
-    g.add_argument("--log-every", type=int)
-    g.add_argument(
-        "--mixed-precision",
-        choices=["auto", "no", "bf16", "fp16"],
-        help="auto (default): bf16 where the hardware runs it natively, fp32 (no) elsewhere",
-    )
-    g.add_argument(
-        "--group-by-length",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="training batches of similar length, less padding (default: on)",
-    )
-    g.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty output dir")
-    g.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint")
-
-
-def _prune_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("pruning and distillation")
-    g.add_argument("--sparsity", type=float, help="target sparsity of the pruned layers (0.95 = 20x)")
-    g.add_argument("--strategy", choices=list(STRATEGIES), help="sparsebert (default) or a baseline order of work")
-    g.add_argument("--prune-start", type=float, help="first pruning step, or fraction of the run if <= 1")
-    g.add_argument("--prune-end", type=float, help="step where the target is reached, or fraction if <= 1")
-    g.add_argument("--prune-updates", type=int, help="number of mask updates in the window (paper: 100)")
-    g.add_argument("--prune-scope", choices=["per_matrix", "global"])
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--loss-weights", help="attention,hidden,prediction (default 0.1,1,5; the paper: 1,1,1)")
-    g.add_argument("--regression-target", choices=["teacher", "label", "both"])
-    g.add_argument("--student-head", choices=["teacher", "fresh"], help="start the task head from the teacher's")
-    g.add_argument("--head-lr", type=float, help="learning rate of the task head")
-    g.add_argument(
-        "--augment", type=int, help="augmented copies of each training example, labelled by the teacher (default 0)"
-    )
-
-
-def _teacher_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("teacher (fine-tuned first, once)")
-    g.add_argument("--teacher-epochs", type=float)
-    g.add_argument("--teacher-max-steps", type=int)
-    g.add_argument("--teacher-lr", type=float)
+COMMANDS = {  # command: (configuration class, one-line help)
+    "finetune": ("FinetuneConfig", "fine-tune a model on a task (the teacher)"),
+    "prune": ("PruneConfig", "prune a pre-trained student while distilling from a fine-tuned teacher"),
+    "compress": ("CompressConfig", "the whole job: fine-tune the teacher, prune the student, report"),
+    "compare": ("CompareConfig", "every strategy at every sparsity, one teacher: results, CSV, plots"),
+    "evaluate": ("EvaluateConfig", "dev metrics of a saved model"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command's flags come from its configuration dataclass (``sparsebert.config``)."""
+    from sparsebert import config
+
     parser = argparse.ArgumentParser(
         prog="sparsebert", description="Knowledge-aware sparse pruning of BERT-family encoders (SparseBERT)."
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="less logging")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("finetune", help="fine-tune a model on a task (the teacher)")
-    p.add_argument("--model", help="minilm-l6, a local folder, or a hub id")
-    _train_args(p)
-
-    p = sub.add_parser("prune", help="prune a pre-trained student while distilling from a fine-tuned teacher")
-    p.add_argument("--teacher", help="fine-tuned teacher folder (from `sparsebert finetune`)")
-    p.add_argument("--student", help="pre-trained student (usually the teacher's base model)")
-    _train_args(p)
-    _prune_args(p)
-
-    p = sub.add_parser("compress", help="the whole job: fine-tune the teacher, prune the student, report")
-    p.add_argument("--model", help="pre-trained model (teacher and student start from it)")
-    _train_args(p)
-    _prune_args(p)
-    _teacher_args(p)
-
-    p = sub.add_parser("compare", help="every strategy at every sparsity, one teacher: results, CSV, plots")
-    p.add_argument("--model", help="pre-trained model (teacher and students start from it)")
-    _train_args(p)
-    _prune_args(p)
-    _teacher_args(p)
-    p.add_argument("--sparsities", help="comma-separated, e.g. 0.5,0.7,0.8,0.9,0.95,0.97")
-    p.add_argument("--strategies", help=f"comma-separated subset of {','.join(STRATEGIES)}")
-    p.add_argument(
-        "--dense-student", help="pre-trained model distill-dense starts from, e.g. minilm-l3 (default: --model)"
-    )
-
-    p = sub.add_parser("evaluate", help="dev metrics of a saved model")
-    p.add_argument("--config", help="YAML recipe")
-    p.add_argument("--model", help="model folder or name")
-    _data_args(p, train=False)
-    p.add_argument("--eval-batch-size", type=int)
-    p.add_argument("--max-seq-length", type=int)
-    p.add_argument("--mixed-precision", choices=["no", "auto", "bf16", "fp16"], help="default no: fp32, exact")
-    p.add_argument("--output", help="write metrics.json here")
-
+    for name, (cls_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", help="YAML recipe of options; flags override it")
+        config.add_arguments(p, getattr(config, cls_name))
     sub.add_parser("fetch-defaults", help="build the embedded data and minilm-l3 (make install runs this)")
     register_commands(sub)  # export, bench, onnx: the compressed format and the sparse runtime
     return parser
@@ -159,14 +60,7 @@ def run(argv: list[str] | None = None) -> int:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     from sparsebert import api
-    from sparsebert.config import (
-        CompareConfig,
-        CompressConfig,
-        EvaluateConfig,
-        FinetuneConfig,
-        PruneConfig,
-        build_config,
-    )
+    from sparsebert import config as configs
     from sparsebert.io import check_not_an_input
 
     if getattr(args, "handler", None) is not None:
@@ -179,12 +73,10 @@ def run(argv: list[str] | None = None) -> int:
         for task in PACKAGED_TASKS:
             print(f"task {task}: {packaged_task_dir(task)}")
         return 0
+    config = configs.build_config(getattr(configs, COMMANDS[args.command][0]), args.config, **_options(args))
     if args.command == "evaluate":
-        record = api.evaluate(build_config(EvaluateConfig, args.config, **_options(args)))
-        print(format_metrics(record))
+        print(format_metrics(api.evaluate(config)))
         return 0
-    cls = {"finetune": FinetuneConfig, "prune": PruneConfig, "compress": CompressConfig, "compare": CompareConfig}
-    config = build_config(cls[args.command], args.config, **_options(args))
     if config.output_dir:  # the recipe is an input too: never inside the folder a run may empty
         check_not_an_input(config.output_dir, [args.config])
     if args.command == "compress":

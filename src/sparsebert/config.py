@@ -5,6 +5,7 @@ The resolved configuration is saved beside every result (``config.yaml``), so a 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import types
@@ -18,65 +19,91 @@ import yaml
 from sparsebert.errors import SparseBertError
 
 
-@dataclass
-class TrainConfig:
-    """Options shared by every training command: the task, its data, the optimisation."""
+def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, group: str = "training", factory=None):
+    """Declare an option once: its default, its help and its choices serve the dataclass (the API), the
+    YAML recipes (type-checked by ``build_config``) and the command line (``add_arguments``)."""
+    metadata = {"help": help, "choices": choices, "group": group}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
-    task: str | None = None
-    output_dir: str | None = None
-    # data: one source
-    data_dir: str | None = None
-    dataset: str | None = None
-    train_file: str | None = None
-    dev_file: str | None = None
-    text_columns: list[str] | None = None
-    label_column: str | None = None
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
-    # optimisation
-    epochs: float = 3.0
-    max_steps: int | None = None
-    batch_size: int = 32  # per process
-    eval_batch_size: int = 64
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    lr_schedule: str = "linear"  # linear | constant
-    max_grad_norm: float | None = 1.0
-    max_seq_length: int = 128
-    seed: int = 42
-    eval_every: int | None = 200  # steps between dev evaluations (the reference: 200); 0 = only at the end
-    save_every: int = 200  # steps between resumable checkpoints
-    log_every: int = 10
-    # auto: bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AMX or AVX512-BF16),
-    # fp32 elsewhere (emulated bf16 is ~3x slower than fp32 on a CPU without it: BENCHMARKS.md)
-    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
-    group_by_length: bool = True  # batches of similar length (less padding), HF Trainer's convention
-    overwrite: bool = False
-    resume: bool = False
+
+STRATEGIES = ("sparsebert", "finetune-then-prune", "prune-then-finetune", "distill-dense")
+LR_SCHEDULES = ("linear", "constant")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+@dataclass
+class DataOptions:
+    """The task and its data (one source), as every command that reads a task takes them."""
+
+    task: str | None = opt(
+        None,
+        "GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli), movie-sentiment, movie-rating, "
+        "or classification / regression for your own files",
+        group="data",
+    )
+    data_dir: str | None = opt(None, "folder in the classic GLUE layout (train.tsv, dev.tsv)", group="data")
+    dataset: str | None = opt(None, "hub dataset name, e.g. glue (needs network)", group="data")
+    dev_file: str | None = opt(None, "your own CSV/TSV/JSONL dev file", group="data")
+    text_columns: list[str] | None = opt(None, "comma-separated text column(s) of your files", group="data")
+    label_column: str | None = opt(None, "label column of your files", group="data")
+    max_eval_examples: int | None = opt(None, "a fixed random sample of N dev examples", group="data")
+    eval_batch_size: int = opt(64, "dev batch size", group="data")
+    max_seq_length: int = opt(128, "truncate inputs to N tokens", group="data")
 
     def __post_init__(self) -> None:
         """Check every value on construction: errors come before any model is loaded or file written."""
-        _at_least(self, ("batch_size", "eval_batch_size", "log_every"), 1)
+        _at_least(self, ("eval_batch_size",), 1)
+        _at_least(self, ("max_seq_length",), 2)
+        _check_choices(self)
+
+
+@dataclass
+class TrainConfig(DataOptions):
+    """Options shared by every training command: the task, its data, the optimisation."""
+
+    output_dir: str | None = opt(None, "where the model, metrics.json, config.yaml and log.jsonl go", group="run")
+    train_file: str | None = opt(None, "your own CSV/TSV/JSONL training file", group="data")
+    max_train_examples: int | None = opt(None, "a fixed random sample of N training examples", group="data")
+    epochs: float = opt(3.0, "training epochs (fractions allowed)")
+    max_steps: int | None = opt(None, "stop after N optimizer steps (overrides --epochs)")
+    batch_size: int = opt(32, "training batch size per process")
+    lr: float = opt(5e-5, "peak learning rate (AdamW)")
+    weight_decay: float = opt(0.01, "AdamW weight decay (none on biases and LayerNorm)")
+    warmup_ratio: float = opt(0.1, "fraction of the run with a linear LR warm-up")
+    lr_schedule: str = opt("linear", "after the warm-up: linear decay to 0, or constant", choices=LR_SCHEDULES)
+    max_grad_norm: float | None = opt(1.0, "clip the gradient norm to this (0: no clipping)")
+    seed: int = opt(42, "seed of the initialisation, data order and dropout")
+    eval_every: int | None = opt(200, "dev evaluation every N steps (the reference: 200; 0: at the end only)")
+    save_every: int = opt(200, "resumable checkpoint every N steps (0: only when stopped)")
+    log_every: int = opt(10, "log the mean loss every N steps")
+    # emulated bf16 is ~2.6x slower than fp32 on a CPU without bf16 instructions (BENCHMARKS.md)
+    mixed_precision: str = opt(
+        "auto",
+        "auto: bf16 where the hardware has it natively (CUDA with bf16, CPUs with AMX or AVX512-BF16), "
+        "fp32 (no) elsewhere",
+        choices=PRECISIONS,
+    )
+    group_by_length: bool = opt(True, "training batches of similar length (less padding), HF Trainer's convention")
+    overwrite: bool = opt(False, "replace a non-empty output folder that sparsebert wrote", group="run")
+    resume: bool = opt(False, "continue from the last checkpoint", group="run")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least(self, ("batch_size", "log_every"), 1)
         _at_least(self, ("save_every",), 0)
         if self.max_steps is not None:
             _at_least(self, ("max_steps",), 1)
         if self.eval_every is not None:
             _at_least(self, ("eval_every",), 0)
-        _at_least(self, ("max_seq_length",), 2)
         _positive(self, ("lr", "epochs"))
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise SparseBertError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.warmup_ratio < 1:
             raise SparseBertError(f"--warmup-ratio must satisfy 0 <= ratio < 1, got {self.warmup_ratio}")
-        if self.max_grad_norm is not None:
-            _positive(self, ("max_grad_norm",))
-        _one_of(self, "lr_schedule", LR_SCHEDULES)
-        _one_of(self, "mixed_precision", PRECISIONS)
-
-
-LR_SCHEDULES = ("linear", "constant")
-PRECISIONS = ("auto", "no", "bf16", "fp16")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise SparseBertError(f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
 
 
 def _flag(name: str) -> str:
@@ -97,68 +124,89 @@ def _positive(config: object, names: tuple[str, ...]) -> None:
             raise SparseBertError(f"{_flag(name)} must be a positive number, got {value}")
 
 
-def _one_of(config: object, name: str, choices: tuple[str, ...]) -> None:
-    if getattr(config, name) not in choices:
-        raise SparseBertError(f"{_flag(name)} must be one of {', '.join(choices)}; got {getattr(config, name)!r}")
+def _check_choices(config: object) -> None:
+    """Every option declared with choices holds one of them (lists: every item)."""
+    for f in dataclasses.fields(config):
+        choices, value = f.metadata.get("choices"), getattr(config, f.name)
+        for item in value if isinstance(value, list) else [value]:
+            if choices and item is not None and item not in choices:
+                raise SparseBertError(f"{_flag(f.name)} must be one of {', '.join(choices)}; got {item!r}")
 
 
 @dataclass
 class FinetuneConfig(TrainConfig):
     """``sparsebert finetune``: train the teacher on labels."""
 
-    model: str | None = None
-
-
-STRATEGIES = ("sparsebert", "finetune-then-prune", "prune-then-finetune", "distill-dense")
+    model: str | None = opt(None, "pre-trained model: minilm-l6, a local folder, or a hub id", group="model")
 
 
 @dataclass
 class PruneOptions:
     """What SparseBERT adds: the sparsity schedule and the distillation losses."""
 
-    sparsity: float = 0.9
-    strategy: str = "sparsebert"
-    prune_start: float = 0.0  # step, or fraction of the run when < 1
-    prune_end: float = 0.7  # step, or fraction of the run when <= 1
-    prune_updates: int = 100
-    prune_scope: str = "per_matrix"  # per_matrix | global
-    temperature: float = 1.0
-    # attention, hidden, prediction. The paper adds them with equal weights over ~100x our CPU budgets;
-    # at a few hundred steps the attention-score MSE (largest in size) crowds out the logits, and
-    # 0.1,1,5 kept MiniLM-L6 far closer to its teacher (BENCHMARKS.md, "loss weights"). 1,1,1 = paper.
-    loss_weights: str = "0.1,1,5"
-    regression_target: str = "teacher"  # teacher | label | both
-    student_head: str = "teacher"  # teacher (copy the teacher's classifier) | fresh
-    head_lr: float | None = None  # learning rate of the (unpruned) task head; None = lr
-    augment: int = 0  # augmented copies of each training example (word replacement; 20 in TinyBERT's data)
+    sparsity: float = opt(0.9, "target sparsity of the pruned layers (0.95 = 20x)", group="pruning")
+    strategy: str = opt(
+        "sparsebert", "sparsebert, or a baseline order of work (see README)", choices=STRATEGIES, group="pruning"
+    )
+    prune_start: float = opt(0.0, "first pruning step, or a fraction of the run when < 1", group="pruning")
+    prune_end: float = opt(0.7, "step where the target is reached, or a fraction of the run when <= 1", group="pruning")
+    prune_updates: int = opt(100, "mask updates in the pruning window (the paper: ~100)", group="pruning")
+    prune_scope: str = opt(
+        "per_matrix", "one threshold per matrix (the paper) or one for all", choices=("per_matrix", "global"),
+        group="pruning",
+    )  # fmt: skip
+    temperature: float = opt(1.0, "softmax temperature of the prediction loss", group="pruning")
+    # The paper adds the three terms with equal weights over ~100x our CPU budgets; at a few hundred
+    # steps the attention-score MSE (largest in size) crowds out the logits, and 0.1,1,5 kept MiniLM-L6
+    # far closer to its teacher (BENCHMARKS.md, "loss weights").
+    loss_weights: str = opt("0.1,1,5", "attention,hidden,prediction (the paper: 1,1,1)", group="pruning")
+    regression_target: str = opt(
+        "teacher", "what a regression student's prediction is fitted to", choices=("teacher", "label", "both"),
+        group="pruning",
+    )  # fmt: skip
+    student_head: str = opt(
+        "teacher", "start the task head from the teacher's, or fresh", choices=("teacher", "fresh"), group="pruning"
+    )
+    head_lr: float | None = opt(None, "learning rate of the (unpruned) task head (default: --lr)", group="pruning")
+    augment: int = opt(
+        0, "augmented copies of each training example, labelled by the teacher (TinyBERT: 20)", group="pruning"
+    )
 
     def validate_pruning(self) -> None:
         """Check the pruning options before any model is loaded (errors come before slow work)."""
         if not 0.0 <= self.sparsity < 1.0:
             raise SparseBertError(f"sparsity must satisfy 0 <= sparsity < 1, got {self.sparsity}")
-        if self.strategy not in STRATEGIES:
-            raise SparseBertError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.prune_start < 0 or self.prune_end < 0:
             raise SparseBertError("--prune-start and --prune-end must be >= 0")
-        if self.prune_updates < 1:
-            raise SparseBertError(f"--prune-updates must be >= 1, got {self.prune_updates}")
-        if self.augment < 0:
-            raise SparseBertError(f"--augment must be >= 0, got {self.augment}")
+        _at_least(self, ("prune_updates",), 1)
+        _at_least(self, ("augment",), 0)
         _positive(self, ("temperature",))
-        _one_of(self, "prune_scope", ("per_matrix", "global"))
-        _one_of(self, "regression_target", ("teacher", "label", "both"))
-        _one_of(self, "student_head", ("teacher", "fresh"))
         if self.head_lr is not None:
             _positive(self, ("head_lr",))
+        _check_loss_weights(self.loss_weights)
+
+
+def _check_loss_weights(text: Any) -> None:
+    if isinstance(text, dict):
+        text = list(text.values())
+    parts = text.split(",") if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
+    try:
+        ok = parts is not None and len(parts) == 3 and all(math.isfinite(float(p)) and float(p) >= 0 for p in parts)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise SparseBertError(f"--loss-weights must be three numbers >= 0 (attention,hidden,prediction), got {text!r}")
 
 
 @dataclass
 class PruneConfig(PruneOptions, TrainConfig):
     """``sparsebert prune``: prune the pre-trained student while distilling from the teacher."""
 
-    teacher: str | None = None
-    student: str | None = None
-    lr_schedule: str = "constant"  # the reference keeps the LR constant in the joint run
+    teacher: str | None = opt(None, "fine-tuned teacher folder (from `sparsebert finetune`)", group="model")
+    student: str | None = opt(None, "pre-trained student (usually the teacher's base model)", group="model")
+    lr_schedule: str = opt(
+        "constant", "after the warm-up: linear decay to 0, or constant (the reference)", choices=LR_SCHEDULES
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -169,11 +217,13 @@ class PruneConfig(PruneOptions, TrainConfig):
 class CompressConfig(PruneOptions, TrainConfig):
     """``sparsebert compress``: fine-tune the teacher, then prune the student, then report."""
 
-    model: str | None = None
-    lr_schedule: str = "constant"
-    teacher_epochs: float = 3.0
-    teacher_max_steps: int | None = None
-    teacher_lr: float = 5e-5
+    model: str | None = opt(None, "pre-trained model (teacher and student start from it)", group="model")
+    lr_schedule: str = opt(
+        "constant", "the student's LR after the warm-up: linear decay to 0, or constant", choices=LR_SCHEDULES
+    )
+    teacher_epochs: float = opt(3.0, "epochs of the teacher's fine-tuning", group="teacher")
+    teacher_max_steps: int | None = opt(None, "stop the teacher after N steps", group="teacher")
+    teacher_lr: float = opt(5e-5, "the teacher's learning rate (linear decay)", group="teacher")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -187,31 +237,65 @@ class CompressConfig(PruneOptions, TrainConfig):
 class CompareConfig(CompressConfig):
     """``sparsebert compare``: every strategy at every sparsity, one shared teacher."""
 
-    sparsities: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.97])
-    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
-    dense_student: str | None = None  # distill-dense starts from this model (default: model, cut down)
+    sparsities: list[float] = opt(
+        help="comma-separated sparsities", factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.97], group="compare"
+    )
+    strategies: list[str] = opt(
+        help="comma-separated strategies", factory=lambda: list(STRATEGIES), choices=STRATEGIES, group="compare"
+    )
+    dense_student: str | None = opt(
+        None, "pre-trained model distill-dense starts from, e.g. minilm-l3 (default: --model, cut down)",
+        group="compare",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for sparsity in self.sparsities:
+            if not 0.0 <= sparsity < 1.0:
+                raise SparseBertError(f"--sparsities must lie in [0, 1), got {sparsity}")
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(DataOptions):
     """``sparsebert evaluate``: dev metrics of a saved model."""
 
-    model: str | None = None
-    task: str | None = None
-    data_dir: str | None = None
-    dataset: str | None = None
-    dev_file: str | None = None
-    text_columns: list[str] | None = None
-    label_column: str | None = None
-    max_eval_examples: int | None = None
-    eval_batch_size: int = 64
-    max_seq_length: int = 128
-    output: str | None = None  # where to write metrics.json
-    mixed_precision: str = "no"
+    model: str | None = opt(None, "model folder (ordinary or compressed) or name", group="model")
+    output: str | None = opt(None, "write metrics.json here", group="run")
+    mixed_precision: str = opt("no", "no (default): fp32, exact; auto: bf16 where native", choices=PRECISIONS)
 
-    def __post_init__(self) -> None:
-        _at_least(self, ("eval_batch_size", "max_seq_length"), 1)
-        _one_of(self, "mixed_precision", PRECISIONS)
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per option of ``cls``, from its declaration (type, choices, help, default).
+
+    Every flag defaults to None, so ``build_config`` can tell a given flag from an absent one (flags
+    override the recipe, which overrides the defaults).
+    """
+    hints = typing.get_type_hints(cls)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(cls):
+        group = f.metadata.get("group", "options")
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        kind, help_text = _base_type(hints[f.name]), f.metadata.get("help", "")
+        help_text += f" (default: {shown})" if shown not in (None, False, "") else ""
+        kwargs: dict[str, Any] = {"default": None, "help": help_text.replace("%", "%%")}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is list:
+            kwargs["metavar"] = "A,B,..."
+        else:
+            kwargs["type"] = kind
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+        groups[group].add_argument(_flag(f.name), **kwargs)
+
+
+def _base_type(hint: Any) -> Any:
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
 
 
 C = TypeVar("C")

@@ -1,78 +1,103 @@
 """CLI wiring for ``sparsebert export``, ``sparsebert bench`` and ``sparsebert onnx``.
 
-``register_commands(subparsers)`` adds the three sub-commands; each sets ``handler`` so the main CLI can
-dispatch with ``args.handler(args)``. Heavy imports happen inside the handlers to keep ``--help`` fast.
+Each command's options are declared once, in a dataclass (flags, YAML ``--config`` and API alike, as
+for the training commands); ``register_commands(subparsers)`` adds the three sub-commands, each with a
+``handler`` the main CLI dispatches to. Heavy imports happen inside the handlers to keep ``--help`` fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from sparsebert.config import add_arguments, build_config, opt, require
 from sparsebert.errors import SparseBertError
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+@dataclass
+class ExportConfig:
+    """``sparsebert export``: a pruned model in the compressed sparse format."""
+
+    model: str | None = opt(None, "pruned model folder (or any name `sparsebert.load` accepts)", group="export")
+    output_dir: str | None = opt(None, "the compressed model folder", group="export")
+    values: str = opt("fp32", "dtype of the stored non-zeros", choices=("fp32", "fp16"), group="export")
+    min_sparsity: float = opt(0.5, "store a matrix sparsely from this sparsity on", group="export")
+    overwrite: bool = opt(False, "replace a non-empty output folder", group="export")
+    json: str | None = opt(None, "also write the size report here", group="export")
 
 
-def _float_list(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if any(not 0.0 <= v < 1.0 for v in values):
-        raise argparse.ArgumentTypeError("sparsities must lie in [0, 1)")
-    return values
+@dataclass
+class BenchConfig:
+    """``sparsebert bench``: dense vs sparse CPU latency and throughput, side by side."""
+
+    model: str | None = opt(None, "pruned model folder (ordinary or compressed)", group="bench")
+    arch: str | None = opt(
+        None, "a random model of this shape, pruned here", choices=("bert-base", "minilm-l6"), group="bench"
+    )
+    sparsity: list[float] = opt(help="with --arch: one or more, e.g. 0.9,0.95", factory=lambda: [0.95], group="bench")
+    batch_sizes: list[int] = opt(help="batch sizes to time", factory=lambda: [1, 32], group="bench")
+    seq_len: int = opt(128, "tokens per sentence", group="bench")
+    threads: int = opt(2, "CPU threads", group="bench")
+    mode: str = opt("auto", "sparse engine mode", choices=("auto", "encoder", "linear"), group="bench")
+    backend: str = opt("auto", "sparse kernel", choices=("auto", "cpp", "torch"), group="bench")
+    max_density: float | None = opt(None, "densest matrix still run sparse (default: measured)", group="bench")
+    reps: int = opt(20, "timed runs per side (fewer if over --budget)", group="bench")
+    warmup: int = opt(2, "untimed runs first", group="bench")
+    budget: float = opt(30.0, "seconds per configuration before stopping reps", group="bench")
+    json: str | None = opt(None, "write {'results': [...]} here", group="bench")
+    plot: str | None = opt(None, "PNG of sentences/s vs compression ratio (several sparsities)", group="bench")
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (self.arch is None):
+            raise SparseBertError("give exactly one of --model and --arch")
+        if any(not 0.0 <= v < 1.0 for v in self.sparsity):
+            raise SparseBertError(f"--sparsity values must lie in [0, 1), got {self.sparsity}")
+
+
+@dataclass
+class OnnxConfig:
+    """``sparsebert onnx``: a pruned model in ONNX, checked against PyTorch."""
+
+    model: str | None = opt(None, "pruned model folder", group="onnx")
+    output: str | None = opt(None, "the .onnx file", group="onnx")
+    seq_len: int = opt(128, "tokens per sentence of the traced input", group="onnx")
+    quantize: bool = opt(False, "also write an int8 dynamically quantized model", group="onnx")
+    threads: int | None = opt(None, "threads for the PyTorch and ONNX Runtime timings", group="onnx")
+
+
+def _handler(cls: type, run: Callable, required: tuple[str, ...]) -> Callable[[argparse.Namespace], int]:
+    """Parsed flags (and ``--config``) -> the checked configuration -> ``run(config)``."""
+
+    def handle(args: argparse.Namespace) -> int:
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet", "handler")}
+        config = build_config(cls, args.config, **options)
+        require(config, *required)
+        return run(config)
+
+    return handle
 
 
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``export``, ``bench`` and ``onnx`` to the ``sparsebert`` sub-command parser."""
-    p = subparsers.add_parser("export", help="save a pruned model in the compressed sparse format")
-    p.add_argument("--model", required=True, help="pruned model folder (or any name `sparsebert.load` accepts)")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--values", choices=["fp32", "fp16"], default="fp32", help="dtype of the stored non-zeros")
-    p.add_argument("--min-sparsity", type=float, default=0.5, help="store a matrix sparsely from this sparsity on")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("--json", help="also write the size report here")
-    p.set_defaults(handler=cmd_export)
-
-    p = subparsers.add_parser("bench", help="dense vs sparse CPU latency and throughput, side by side")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="pruned model folder (ordinary or compressed)")
-    src.add_argument("--arch", choices=["bert-base", "minilm-l6"], help="random model of this shape, pruned here")
-    p.add_argument("--sparsity", type=_float_list, default=[0.95], help="with --arch: one or more, e.g. 0.9,0.95")
-    p.add_argument("--batch-sizes", "--batch-size", type=_int_list, default=[1, 32], dest="batch_sizes")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--mode", choices=["auto", "encoder", "linear"], default="auto")
-    p.add_argument("--backend", choices=["auto", "cpp", "torch"], default="auto")
-    p.add_argument("--max-density", type=float, help="densest matrix still run sparse (default: measured)")
-    p.add_argument("--reps", type=int, default=20, help="timed runs per side (fewer if over --budget)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--budget", type=float, default=30.0, help="seconds per configuration before stopping reps")
-    p.add_argument("--json", help="write {'results': [...]} here")
-    p.add_argument("--plot", help="PNG of sentences/s vs compression ratio (use with several sparsities)")
-    p.set_defaults(handler=cmd_bench)
-
-    p = subparsers.add_parser("onnx", help="export a pruned model to ONNX and check it against PyTorch")
-    p.add_argument("--model", required=True)
-    p.add_argument("--output", required=True, help="the .onnx file")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--quantize", action="store_true", help="also write an int8 dynamically quantized model")
-    p.add_argument("--threads", type=int, help="threads for the PyTorch and ONNX Runtime timings")
-    p.set_defaults(handler=cmd_onnx)
+    for name, cls, run, required in (
+        ("export", ExportConfig, cmd_export, ("model", "output_dir")),
+        ("bench", BenchConfig, cmd_bench, ()),
+        ("onnx", OnnxConfig, cmd_onnx, ("model", "output")),
+    ):
+        p = subparsers.add_parser(name, help=(cls.__doc__ or "").split(": ", 1)[-1].rstrip("."))
+        p.add_argument("--config", help="YAML recipe of options; flags override it")
+        add_arguments(p, cls)
+        p.set_defaults(handler=_handler(cls, run, required))
 
 
 def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:.2f} MB"
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def cmd_export(args: ExportConfig) -> int:
     from sparsebert.export import export_compressed
 
     r = export_compressed(
@@ -96,7 +121,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(args: BenchConfig) -> int:
     import torch
 
     from sparsebert.runtime.bench import bench_model, format_table, plot_sweep, random_pruned_model, results_json
@@ -130,7 +155,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_onnx(args: argparse.Namespace) -> int:
+def cmd_onnx(args: OnnxConfig) -> int:
     from sparsebert.runtime.onnx_export import export_onnx
 
     report = export_onnx(args.model, args.output, seq_len=args.seq_len, quantize=args.quantize, threads=args.threads)

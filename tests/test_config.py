@@ -1,0 +1,49 @@
+"""One declaration per option: the dataclasses are the API, the YAML recipes and the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from sparsebert import config as configs
+from sparsebert.cli import COMMANDS, build_parser
+from sparsebert.runtime.commands import BenchConfig, ExportConfig, OnnxConfig
+
+CLASSES = {
+    **{name: getattr(configs, cls_name) for name, (cls_name, _) in COMMANDS.items()},
+    "export": ExportConfig,
+    "bench": BenchConfig,
+    "onnx": OnnxConfig,
+}
+
+
+def _subparsers():
+    parser = build_parser()
+    return next(a for a in parser._actions if a.dest == "command").choices
+
+
+@pytest.mark.parametrize("command", list(CLASSES))
+def test_every_option_has_exactly_one_flag_with_help(command):
+    sub = _subparsers()[command]
+    dests = {a.dest for a in sub._actions} - {"help", "config", "handler"}
+    fields = {f.name: f for f in dataclasses.fields(CLASSES[command])}
+    assert dests == set(fields)
+    assert all(f.metadata.get("help") for f in fields.values()), command
+
+
+@pytest.mark.parametrize("command", ["finetune", "prune", "compress", "compare", "evaluate"])
+def test_a_recipe_of_every_default_round_trips(command, tmp_path):
+    cls = CLASSES[command]
+    defaults = dataclasses.asdict(cls())
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(defaults))
+    assert dataclasses.asdict(configs.build_config(cls, tmp_path / "r.yaml")) == defaults
+
+
+def test_flags_override_the_recipe_and_lists_take_commas(tmp_path):
+    (tmp_path / "r.yaml").write_text("lr: 0.001\nsparsities: [0.5]\ngroup_by_length: false\n")
+    args = build_parser().parse_args(["compare", "--config", str(tmp_path / "r.yaml"), "--sparsities", "0.8,0.9"])
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet")}
+    config = configs.build_config(configs.CompareConfig, args.config, **options)
+    assert (config.lr, config.sparsities, config.group_by_length) == (0.001, [0.8, 0.9], False)
