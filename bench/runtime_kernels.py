@@ -1,4 +1,4 @@
-"""Per-projection kernel comparison behind the runtime's choices (see BENCHMARKS-runtime.md).
+"""Per-projection kernel comparison behind the runtime's choices (BENCHMARKS.md, "Kernel choice").
 
 For BERT-base and MiniLM projection shapes, times one projection with: dense ``F.linear`` on token-major
 activations (what PyTorch runs), torch's MKL CSR as ``torch.mm(W_csr, X_t)`` on feature-major activations,

@@ -20,6 +20,7 @@ from sparsebert.api import _stage_configs, check_paths, claimed_by_main_process,
 from sparsebert.config import STRATEGIES, CompareConfig, require
 from sparsebert.errors import SparseBertError
 from sparsebert.io import JsonlLog, atomic_write_json
+from sparsebert.report import pyplot
 from sparsebert.tasks import get_task
 
 
@@ -64,10 +65,7 @@ def write_csv(path: Path, results: dict) -> None:
 
 
 def plot(out: Path, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     strategies = list(dict.fromkeys(r["strategy"] for r in results["runs"]))
     colors = {strategy: f"C{i}" for i, strategy in enumerate(strategies)}  # the same in every panel

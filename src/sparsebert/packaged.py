@@ -42,8 +42,11 @@ logger = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
-    """Where derived default data lives: ``$SPARSEBERT_CACHE`` or ``~/.cache/sparsebert``."""
-    return Path(os.environ.get("SPARSEBERT_CACHE", Path.home() / ".cache" / "sparsebert"))
+    """Where sparsebert keeps what it builds (default data, converted models, compiled kernels):
+    ``$SPARSEBERT_CACHE``, else ``$XDG_CACHE_HOME/sparsebert``, else ``~/.cache/sparsebert``."""
+    if os.environ.get("SPARSEBERT_CACHE"):
+        return Path(os.environ["SPARSEBERT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparsebert"
 
 
 def minilm_l6_path() -> Path:

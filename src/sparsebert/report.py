@@ -29,12 +29,19 @@ def _wall_seconds(run_dir: Path) -> float | None:
     return None
 
 
-def plot_run(run_dir: Path, sparsity: dict | None = None) -> list[Path]:
-    """PNG plots of a run: training loss and dev metrics (with the target sparsity) vs step; sparsity per layer."""
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (runs have no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(run_dir: Path, sparsity: dict | None = None) -> list[Path]:
+    """PNG plots of a run: training loss and dev metrics (with the target sparsity) vs step; sparsity per layer."""
+    plt = pyplot()
 
     log = JsonlLog(run_dir / "log.jsonl").read()
     records = [r for r in log if "loss" in r and "step" in r]

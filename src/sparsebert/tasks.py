@@ -18,7 +18,6 @@ class TaskSpec:
     label_column: str | int
     labels: tuple[str, ...] | None
     metrics: tuple[str, ...]
-    main_metric: str
     train_file: str = "train.tsv"
     dev_files: dict[str, str] = field(default_factory=lambda: {"dev": "dev.tsv"})
     header: bool = True
@@ -48,7 +47,6 @@ TASKS: dict[str, TaskSpec] = {
             1,
             BINARY,
             ("mcc", "accuracy"),
-            "mcc",
             header=False,
             hub=("glue", "cola"),
             hub_text_columns=("sentence",),
@@ -59,7 +57,6 @@ TASKS: dict[str, TaskSpec] = {
             "label",
             BINARY,
             ("accuracy",),
-            "accuracy",
             hub=("glue", "sst2"),
             hub_text_columns=("sentence",),
         ),
@@ -69,7 +66,6 @@ TASKS: dict[str, TaskSpec] = {
             "Quality",
             BINARY,
             ("accuracy", "f1"),
-            "f1",
             hub=("glue", "mrpc"),
             hub_text_columns=("sentence1", "sentence2"),
         ),
@@ -79,7 +75,6 @@ TASKS: dict[str, TaskSpec] = {
             "score",
             None,
             ("pearson", "spearman"),
-            "pearson",
             hub=("glue", "stsb"),
             hub_text_columns=("sentence1", "sentence2"),
         ),
@@ -89,7 +84,6 @@ TASKS: dict[str, TaskSpec] = {
             "is_duplicate",
             BINARY,
             ("accuracy", "f1"),
-            "accuracy",
             skip_malformed=True,
             hub=("glue", "qqp"),
             hub_text_columns=("question1", "question2"),
@@ -100,7 +94,6 @@ TASKS: dict[str, TaskSpec] = {
             "gold_label",
             ("contradiction", "entailment", "neutral"),
             ("accuracy",),
-            "accuracy",
             dev_files={"dev": "dev_matched.tsv", "dev_mismatched": "dev_mismatched.tsv"},
             hub=("glue", "mnli"),
             hub_text_columns=("premise", "hypothesis"),
@@ -112,7 +105,6 @@ TASKS: dict[str, TaskSpec] = {
             "label",
             NLI2,
             ("accuracy",),
-            "accuracy",
             hub=("glue", "qnli"),
             hub_text_columns=("question", "sentence"),
         ),
@@ -122,7 +114,6 @@ TASKS: dict[str, TaskSpec] = {
             "label",
             NLI2,
             ("accuracy",),
-            "accuracy",
             hub=("glue", "rte"),
             hub_text_columns=("sentence1", "sentence2"),
         ),
@@ -132,14 +123,13 @@ TASKS: dict[str, TaskSpec] = {
             "label",
             BINARY,
             ("accuracy",),
-            "accuracy",
             hub=("glue", "wnli"),
             hub_text_columns=("sentence1", "sentence2"),
         ),
         # The embedded default: binary sentiment of real movie-review snippets (see sparsebert.packaged).
-        TaskSpec("movie-sentiment", ("sentence",), "label", BINARY, ("accuracy", "f1"), "accuracy"),
+        TaskSpec("movie-sentiment", ("sentence",), "label", BINARY, ("accuracy", "f1")),
         # The same snippets as regression on their mean human rating (-4 .. 4).
-        TaskSpec("movie-rating", ("sentence",), "label", None, ("pearson", "spearman"), "pearson"),
+        TaskSpec("movie-rating", ("sentence",), "label", None, ("pearson", "spearman")),
     ]
 }
 
@@ -148,8 +138,8 @@ ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "sts": "stsb", "mnli-m": "mnli", "m
 
 # For the user's own files: labels are read from the training file.
 GENERIC = {
-    "classification": TaskSpec("classification", ("text",), "label", (), ("accuracy", "f1"), "accuracy"),
-    "regression": TaskSpec("regression", ("text",), "label", None, ("pearson", "spearman"), "pearson"),
+    "classification": TaskSpec("classification", ("text",), "label", (), ("accuracy", "f1")),
+    "regression": TaskSpec("regression", ("text",), "label", None, ("pearson", "spearman")),
 }
 
 

@@ -18,6 +18,7 @@ from transformers import BertConfig, BertModel
 
 from sparsebert.errors import SparseBertError
 from sparsebert.pruning import MagnitudePruner, sparsity_report
+from sparsebert.report import pyplot
 from sparsebert.runtime.convert import sparsify
 
 ARCHS: dict[str, dict] = {
@@ -58,7 +59,7 @@ def random_pruned_model(arch: str, sparsity: float, seed: int = 0) -> nn.Module:
     return model
 
 
-def _median_ms(fns: list[Callable[[], object]], warmup: int, reps: int, budget_s: float) -> list[float]:
+def median_ms(fns: list[Callable[[], object]], warmup: int, reps: int, budget_s: float) -> list[float]:
     """Interleaved timing of several callables; fewer reps when one call is slow (but at least 3)."""
     for _ in range(warmup):
         for fn in fns:
@@ -97,7 +98,7 @@ def bench_pair(
         ids = torch.randint(0, vocab, (bs, seq_len), generator=gen)
         mask = torch.ones_like(ids)
         with torch.inference_mode():
-            dense_ms, sparse_ms = _median_ms(
+            dense_ms, sparse_ms = median_ms(
                 [
                     lambda m=dense, i=ids, a=mask: m(input_ids=i, attention_mask=a),
                     lambda m=sparse, i=ids, a=mask: m(input_ids=i, attention_mask=a),
@@ -153,10 +154,7 @@ def results_json(results: list[BenchResult]) -> dict:
 
 def plot_sweep(results: list[BenchResult], path: str) -> None:
     """Sentences/s against compression ratio 1/(1-sparsity), one line per (model, batch size)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     groups: dict[tuple[str, int], list[BenchResult]] = {}

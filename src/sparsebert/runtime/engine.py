@@ -125,7 +125,7 @@ class SparseEncoder(nn.Module):
 
         A head's slice of Q^T is (dim, batch, seq); permuted to (batch, seq, dim) it has one batch stride and
         a unit stride, which batched GEMM takes as a transposed operand. Measured ~2x faster than
-        ``scaled_dot_product_attention`` on permuted or copied tensors at batch 32 (BENCHMARKS-runtime.md).
+        ``scaled_dot_product_attention`` on permuted or copied tensors at batch 32 (BENCHMARKS.md, "End to end").
         """
         h, d = self.hidden, self.head_dim
         scale = 1.0 / math.sqrt(d)

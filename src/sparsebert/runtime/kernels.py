@@ -3,7 +3,7 @@
 Why feature-major: with activations laid out as (features x tokens), ``Y = W @ X`` for a CSR ``W`` is, per
 output row, a weighted sum of a few contiguous rows of ``X``; the inner loop runs over tokens, which is
 contiguous and vectorises (AVX-512/AVX2 through GCC vector extensions). Keeping the whole encoder in this
-layout avoids the transposes that otherwise eat most of the gain (see BENCHMARKS-runtime.md).
+layout avoids the transposes that otherwise eat most of the gain (BENCHMARKS.md, "Kernel choice").
 
 Why ctypes + g++ rather than a torch C++ extension or numba: the build takes about a second, needs no extra
 Python dependency, and linking against OpenMP picks up the ``libgomp`` that torch already loaded (same
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from sparsebert.errors import SparseBertError
+from sparsebert.packaged import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +150,6 @@ void layer_norm_fm_f32(int64_t H, int64_t N, const float* X, const float* gamma,
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("SPARSEBERT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sparsebert"
-    )
-    return Path(root) / "kernels"
-
-
 def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
@@ -170,7 +164,7 @@ def _library() -> ctypes.CDLL | None:
         log.warning("no C++ compiler found: sparse runtime falls back to torch's MKL CSR kernels")
         return None
     key = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + cxx + os.uname().machine).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"libsparsebert_kernels_{key}.so"
+    target = cache_dir() / "kernels" / f"libsparsebert_kernels_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -258,8 +252,6 @@ def spmm(
     x: torch.Tensor,
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    block: int | None = None,
 ) -> torch.Tensor:
     """``W @ X + bias[:, None] (+ residual)`` for feature-major ``X`` of shape (in_features, tokens)."""
     m, k = w.shape
@@ -281,7 +273,7 @@ def spmm(
             _check(t, name)
     if residual is not None and residual.shape != (m, n):
         raise SparseBertError(f"spmm: residual must have shape ({m}, {n}), got {tuple(residual.shape)}")
-    y = out if out is not None else torch.empty((m, n), dtype=torch.float32)
+    y = torch.empty((m, n), dtype=torch.float32)
     lib.spmm_csr_f32(
         m,
         n,
@@ -292,7 +284,7 @@ def spmm(
         _ptr(bias),
         _ptr(residual),
         _ptr(y),
-        TOKEN_BLOCK if block is None else block,
+        TOKEN_BLOCK,
         torch.get_num_threads(),
     )
     return y

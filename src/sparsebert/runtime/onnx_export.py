@@ -8,14 +8,13 @@ is portability, and int8 dynamic quantization is the CPU speed lever on that pat
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from sparsebert.errors import SparseBertError
+from sparsebert.runtime.bench import median_ms
 
 TOLERANCE = 1e-4
 
@@ -62,13 +61,7 @@ def _inputs(vocab: int, batch: int, seq: int, seed: int, types: bool) -> dict[st
 
 
 def _median_ms(fn, reps: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    return median_ms([fn], warmup=1, reps=reps, budget_s=float("inf"))[0]
 
 
 def export_onnx(

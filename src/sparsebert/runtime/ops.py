@@ -2,7 +2,7 @@
 
 A CSR kernel only pays off below some density; above it a dense GEMM (MKL) is faster, so each matrix is
 converted only when its measured density is at most ``max_density`` (the default comes from the per-layer
-measurements in BENCHMARKS-runtime.md).
+measurements in BENCHMARKS.md, "Kernel choice").
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from sparsebert.errors import SparseBertError
 from sparsebert.runtime.kernels import CSRMatrix, cpp_available, spmm
 
 BACKENDS = ("auto", "cpp", "torch")
-# Above this density the dense GEMM wins on the shapes we measured (see BENCHMARKS-runtime.md).
+# Above this density the dense GEMM wins on the shapes we measured (BENCHMARKS.md, "Kernel choice").
 DEFAULT_MAX_DENSITY = 0.3
 
 
