@@ -24,6 +24,7 @@ COMMANDS = {  # command: (configuration class, one-line help)
     "compress": ("CompressConfig", "the whole job: fine-tune the teacher, prune the student, report"),
     "compare": ("CompareConfig", "every strategy at every sparsity, one teacher: results, CSV, plots"),
     "evaluate": ("EvaluateConfig", "dev metrics of a saved model"),
+    "predict": ("PredictConfig", "label a file of inputs with a saved model (HF or compressed folder)"),
 }
 
 
@@ -76,6 +77,16 @@ def run(argv: list[str] | None = None) -> int:
     config = configs.build_config(getattr(configs, COMMANDS[args.command][0]), args.config, **_options(args))
     if args.command == "evaluate":
         print(format_metrics(api.evaluate(config)))
+        return 0
+    if args.command == "predict":
+        from sparsebert.predict import predict
+
+        configs.require(config, "model", "input", "output")
+        result = predict(config)
+        print(
+            f"{result.count} inputs -> {result.output} with the {result.engine} engine: "
+            f"{result.count / result.seconds:.1f} sentences/s"
+        )
         return 0
     if config.output_dir:  # the recipe is an input too: never inside the folder a run may empty
         check_not_an_input(config.output_dir, [args.config])

@@ -264,6 +264,35 @@ class EvaluateConfig(DataOptions):
     mixed_precision: str = opt("no", "no (default): fp32, exact; auto: bf16 where native", choices=PRECISIONS)
 
 
+ENGINES = ("auto", "dense", "sparse")
+
+
+@dataclass
+class PredictConfig:
+    """``sparsebert predict``: label a file of inputs with a saved model."""
+
+    model: str | None = opt(None, "model folder (ordinary or compressed) or name", group="predict")
+    input: str | None = opt(None, "CSV/TSV/JSONL file of inputs (labels, if any, are ignored)", group="predict")
+    output: str | None = opt(None, "JSONL file: one line per input, in input order", group="predict")
+    task: str | None = opt(
+        None, "read --input in this task's GLUE layout (its text columns; CoLA without a header)", group="predict"
+    )
+    text_columns: list[str] | None = opt(None, "comma-separated text column(s) of --input", group="predict")
+    batch_size: int = opt(32, "inputs per batch", group="predict")
+    max_seq_length: int = opt(128, "truncate inputs to N tokens", group="predict")
+    engine: str = opt(
+        "auto", "auto: the faster of dense and sparse, timed on the first batch", choices=ENGINES, group="predict"
+    )
+    threads: int | None = opt(None, "CPU threads (default: PyTorch's)", group="predict")
+
+    def __post_init__(self) -> None:
+        _at_least(self, ("batch_size",), 1)
+        _at_least(self, ("max_seq_length",), 2)
+        if self.threads is not None:
+            _at_least(self, ("threads",), 1)
+        _check_choices(self)
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per option of ``cls``, from its declaration (type, choices, help, default).
 

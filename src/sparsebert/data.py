@@ -101,45 +101,43 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
 def read_labelled_file(
     path: Path,
     text_columns: tuple[str | int, ...],
-    label_column: str | int,
+    label_column: str | int | None,
     *,
     header: bool = True,
     glue_format: bool = False,
     skip_malformed: bool = False,
-) -> list[tuple[int, tuple[str, ...], str]]:
+) -> list[tuple[int, tuple[str, ...], str | None]]:
     """Return (line number, texts, raw label) rows. Columns are names (with a header) or positions.
 
+    ``label_column=None`` reads inputs without labels (``sparsebert predict``): the raw label is None.
     ``glue_format`` reads tab-separated files with no quoting, as GLUE's files need (their sentences
     contain unbalanced quotes).
     """
+    columns = (*text_columns, label_column) if label_column is not None else tuple(text_columns)
+    n_texts = len(text_columns)
     if path.suffix in (".jsonl", ".json"):
-        objs = _read_jsonl(path)
         out = []
-        for line_no, obj in objs:
-            missing = [c for c in (*text_columns, label_column) if c not in obj]
+        for line_no, obj in _read_jsonl(path):
+            missing = [c for c in columns if c not in obj]
             if missing:
                 raise SparseBertError(f"{path}:{line_no}: missing field(s) {', '.join(map(str, missing))}")
-            out.append((line_no, tuple(str(obj[c]) for c in text_columns), str(obj[label_column])))
+            values = [str(obj[c]) for c in columns]
+            out.append((line_no, tuple(values[:n_texts]), values[n_texts] if label_column is not None else None))
         return out
 
     delimiter = "\t" if glue_format or path.suffix == ".tsv" else ","
     quoting = csv.QUOTE_NONE if glue_format else csv.QUOTE_MINIMAL
     rows = _read_rows(path, delimiter, quoting)
+    positions = list(columns)
     if header:
         if not rows:
             raise SparseBertError(f"{path}: empty file (expected a header line)")
         names = [n.strip() for n in rows[0][1]]
-        positions = []
-        for col in (*text_columns, label_column):
-            if isinstance(col, int):
-                positions.append(col)
-            elif col in names:
-                positions.append(names.index(col))
-            else:
-                raise SparseBertError(f"{path}: no column {col!r} in header ({', '.join(names)})")
+        missing = [c for c in columns if not isinstance(c, int) and c not in names]
+        if missing:
+            raise SparseBertError(f"{path}: no column {missing[0]!r} in header ({', '.join(names)})")
+        positions = [c if isinstance(c, int) else names.index(c) for c in columns]
         rows = rows[1:]
-    else:
-        positions = [*text_columns, label_column]
     need = max(positions) + 1
     out = []
     for line_no, row in rows:
@@ -148,7 +146,7 @@ def read_labelled_file(
                 continue
             raise SparseBertError(f"{path}:{line_no}: expected at least {need} columns, found {len(row)}")
         values = [row[p] for p in positions]
-        out.append((line_no, tuple(values[:-1]), values[-1].strip()))
+        out.append((line_no, tuple(values[:n_texts]), values[n_texts].strip() if label_column is not None else None))
     return out
 
 
