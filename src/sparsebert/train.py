@@ -1,7 +1,8 @@
 """The training loop shared by fine-tuning and prune-while-distill, on 🤗 Accelerate.
 
-It reads top to bottom: build the optimizer, prepare everything with Accelerate, resume if asked,
-then for each batch: loss -> backward -> optimizer step -> (pruner step) -> log / evaluate / checkpoint.
+``Loop.run`` reads top to bottom in a screen: ``_build`` (optimizer, Accelerate's preparation, LR
+schedule, pruner, resume), then for each batch ``_train_step`` (loss -> backward -> optimizer step ->
+pruner step) and ``_end_of_step`` (log / evaluate / stop / checkpoint), then ``_end`` (final checks).
 What differs between commands is only ``step_fn`` (how a batch becomes a loss) and the optional pruner.
 ``accelerate launch`` runs the same loop on several processes; mixed precision is Accelerate's.
 """
@@ -213,6 +214,19 @@ class StopRequest:
 
 
 @dataclass
+class _Prepared:
+    """What ``Loop._build`` hands the loop: the prepared objects and the run's length."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_loader: DataLoader
+    eval_loaders: dict[str, DataLoader]
+    n_steps: int
+    precision: str
+
+
+@dataclass
 class Loop:
     """Everything a run needs; ``run()`` trains and returns the final dev metrics."""
 
@@ -302,13 +316,35 @@ class Loop:
             self.log.write({"time": round(time.time(), 3), **record})
 
     def run(self) -> dict[str, float]:
+        """Build, resume if asked, train to the last step (or a stop request), evaluate, check ranks."""
+        p = self._build()
+        bar = tqdm(total=p.n_steps, initial=self.state.step, desc=f"train ({p.precision})",
+                   disable=not self.accelerator.is_local_main_process)  # fmt: skip
+        started = time.perf_counter()
+        with StopRequest() as stop:
+            while self.state.step < p.n_steps:
+                p.train_loader.set_epoch(self.state.epoch)
+                skip = self.state.batch_in_epoch  # a resumed run continues mid-epoch
+                loader = self.accelerator.skip_first_batches(p.train_loader, skip) if skip else p.train_loader
+                for batch in loader:
+                    self._train_step(p, batch)
+                    bar.update(1)
+                    if self._end_of_step(p, bar, stop):
+                        break
+                else:
+                    self.state.epoch += 1
+                    self.state.batch_in_epoch = 0
+        bar.close()
+        return self._end(p, time.perf_counter() - started)
+
+    def _build(self) -> _Prepared:
+        """Optimizer, Accelerate's preparation, LR schedule, pruner, checkpoint registration, resume."""
         acc, cfg = self.accelerator, self.config
         if self.extra_modules and acc.num_processes > 1:
             # Their gradients would not be all-reduced (the step calls them unwrapped): refuse early.
             raise SparseBertError("students narrower than the teacher train in one process only for now")
         params = param_groups(self.model, cfg.weight_decay, self.head_lr)
-        for module in self.extra_modules:
-            params.append({"params": list(module.parameters()), "weight_decay": 0.0})
+        params += [{"params": list(m.parameters()), "weight_decay": 0.0} for m in self.extra_modules]
         # The fused kernel updates every parameter in one pass: ~10x less optimizer time than the
         # per-tensor loop on a CPU, where AdamW over the 11.7M-entry word embedding was ~15% of a step.
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, fused=acc.device.type in ("cpu", "cuda"))
@@ -316,104 +352,76 @@ class Loop:
             module.to(acc.device)
         prepared = acc.prepare(self.model, optimizer, self.train_loader, *self.eval_loaders.values())
         model, optimizer, train_loader = prepared[:3]
-        eval_loaders = dict(zip(self.eval_loaders, prepared[3 : 3 + len(self.eval_loaders)], strict=True))
+        eval_loaders = dict(zip(self.eval_loaders, prepared[3:], strict=True))
         # Counted per process after sharding; the scheduler is stepped once per optimizer step.
-        steps_per_epoch = len(train_loader)
-        n_steps = total_steps(cfg, steps_per_epoch)
+        n_steps = total_steps(cfg, len(train_loader))
         warmup = int(cfg.warmup_ratio * n_steps)
-        if cfg.lr_schedule == "linear":
-            scheduler = get_linear_schedule_with_warmup(optimizer, warmup, n_steps)
-        elif cfg.lr_schedule == "constant":
-            scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
-        else:
-            raise SparseBertError(f"unknown --lr-schedule {cfg.lr_schedule!r} (linear or constant)")
-        scheduler = acc.prepare(scheduler)
+        scheduler = acc.prepare(
+            get_linear_schedule_with_warmup(optimizer, warmup, n_steps)
+            if cfg.lr_schedule == "linear"
+            else get_constant_schedule_with_warmup(optimizer, warmup)
+        )
         if self.pruner_factory is not None:
             self.pruner = self.pruner_factory(acc.unwrap_model(model), n_steps)
         acc.register_for_checkpointing(self.state, *self.extra_modules)
         if self.pruner is not None:
             acc.register_for_checkpointing(self.pruner)
-
-        checkpoint = self.output_dir / CHECKPOINT
-        if cfg.resume and checkpoint.exists():
-            acc.load_state(str(checkpoint))
+        if cfg.resume and (self.output_dir / CHECKPOINT).exists():
+            acc.load_state(str(self.output_dir / CHECKPOINT))
             self._log({"event": "resume", "step": self.state.step})
-        self._log(
-            {
-                "event": "start",
-                "total_steps": n_steps,
-                "steps_per_epoch": steps_per_epoch,
-                "processes": acc.num_processes,
-                "mixed_precision": cfg.mixed_precision,
-                "group_by_length": cfg.group_by_length,
-            }
-        )
-
-        precision = {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)
-        bar = tqdm(
-            total=n_steps, initial=self.state.step, desc=f"train ({precision})", disable=not acc.is_local_main_process
-        )
+        self._log({"event": "start", "total_steps": n_steps, "steps_per_epoch": len(train_loader),
+                   "processes": acc.num_processes, "mixed_precision": cfg.mixed_precision,
+                   "group_by_length": cfg.group_by_length})  # fmt: skip
         self._losses, self._parts = [], {}
-        started = time.perf_counter()
-        with StopRequest() as stop:
-            while self.state.step < n_steps:
-                train_loader.set_epoch(self.state.epoch)
-                loader = (
-                    acc.skip_first_batches(train_loader, self.state.batch_in_epoch)
-                    if self.state.batch_in_epoch
-                    else train_loader
-                )
-                for batch in loader:
-                    model.train()
-                    loss, parts = self.step_fn(model, batch)
-                    acc.backward(loss)
-                    if cfg.max_grad_norm:
-                        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if self.pruner is not None:
-                        self.pruner.step()
-                    self.state.step += 1
-                    self.state.batch_in_epoch += 1
-                    bar.update(1)
-                    self._losses.append(loss.detach())
-                    for k, v in parts.items():
-                        self._parts[k] = self._parts.get(k, 0) + v
+        precision = {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)
+        return _Prepared(model, optimizer, scheduler, train_loader, eval_loaders, n_steps, precision)
 
-                    step = self.state.step
-                    if step % cfg.log_every == 0 or step == n_steps:
-                        self._log_window(scheduler.get_last_lr()[0], bar)
-                    if cfg.eval_every and step % cfg.eval_every == 0 and step < n_steps:
-                        self._log(
-                            {"step": step, "event": "eval", "metrics": evaluate(model, eval_loaders, self.task, acc)}
-                        )
-                    if self._should_stop(stop):
-                        bar.close()
-                        self._save_checkpoint()
-                        self._log({"event": "interrupted", "step": step})
-                        raise KeyboardInterrupt
-                    if cfg.save_every and step % cfg.save_every == 0 and step < n_steps:
-                        self._save_checkpoint()
-                    if step >= n_steps:
-                        break
-                else:
-                    self.state.epoch += 1
-                    self.state.batch_in_epoch = 0
-        self._check_finite(model)
-        bar.close()
-        elapsed = time.perf_counter() - started
-        metrics = evaluate(model, eval_loaders, self.task, acc)
-        digests = gather_object([weights_digest(acc.unwrap_model(model), self.pruner)])
+    def _train_step(self, p: _Prepared, batch: dict) -> None:
+        """loss -> backward -> clip -> optimizer and LR step -> pruner step (masks re-applied)."""
+        p.model.train()
+        loss, parts = self.step_fn(p.model, batch)
+        self.accelerator.backward(loss)
+        if self.config.max_grad_norm:
+            self.accelerator.clip_grad_norm_(p.model.parameters(), self.config.max_grad_norm)
+        p.optimizer.step()
+        p.scheduler.step()
+        p.optimizer.zero_grad(set_to_none=True)
+        if self.pruner is not None:
+            self.pruner.step()
+        self.state.step += 1
+        self.state.batch_in_epoch += 1
+        self._losses.append(loss.detach())
+        for k, v in parts.items():
+            self._parts[k] = self._parts.get(k, 0) + v
+
+    def _end_of_step(self, p: _Prepared, bar: tqdm, stop: StopRequest) -> bool:
+        """Log, evaluate, honour a stop request, checkpoint; True once the last step is done."""
+        cfg, step = self.config, self.state.step
+        if step % cfg.log_every == 0 or step == p.n_steps:
+            self._log_window(p.scheduler.get_last_lr()[0], bar)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < p.n_steps:
+            metrics = evaluate(p.model, p.eval_loaders, self.task, self.accelerator)
+            self._log({"step": step, "event": "eval", "metrics": metrics})
+        if self._should_stop(stop):
+            bar.close()
+            self._save_checkpoint()
+            self._log({"event": "interrupted", "step": step})
+            raise KeyboardInterrupt
+        if cfg.save_every and step % cfg.save_every == 0 and step < p.n_steps:
+            self._save_checkpoint()
+        return step >= p.n_steps
+
+    def _end(self, p: _Prepared, elapsed: float) -> dict[str, float]:
+        """Final checks and evaluation; every process must end with the same weights and masks."""
+        acc = self.accelerator
+        self._check_finite(p.model)
+        metrics = evaluate(p.model, p.eval_loaders, self.task, acc)
+        digests = gather_object([weights_digest(acc.unwrap_model(p.model), self.pruner)])
         self._log({"step": self.state.step, "event": "eval", "metrics": metrics})
+        in_sync = len(set(digests)) == 1
         self._log(
-            {
-                "event": "end",
-                "train_seconds": round(elapsed, 2),
-                "rank_digests": digests,
-                "ranks_in_sync": len(set(digests)) == 1,
-            }
+            {"event": "end", "train_seconds": round(elapsed, 2), "rank_digests": digests, "ranks_in_sync": in_sync}
         )
-        if len(set(digests)) != 1:
+        if not in_sync:
             raise SparseBertError(f"processes ended with different weights: {digests}")
         return metrics
