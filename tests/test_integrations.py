@@ -38,6 +38,40 @@ def test_hf_trainer_with_pruner_callback(tiny_model_dir, tmp_path):
     assert pruner.sparsity_report()["overall"] == pytest.approx(0.8, abs=1e-3)
 
 
+def test_pruner_state_travels_with_the_trainers_checkpoints(tiny_model_dir, tmp_path):
+    """Stopped after checkpoint-4 and resumed from it, the run ends with the uninterrupted run's masks."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = sentiment_rows(64, 3)
+    enc = tok([r[0] for r in rows], padding=True)
+    data = [
+        {"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": rows[i][1]}
+        for i in range(len(rows))
+    ]
+
+    def run(out, max_steps, resume=None):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+        pruner = MagnitudePruner(model, CubicSparsitySchedule(0.8, start_step=0, end_step=8, num_updates=8))
+        args = TrainingArguments(
+            output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=8, report_to=[],
+            save_strategy="steps", save_steps=4, use_cpu=True, learning_rate=1e-3, seed=0,
+            lr_scheduler_type="constant",  # the same LR at steps 1-4 whatever max_steps says
+        )  # fmt: skip
+        Trainer(model=model, args=args, train_dataset=data, callbacks=[PrunerCallback(pruner)]).train(
+            resume_from_checkpoint=resume
+        )
+        return pruner
+
+    straight = run(tmp_path / "a", 8)
+    run(tmp_path / "b", 4)  # "stopped" after its checkpoint at step 4
+    resumed = run(tmp_path / "b", 8, resume=True)
+    assert resumed.last_step == straight.last_step == 8
+    for name, mask in straight.masks.items():
+        assert torch.equal(resumed.masks[name], mask), name
+
+
 def test_own_loop_with_distillation_loss_alone(tiny_model_dir):
     teacher = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2).eval()
     student = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
