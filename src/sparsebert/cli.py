@@ -91,7 +91,9 @@ def run(argv: list[str] | None = None) -> int:
     if config.output_dir:  # the recipe is an input too: never inside the folder a run may empty
         check_not_an_input(config.output_dir, [args.config])
     if args.command == "compress":
-        api.compress(config)
+        from sparsebert.report import format_report
+
+        print(format_report(api.compress(config)))
         return 0
     if args.command == "compare":
         from sparsebert.compare import compare

@@ -114,9 +114,7 @@ def write_report(out: Path, config) -> dict:
     plots = plot_run(out / "teacher") + plot_run(out / "student", sparsity)
     report["plots"] = [str(p.relative_to(out)) for p in plots]
     atomic_write_json(out / "report.json", report)
-    text = format_report(report)
-    atomic_write_text(out / "report.md", text)
-    print(text)
+    atomic_write_text(out / "report.md", format_report(report))
     return report
 
 
