@@ -251,12 +251,15 @@ def _launch_two(args: list, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("command", ["finetune", "prune"])
+@pytest.mark.parametrize("command", ["finetune", "prune", "distill-dense"])
 def test_two_processes_stay_identical(command, teacher, tiny_model_dir, sst_dir, tmp_path):
     out = tmp_path / command
     common = ["--task", "sst2", "--data-dir", sst_dir, "--output-dir", out, "--max-steps", "6", *FAST]
     if command == "finetune":
         args = ["finetune", "--model", tiny_model_dir, *common]
+    elif command == "distill-dense":  # a narrow student: its projection to the teacher's width is trained too
+        args = ["prune", "--strategy", "distill-dense", "--teacher", teacher, "--student", tiny_model_dir]
+        args += ["--sparsity", "0.8", *common]
     else:
         args = [
             "prune",
@@ -281,6 +284,8 @@ def test_two_processes_stay_identical(command, teacher, tiny_model_dir, sst_dir,
     assert record["num_examples"] == 64  # gathered once, not duplicated across ranks
     if command == "prune":
         assert json.loads((out / "sparsity.json").read_text())["overall"] == pytest.approx(0.5, abs=1e-3)
+    if command == "distill-dense":
+        assert json.loads((out / "config.json").read_text())["hidden_size"] < 32  # narrower than the teacher
 
 
 def test_compress_runs_both_stages_and_reports(tiny_model_dir, sst_dir, tmp_path, capsys):

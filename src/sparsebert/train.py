@@ -161,12 +161,15 @@ def evaluate(
     return results
 
 
-def weights_digest(model: nn.Module, pruner: MagnitudePruner | None = None) -> str:
-    """SHA-256 of every parameter (and mask): equal digests on all ranks prove they stayed in sync."""
+def weights_digest(model: nn.Module, pruner: MagnitudePruner | None = None, extra: list[nn.Module] = ()) -> str:
+    """SHA-256 of every parameter (and mask, and extra module such as a distillation projection):
+    equal digests on all ranks prove they stayed in sync."""
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
+    states = [model.state_dict(), *(m.state_dict() for m in extra)]
+    for state in states:
+        for name, p in sorted(state.items()):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
     if pruner is not None:
         for _, m in sorted(pruner.masks.items()):
             h.update(m.cpu().numpy().tobytes())
@@ -340,9 +343,6 @@ class Loop:
     def _build(self) -> _Prepared:
         """Optimizer, Accelerate's preparation, LR schedule, pruner, checkpoint registration, resume."""
         acc, cfg = self.accelerator, self.config
-        if self.extra_modules and acc.num_processes > 1:
-            # Their gradients would not be all-reduced (the step calls them unwrapped): refuse early.
-            raise SparseBertError("students narrower than the teacher train in one process only for now")
         params = param_groups(self.model, cfg.weight_decay, self.head_lr)
         params += [{"params": list(m.parameters()), "weight_decay": 0.0} for m in self.extra_modules]
         # The fused kernel updates every parameter in one pass: ~10x less optimizer time than the
@@ -381,6 +381,7 @@ class Loop:
         p.model.train()
         loss, parts = self.step_fn(p.model, batch)
         self.accelerator.backward(loss)
+        self._all_reduce_extra_gradients()
         if self.config.max_grad_norm:
             self.accelerator.clip_grad_norm_(p.model.parameters(), self.config.max_grad_norm)
         p.optimizer.step()
@@ -393,6 +394,16 @@ class Loop:
         self._losses.append(loss.detach())
         for k, v in parts.items():
             self._parts[k] = self._parts.get(k, 0) + v
+
+    def _all_reduce_extra_gradients(self) -> None:
+        """Average the extra modules' gradients over processes (DDP does it for the model only), so a
+        narrow student's projection stays the same on every rank."""
+        if self.accelerator.num_processes == 1:
+            return
+        for module in self.extra_modules:
+            for param in module.parameters():
+                if param.grad is not None:
+                    param.grad = self.accelerator.reduce(param.grad, "mean")
 
     def _end_of_step(self, p: _Prepared, bar: tqdm, stop: StopRequest) -> bool:
         """Log, evaluate, honour a stop request, checkpoint; True once the last step is done."""
@@ -416,7 +427,7 @@ class Loop:
         acc = self.accelerator
         self._check_finite(p.model)
         metrics = evaluate(p.model, p.eval_loaders, self.task, acc)
-        digests = gather_object([weights_digest(acc.unwrap_model(p.model), self.pruner)])
+        digests = gather_object([weights_digest(acc.unwrap_model(p.model), self.pruner, self.extra_modules)])
         self._log({"step": self.state.step, "event": "eval", "metrics": metrics})
         in_sync = len(set(digests)) == 1
         self._log(
