@@ -308,3 +308,25 @@ def test_kill_9_during_a_checkpoint_then_resume_gives_the_same_weights(where, ch
     straight, resumed = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
     for name in straight:
         assert torch.allclose(straight[name], resumed[name], atol=1e-6), name
+
+
+def test_evaluate_on_a_damaged_export_and_an_unwritable_output_are_one_line_errors(
+    tiny_model_dir, sst_dir, tmp_path, capsys
+):
+    folder = _export(tmp_path)
+    _flip_last_byte(folder / "sparse.safetensors")
+    code = cli("evaluate", "--model", folder, "--task", "sst2", "--data-dir", sst_dir)
+    _one_line_error(capsys, code, "checksum mismatch")
+    (tmp_path / "a-file").write_text("not a folder")
+    code = cli(*_finetune(tiny_model_dir, sst_dir, tmp_path / "a-file" / "run"))  # a file cannot hold a folder
+    _one_line_error(capsys, code, "cannot write to output directory")
+
+
+def test_logs_and_json_files_are_strict_json(tmp_path):
+    from sparsebert.io import JsonlLog, atomic_write_json
+
+    JsonlLog(tmp_path / "log.jsonl").write({"pearson": float("nan"), "loss": [1.0, float("inf")]})
+    atomic_write_json(tmp_path / "m.json", {"metrics": {"pearson": float("nan")}})
+    strict = {"parse_constant": pytest.fail}
+    assert json.loads((tmp_path / "log.jsonl").read_text(), **strict) == {"pearson": None, "loss": [1.0, None]}
+    assert json.loads((tmp_path / "m.json").read_text(), **strict) == {"metrics": {"pearson": None}}
