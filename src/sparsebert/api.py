@@ -49,6 +49,7 @@ from sparsebert.io import (
 )
 from sparsebert.models import load_model, load_tokenizer, resolve_model
 from sparsebert.pruning import CubicSparsitySchedule, MagnitudePruner, sparsity_report
+from sparsebert.strategies import TABLE
 from sparsebert.students import fit_dense_student
 from sparsebert.tasks import get_task
 from sparsebert.train import (
@@ -237,9 +238,6 @@ def _resolve_step(value: float, n_steps: int) -> int:
     return round(value * n_steps) if value <= 1 else int(value)
 
 
-DISTILLING = ("sparsebert", "distill-dense")
-
-
 def _initial_student(config: PruneConfig, teacher: nn.Module | None, tokenizer, task) -> nn.Module:
     """Where each strategy's student starts.
 
@@ -247,14 +245,15 @@ def _initial_student(config: PruneConfig, teacher: nn.Module | None, tokenizer, 
     distill-dense: the student model (by default the pre-trained model itself) cut down to as many
     encoder weights as the sparse model keeps (layers dropped, then narrowed).
     """
-    if config.strategy == "finetune-then-prune":
-        return load_model(config.teacher, task)  # the teacher itself is not needed: labels only
+    strategy = TABLE[config.strategy]
+    if strategy.student_from == "teacher":
+        return load_model(config.teacher, task)
     student = load_model(config.student, task)
     if teacher is not None:
         _check_same_vocabulary(config, student, teacher, tokenizer)
-    if config.strategy == "distill-dense":
+    if strategy.student_from == "pretrained-cut":
         student = fit_dense_student(student, teacher.config, config.sparsity)
-    if config.strategy in DISTILLING and config.student_head == "teacher":
+    if strategy.distills and config.student_head == "teacher":
         copy_head(teacher, student)
     return student
 
@@ -310,11 +309,12 @@ def _distillation_step(teacher: nn.Module, student: nn.Module, loss_fn: Distilla
 
 def _pruner_factory(config: PruneConfig) -> Callable[[nn.Module, int], MagnitudePruner] | None:
     """How the strategy prunes, built once the run's length is known (the schedule is in steps)."""
-    if config.strategy == "distill-dense":
+    pruning = TABLE[config.strategy].pruning
+    if pruning == "none":
         return None
 
     def make_pruner(model: nn.Module, n_steps: int) -> MagnitudePruner:
-        if config.strategy == "prune-then-finetune":  # one-shot on the pre-trained magnitudes, then fixed
+        if pruning == "one-shot":  # on the starting magnitudes, then fixed
             return MagnitudePruner.one_shot(model, config.sparsity, config.prune_scope)
         start, end = _resolve_step(config.prune_start, n_steps), _resolve_step(config.prune_end, n_steps)
         schedule = CubicSparsitySchedule(config.sparsity, start, min(max(end, start), n_steps), config.prune_updates)
@@ -339,7 +339,8 @@ def _distillation(config: PruneConfig, teacher: nn.Module, student: nn.Module, a
 def prune(config: PruneConfig) -> RunResult:
     """Prune the student to ``config.sparsity`` (by ``config.strategy``, SparseBERT by default)."""
     require(config, "teacher", "task", "output_dir")
-    if config.strategy != "finetune-then-prune":
+    strategy = TABLE[config.strategy]
+    if strategy.student_from != "teacher":
         require(config, "student")
     check_paths(config)
     started = time.perf_counter()
@@ -347,7 +348,7 @@ def prune(config: PruneConfig) -> RunResult:
     data = _load_data(config)
     tokenizer = load_tokenizer(config.teacher)
     # Only the distilling strategies use the teacher; the others train on labels.
-    teacher = load_model(config.teacher, data.task) if config.strategy in DISTILLING else None
+    teacher = load_model(config.teacher, data.task) if strategy.distills else None
     student = _initial_student(config, teacher, tokenizer, data.task)
     _check_length(config, student)
     if config.augment:
@@ -358,7 +359,7 @@ def prune(config: PruneConfig) -> RunResult:
             {"event": "config", "source": data.source, "train_examples": len(data.train), "strategy": config.strategy}
         )
         step_fn, extra = _classification_step, []
-        if config.strategy in DISTILLING:
+        if strategy.distills:
             step_fn, extra = _distillation(config, teacher, student, accelerator, log)
         head_lr = config.head_lr if config.head_lr and config.head_lr != config.lr else None
         train, dev = _train_loader(data, tokenizer, config), _eval_loaders(data, tokenizer, config)

@@ -21,6 +21,7 @@ from sparsebert.config import STRATEGIES, CompareConfig, require
 from sparsebert.errors import SparseBertError
 from sparsebert.io import JsonlLog, atomic_write_json
 from sparsebert.report import pyplot
+from sparsebert.strategies import TABLE
 from sparsebert.tasks import get_task
 
 
@@ -121,7 +122,7 @@ def compare(config: CompareConfig) -> dict:
                 run_cfg = dataclasses.replace(
                     template, strategy=strategy, sparsity=sparsity, output_dir=str(out / f"{strategy}-{sparsity:g}")
                 )
-                if strategy == "distill-dense" and config.dense_student:
+                if TABLE[strategy].student_from == "pretrained-cut" and config.dense_student:
                     run_cfg.student = config.dense_student
                 run_stage(run_cfg, prune)
         results = collect(out, config)

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from sparsebert import strategies
 from sparsebert.errors import SparseBertError
 
 
@@ -28,7 +29,7 @@ def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, gr
     return field(default=default, metadata=metadata)
 
 
-STRATEGIES = ("sparsebert", "finetune-then-prune", "prune-then-finetune", "distill-dense")
+STRATEGIES = tuple(strategies.TABLE)
 LR_SCHEDULES = ("linear", "constant")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
