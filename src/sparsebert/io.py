@@ -85,8 +85,14 @@ def check_not_an_input(out: Path | str, inputs: list[Path | str | None]) -> None
 
 
 def is_sparsebert_output(path: Path) -> bool:
-    """Whether a folder was written by sparsebert (the marker, or a run folder from before it)."""
-    return (path / MARKER).exists() or ((path / "config.yaml").exists() and (path / "log.jsonl").exists())
+    """Whether a folder was written by sparsebert: the marker, or (from before the marker) a run folder,
+    or a compress / compare folder, which always holds its teacher's run folder."""
+    run_folder = (path / "config.yaml").exists() and (path / "log.jsonl").exists()
+    return (
+        (path / MARKER).exists()
+        or run_folder
+        or ((path / "teacher").is_dir() and is_sparsebert_output(path / "teacher"))
+    )
 
 
 @contextmanager
