@@ -12,16 +12,21 @@ from sparsebert.integrations import PrunerCallback
 from sparsebert.pruning import CubicSparsitySchedule, MagnitudePruner
 
 
-def test_hf_trainer_with_pruner_callback(tiny_model_dir, tmp_path):
+def _dataset(model_dir) -> list[dict]:
+    """64 tokenised sentiment sentences, as an HF Trainer takes them."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
     rows = sentiment_rows(64, 3)
     enc = tok([r[0] for r in rows], padding=True)
-    data = [
+    return [
         {"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": rows[i][1]}
         for i in range(len(rows))
     ]
+
+
+def test_hf_trainer_with_pruner_callback(tiny_model_dir, tmp_path):
+    data = _dataset(tiny_model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
     pruner = MagnitudePruner(model, CubicSparsitySchedule(0.8, start_step=0, end_step=8, num_updates=4))
     args = TrainingArguments(
@@ -40,15 +45,7 @@ def test_hf_trainer_with_pruner_callback(tiny_model_dir, tmp_path):
 
 def test_pruner_state_travels_with_the_trainers_checkpoints(tiny_model_dir, tmp_path):
     """Stopped after checkpoint-4 and resumed from it, the run ends with the uninterrupted run's masks."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    rows = sentiment_rows(64, 3)
-    enc = tok([r[0] for r in rows], padding=True)
-    data = [
-        {"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": rows[i][1]}
-        for i in range(len(rows))
-    ]
+    data = _dataset(tiny_model_dir)
 
     def run(out, max_steps, resume=None):
         torch.manual_seed(0)
