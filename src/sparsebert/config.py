@@ -149,7 +149,7 @@ class PruneOptions:
     strategy: str = opt(
         "sparsebert", "sparsebert, or a baseline order of work (see README)", choices=STRATEGIES, group="pruning"
     )
-    prune_start: float = opt(0.0, "first pruning step, or a fraction of the run when < 1", group="pruning")
+    prune_start: float = opt(0.0, "first pruning step, or a fraction of the run when <= 1", group="pruning")
     prune_end: float = opt(0.7, "step where the target is reached, or a fraction of the run when <= 1", group="pruning")
     prune_updates: int = opt(100, "mask updates in the pruning window (the paper: ~100)", group="pruning")
     prune_scope: str = opt(
