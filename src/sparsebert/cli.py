@@ -46,11 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _options(args: argparse.Namespace) -> dict:
-    skip = {"command", "config", "quiet"}
-    return {k: v for k, v in vars(args).items() if k not in skip}
-
-
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
@@ -74,7 +69,7 @@ def run(argv: list[str] | None = None) -> int:
         for task in PACKAGED_TASKS:
             print(f"task {task}: {packaged_task_dir(task)}")
         return 0
-    config = configs.build_config(getattr(configs, COMMANDS[args.command][0]), args.config, **_options(args))
+    config = configs.config_from_args(getattr(configs, COMMANDS[args.command][0]), args)
     if args.command == "evaluate":
         print(format_metrics(api.evaluate(config)))
         return 0

@@ -294,6 +294,12 @@ class PredictConfig:
         _check_choices(self)
 
 
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    """The configuration a parsed command line asks for: its ``--config`` recipe, then its flags."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return build_config(cls, args.config, **{k: v for k, v in vars(args).items() if k in names})
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per option of ``cls``, from its declaration (type, choices, help, default).
 

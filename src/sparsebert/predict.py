@@ -66,25 +66,20 @@ def _batches(rows, tokenizer, config: PredictConfig) -> list[tuple[list[int], di
     ]
 
 
-def _timed(model: nn.Module, batch: dict, reps: int = 2) -> float:
-    model(**batch)  # warm-up (the sparse kernels are built on first use)
-    start = time.perf_counter()
-    for _ in range(reps):
-        model(**batch)
-    return (time.perf_counter() - start) / reps
-
-
 def choose_engine(model: nn.Module, batch: dict, engine: str) -> tuple[nn.Module, str]:
     """The model to run: as loaded (dense), on the sparse CPU engine, or whichever is faster on ``batch``."""
     if engine == "dense":
         return model, "dense"
     from sparsebert.runtime import sparsify
+    from sparsebert.runtime.bench import median_ms
 
     sparse = copy.deepcopy(model) if engine == "auto" else model
     sparsify(sparse)
     if engine == "sparse":
         return sparse, "sparse"
-    return (sparse, "sparse") if _timed(sparse, batch) < _timed(model, batch) else (model, "dense")
+    # interleaved, after a warm-up (the sparse kernels are built on first use)
+    sparse_ms, dense_ms = median_ms([lambda: sparse(**batch), lambda: model(**batch)], warmup=1, reps=3, budget_s=10)
+    return (sparse, "sparse") if sparse_ms < dense_ms else (model, "dense")
 
 
 def _record(line: int, logits: torch.Tensor, id2label: dict) -> dict:

@@ -91,11 +91,12 @@ class MagnitudePruner:
             for t in self.targets:
                 self.masks[t.name] = _magnitude_mask(self._survivor_magnitudes(t), sparsity) & self.masks[t.name]
             return
-        magnitudes = torch.cat([self._survivor_magnitudes(t).flatten() for t in self.targets])
+        survivors = [self._survivor_magnitudes(t) for t in self.targets]
+        magnitudes = torch.cat([m.flatten() for m in survivors])
         n_prune = round(sparsity * magnitudes.numel())
         threshold = -1.0 if n_prune == 0 else torch.kthvalue(magnitudes, n_prune).values.item()
-        for t in self.targets:
-            self.masks[t.name] = (self._survivor_magnitudes(t) > threshold) & self.masks[t.name]
+        for t, m in zip(self.targets, survivors, strict=True):
+            self.masks[t.name] = (m > threshold) & self.masks[t.name]
 
     def _survivor_magnitudes(self, target: PrunableLinear) -> torch.Tensor:
         """|w| in fp32 for surviving weights, -1 for pruned ones (they rank first for pruning)."""

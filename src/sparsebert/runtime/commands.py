@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparsebert.config import add_arguments, build_config, opt, require
+from sparsebert.config import add_arguments, config_from_args, opt, require
 from sparsebert.errors import SparseBertError
 
 
@@ -72,8 +72,7 @@ def _handler(cls: type, run: Callable, required: tuple[str, ...]) -> Callable[[a
     """Parsed flags (and ``--config``) -> the checked configuration -> ``run(config)``."""
 
     def handle(args: argparse.Namespace) -> int:
-        options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet", "handler")}
-        config = build_config(cls, args.config, **options)
+        config = config_from_args(cls, args)
         require(config, *required)
         return run(config)
 
