@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from sparsebert.io import atomic_write_json
+
 LIMIT_MB = 60
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 GLUE = {"MRPC": ("train.tsv", "dev.tsv"), "SST-2": ("train.tsv", "dev.tsv")}
@@ -106,9 +108,7 @@ def summarize(runs: Path, out: Path) -> dict:
     if chosen.exists():
         result["teachers"] = json.loads(chosen.read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
+    atomic_write_json(out, result)
     return result
 
 
