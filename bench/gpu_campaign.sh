@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # The budget campaign (issue 12) in one command for one lent GPU: better teachers chosen on dev, then
-# SparseBERT students at >= 20,000 steps side by side on the one GPU, dev metrics every 1,000 steps.
+# SparseBERT students sized to the time left, side by side on the one GPU, dev metrics as they go.
 #
 #   here:  .venv/bin/python bench/gpu_pack.py pack gpu_pack          (git-ignored, < 60 MiB)
 #   there: bash bench/gpu_campaign.sh       (device tool: carry ["gpu_pack"], timeout_s 600)
 #   here, at tiny size on CPU (tests/test_gpu_campaign.py runs this so it cannot rot):
 #          PYTHON=.venv/bin/python SCALE=tiny bash bench/gpu_campaign.sh
 #
-# Phase 1, teachers in parallel, each the final checkpoint of its run, the best on dev kept:
-#   MRPC lr {5e-5, 1e-4} x {3, 5} epochs (linear decay); SST-2 (all 67,349 sentences, 1 epoch) and
-#   movie-rating (3 epochs) at lr {5e-5, 1e-4}.
-# Phase 2, students in parallel (bf16 by --mixed-precision auto on the GPU), 20,000 steps each, cubic
-#   pruning over the first 70%, linear LR decay: MRPC 90% and 95% with --augment 20, MRPC 90% without,
-#   SST-2 90%, movie-rating 90%.
+# One chain per task, the three side by side, so MRPC's students start while SST-2's teacher trains:
+#   teachers (the final checkpoint of each run, the best on dev kept): MRPC lr {5e-5, 1e-4} x {3, 5}
+#   epochs; SST-2 (all 67,349 sentences, 1 epoch) and movie-rating (3 epochs) at lr {5e-5, 1e-4};
+#   then students (bf16 by --mixed-precision auto on the GPU), cubic pruning over the first 70% of the
+#   steps, linear LR decay: MRPC 90% and 95% with --augment 20, MRPC 90% without; SST-2 90%;
+#   movie-rating 90%. Each student's step count is planned from its teacher's measured speed and the
+#   time left (at most 20,000), so that it reaches its target sparsity and its LR decays fully in time.
 # Every job is stopped (SIGTERM: a checkpoint at a step boundary) when the time budget runs out.
 # Progress every 30 s; $OUT/results.json (curves, teachers, sparsity) is rewritten as it goes, so a
 # campaign cut short still reports every evaluation it reached.
@@ -20,7 +21,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 PACK=${PACK:-gpu_pack}
-OUT=${OUT:-runs/gpu}
+OUT=$(realpath -m "${OUT:-runs/gpu}")
 RUNS=${RUNS:-/tmp/sparsebert-gpu}
 SCALE=${SCALE:-full}
 BUDGET=${BUDGET:-540}  # seconds for the whole campaign
@@ -30,20 +31,20 @@ export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 if [ "$SCALE" = tiny ]; then
   TEACHER=(--max-steps 4 --max-train-examples 64 --max-eval-examples 32 --max-seq-length 32 --batch-size 8)
-  STUDENT=(--max-steps 6 --eval-every 3 --max-train-examples 64 --max-eval-examples 32 --max-seq-length 32 --batch-size 8)
+  STUDENT=(--max-train-examples 64 --max-eval-examples 32 --max-seq-length 32 --batch-size 8)
   AUGMENT=1
 else
   TEACHER=(--eval-every 0 --save-every 100000)
-  STUDENT=(--max-steps 20000 --eval-every 1000 --save-every 5000)
+  STUDENT=(--save-every 2000)
   AUGMENT=20
 fi
 mkdir -p "$RUNS" "$OUT"
 echo "campaign: scale $SCALE, budget ${BUDGET}s, runs in $RUNS, results in $OUT/results.json"
-"$PY" - <<'EOF'
+"$PY" - <<'PYEOF'
 import torch, transformers
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, cuda {torch.cuda.is_available()}",
       torch.cuda.get_device_name() if torch.cuda.is_available() else "")
-EOF
+PYEOF
 "$PY" bench/gpu_pack.py unpack "$PACK" "$RUNS/minilm-l6" || exit 1
 MODEL=$RUNS/minilm-l6
 DATA=$PACK/data
@@ -54,7 +55,86 @@ run() {  # run NAME sparsebert-arguments...: one job in the background, its outp
   shift
   timeout -s TERM -k 30 $((left > 1 ? left : 1)) "$PY" -m sparsebert -q "$@" --output-dir "$RUNS/$name" \
     --overwrite >"$RUNS/$name.out" 2>&1 &
-  echo "$!" >"$RUNS/$name.pid"
+  PIDS+=("$!:$name")
+}
+
+wait_all() {  # wait for this chain's jobs; report the ones that failed or ran out of time
+  local failed=0 code entry
+  for entry in "${PIDS[@]}"; do
+    wait "${entry%%:*}"
+    code=$?
+    if [ $code -eq 124 ] || [ $code -eq 130 ]; then
+      echo "stopped at the time budget: ${entry#*:}"
+    elif [ $code -ne 0 ]; then
+      echo "FAILED ($code): ${entry#*:}"
+      tail -n 5 "$RUNS/${entry#*:}.out"
+      failed=1
+    fi
+  done
+  PIDS=()
+  return $failed
+}
+
+student_steps() {  # student_steps TEACHER: "--max-steps N --eval-every E", planned from the time left
+  if [ "$SCALE" = tiny ]; then
+    echo "--max-steps 6 --eval-every 3"
+  else
+    "$PY" bench/gpu_pack.py plan-steps "$1" $((BUDGET - (SECONDS - START) - 60))
+  fi
+}
+
+chain() {  # chain TASK METRIC PREFIX: its teachers, the best one, then its students
+  local task=$1 metric=$2 prefix=$3 teacher plan
+  shift 3
+  wait_all || return 1
+  teacher=$("$PY" bench/gpu_pack.py choose-teacher "$RUNS" "$prefix" "$metric") || return 1
+  read -r -a plan <<<"$(student_steps "$teacher")"
+  [ ${#plan[@]} -eq 4 ] || return 1
+  echo "$task: teacher $(basename "$teacher"), students ${plan[*]} (after $((SECONDS - START)) s)"
+  local common=(prune --student "$MODEL" --teacher "$teacher" --task "$task" --lr 1e-4 --lr-schedule linear
+    --warmup-ratio 0.02 --prune-end 0.7 "${plan[@]}" "${STUDENT[@]}")
+  "$@"
+  wait_all
+}
+
+mrpc() {
+  PIDS=()
+  for lr in 5e-5 1e-4; do
+    for epochs in 3 5; do
+      run "teacher-mrpc-lr$lr-e$epochs" finetune --model "$MODEL" --task mrpc --data-dir "$DATA/MRPC" \
+        --lr "$lr" --epochs "$epochs" "${TEACHER[@]}"
+    done
+  done
+  chain mrpc accuracy teacher-mrpc mrpc_students
+}
+mrpc_students() {
+  run student-mrpc-90-aug "${common[@]}" --data-dir "$DATA/MRPC" --sparsity 0.9 --augment $AUGMENT
+  run student-mrpc-95-aug "${common[@]}" --data-dir "$DATA/MRPC" --sparsity 0.95 --augment $AUGMENT
+  run student-mrpc-90 "${common[@]}" --data-dir "$DATA/MRPC" --sparsity 0.9
+}
+
+sst2() {
+  PIDS=()
+  for lr in 5e-5 1e-4; do
+    run "teacher-sst2-lr$lr" finetune --model "$MODEL" --task sst2 --data-dir "$DATA/SST-2" \
+      --lr "$lr" --epochs 1 --max-seq-length 64 "${TEACHER[@]}"
+  done
+  chain sst2 accuracy teacher-sst2 sst2_students
+}
+sst2_students() {
+  run student-sst2-90 "${common[@]}" --data-dir "$DATA/SST-2" --sparsity 0.9 --max-seq-length 64
+}
+
+rating() {
+  PIDS=()
+  for lr in 5e-5 1e-4; do
+    run "teacher-rating-lr$lr" finetune --model "$MODEL" --task movie-rating --data-dir "$DATA/movie-rating" \
+      --lr "$lr" --epochs 3 --max-seq-length 64 "${TEACHER[@]}"
+  done
+  chain movie-rating pearson teacher-rating rating_students
+}
+rating_students() {
+  run student-rating-90 "${common[@]}" --data-dir "$DATA/movie-rating" --sparsity 0.9 --max-seq-length 64
 }
 
 progress() {  # rewrite results.json every 30 s until the campaign ends
@@ -68,56 +148,25 @@ progress() {  # rewrite results.json every 30 s until the campaign ends
   done
 }
 
-finish_phase() {  # wait for every job; report the ones that failed or ran out of time
-  local failed=0 code
-  for pidfile in "$RUNS"/*.pid; do
-    [ -e "$pidfile" ] || continue
-    wait "$(cat "$pidfile")"
-    code=$?
-    if [ $code -eq 124 ] || [ $code -eq 130 ]; then
-      echo "stopped at the time budget: $(basename "$pidfile" .pid)"
-    elif [ $code -ne 0 ]; then
-      echo "FAILED ($code): $(basename "$pidfile" .pid)"
-      tail -n 5 "${pidfile%.pid}.out"
-      failed=1
-    fi
-    rm -f "$pidfile"
-  done
-  return $failed
-}
-
 rm -f "$RUNS/.done"
 progress &
 PROGRESS=$!
-trap 'touch "$RUNS/.done"; wait $PROGRESS' EXIT
+save_logs() {  # every run's logs beside results.json, for the record in BENCHMARKS.md
+  (cd "$RUNS" && tar czf "$OUT/logs.tgz" --ignore-failed-read ./*.out ./*.json ./*/log.jsonl ./*/metrics.json \
+    ./*/sparsity.json ./*/config.yaml 2>/dev/null)
+}
+trap 'touch "$RUNS/.done"; wait $PROGRESS; save_logs' EXIT
 
-echo "phase 1: teachers"
-for lr in 5e-5 1e-4; do
-  for epochs in 3 5; do
-    run "teacher-mrpc-lr$lr-e$epochs" finetune --model "$MODEL" --task mrpc --data-dir "$DATA/MRPC" \
-      --lr "$lr" --epochs "$epochs" "${TEACHER[@]}"
-  done
-  run "teacher-sst2-lr$lr" finetune --model "$MODEL" --task sst2 --data-dir "$DATA/SST-2" \
-    --lr "$lr" --epochs 1 --max-seq-length 64 "${TEACHER[@]}"
-  run "teacher-rating-lr$lr" finetune --model "$MODEL" --task movie-rating --data-dir "$DATA/movie-rating" \
-    --lr "$lr" --epochs 3 --max-seq-length 64 "${TEACHER[@]}"
+mrpc &
+CHAINS=($!)
+sst2 &
+CHAINS+=($!)
+rating &
+CHAINS+=($!)
+STATUS=0
+for pid in "${CHAINS[@]}"; do
+  wait "$pid" || STATUS=1
 done
-finish_phase
-T_MRPC=$("$PY" bench/gpu_pack.py choose-teacher "$RUNS" teacher-mrpc accuracy) || exit 1
-T_SST2=$("$PY" bench/gpu_pack.py choose-teacher "$RUNS" teacher-sst2 accuracy) || exit 1
-T_RATING=$("$PY" bench/gpu_pack.py choose-teacher "$RUNS" teacher-rating pearson) || exit 1
-echo "teachers: $T_MRPC $T_SST2 $T_RATING (after $((SECONDS - START)) s)"
-
-echo "phase 2: students"
-COMMON=(prune --student "$MODEL" --lr 1e-4 --lr-schedule linear --warmup-ratio 0.02 --prune-end 0.7 "${STUDENT[@]}")
-run student-mrpc-90-aug "${COMMON[@]}" --teacher "$T_MRPC" --task mrpc --data-dir "$DATA/MRPC" --sparsity 0.9 --augment $AUGMENT
-run student-mrpc-95-aug "${COMMON[@]}" --teacher "$T_MRPC" --task mrpc --data-dir "$DATA/MRPC" --sparsity 0.95 --augment $AUGMENT
-run student-mrpc-90 "${COMMON[@]}" --teacher "$T_MRPC" --task mrpc --data-dir "$DATA/MRPC" --sparsity 0.9
-run student-sst2-90 "${COMMON[@]}" --teacher "$T_SST2" --task sst2 --data-dir "$DATA/SST-2" --sparsity 0.9 --max-seq-length 64
-run student-rating-90 "${COMMON[@]}" --teacher "$T_RATING" --task movie-rating --data-dir "$DATA/movie-rating" \
-  --sparsity 0.9 --max-seq-length 64
-finish_phase
-STATUS=$?
 "$PY" bench/gpu_pack.py summarize "$RUNS" "$OUT/results.json" --print
 echo "campaign done in $((SECONDS - START)) s; results in $OUT/results.json"
 exit $STATUS

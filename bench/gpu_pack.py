@@ -29,6 +29,7 @@ from sparsebert.io import atomic_write_json
 
 LIMIT_MB = 60
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+DISTILL_COST = 1.7  # a prune-while-distill step in fine-tuning steps (planning only; the speeds are measured)
 GLUE = {"MRPC": ("train.tsv", "dev.tsv"), "SST-2": ("train.tsv", "dev.tsv")}
 
 
@@ -104,16 +105,18 @@ def summarize(runs: Path, out: Path) -> dict:
     result = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": {}}
     for folder in sorted(p for p in runs.iterdir() if (p / "log.jsonl").exists()):
         result["runs"][folder.name] = summarize_run(folder)
-    chosen = runs / "teachers.json"
-    if chosen.exists():
-        result["teachers"] = json.loads(chosen.read_text())
+    for chosen in sorted(runs.glob("teachers-*.json")):
+        result.setdefault("teachers", {})[chosen.stem.removeprefix("teachers-")] = json.loads(chosen.read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, result)
     return result
 
 
 def choose_teacher(runs: Path, prefix: str, metric: str) -> str:
-    """The finished teacher run named ``prefix*`` with the best final dev ``metric``; recorded in teachers.json."""
+    """The finished teacher run named ``prefix*`` with the best final dev ``metric``.
+
+    The choice is recorded in ``teachers-PREFIX.json`` (one file per task: the tasks' chains run side by side).
+    """
     scored = []
     for folder in sorted(runs.glob(prefix + "*")):
         if (folder / "metrics.json").exists():
@@ -121,11 +124,24 @@ def choose_teacher(runs: Path, prefix: str, metric: str) -> str:
     if not scored:
         sys.exit(f"no finished teacher {prefix}* in {runs}")
     best = max(scored)
-    record = runs / "teachers.json"
-    chosen = json.loads(record.read_text()) if record.exists() else {}
-    chosen[prefix] = {"chosen": best[1], metric: best[0], "candidates": {name: value for value, name in scored}}
-    record.write_text(json.dumps(chosen, indent=1))
+    record = {"chosen": best[1], metric: best[0], "candidates": {name: value for value, name in scored}}
+    atomic_write_json(runs / f"teachers-{prefix}.json", record)
     return str(runs / best[1])
+
+
+def plan_steps(teacher: Path, seconds: float, cost: float = DISTILL_COST, cap: int = 20_000) -> tuple[int, int]:
+    """Student steps that fit in ``seconds``, from the teacher run's measured fine-tuning speed.
+
+    A prune-while-distill step costs about ``cost`` fine-tuning steps (the teacher's forward, the
+    distillation losses, the masks). A run planned to fit reaches its target sparsity (the cubic schedule
+    ends at a fraction of the run) and decays its LR fully, which a run cut off mid-way does not.
+    Returns (steps, eval_every): at least 1,000 steps, at most ``cap``, ten evaluations per run.
+    """
+    speed = summarize_run(teacher).get("steps_per_second")
+    if not speed:
+        sys.exit(f"{teacher}: no measured speed in its log.jsonl")
+    steps = int(min(cap, max(1000, speed / cost * seconds * 0.9)) // 500 * 500)
+    return steps, max(100, steps // 10 // 100 * 100)
 
 
 def main() -> None:
@@ -145,6 +161,9 @@ def main() -> None:
     s.add_argument("runs", type=Path)
     s.add_argument("prefix")
     s.add_argument("metric")
+    s = sub.add_parser("plan-steps", help="print --max-steps/--eval-every for a student that fits in SECONDS")
+    s.add_argument("teacher", type=Path)
+    s.add_argument("seconds", type=float)
     args = p.parse_args()
     if args.command == "pack":
         pack(args.dest, args.shared)
@@ -152,6 +171,9 @@ def main() -> None:
         unpack(args.pack_dir, args.dest)
     elif args.command == "choose-teacher":
         print(choose_teacher(args.runs, args.prefix, args.metric))
+    elif args.command == "plan-steps":
+        steps, every = plan_steps(args.teacher, args.seconds)
+        print(f"--max-steps {steps} --eval-every {every}")
     else:
         result = summarize(args.runs, args.out)
         for name, run in result["runs"].items() if args.print else ():
