@@ -1,0 +1,82 @@
+"""The budget curve: one plot per task, dev metric vs training steps, from campaign results.
+
+Reads one or more ``results.json`` written by ``bench/gpu_pack.py summarize`` (the GPU campaign, or CPU
+runs summarized the same way) and draws every student run of a task, its chosen teacher and the majority
+class as horizontal lines (with the target: the teacher less 1.5 points, or 0.02 Pearson).
+
+    python bench/budget_plot.py bench/results/budget-gpu-h100/results.json --out bench/results/budget-gpu-h100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+# task: (name prefix in the campaign, metric plotted, majority-class score on dev or None)
+TASKS = {
+    "mrpc": ("mrpc", "accuracy", 279 / 408),
+    "sst2": ("sst2", "accuracy", 444 / 872),
+    "movie-rating": ("rating", "pearson", None),
+}
+
+
+def _runs(paths: list[Path]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Every run by name (a later file's run of the same name wins) and the teachers chosen."""
+    runs: dict[str, dict] = {}
+    teachers: dict[str, dict] = {}
+    for path in paths:
+        result = json.loads(path.read_text())
+        runs.update(result["runs"])
+        teachers.update(result.get("teachers", {}))
+    return runs, teachers
+
+
+def plot_task(task: str, runs: dict[str, dict], teachers: dict[str, dict], out: Path) -> Path | None:
+    prefix, metric, majority = TASKS[task]
+    students = {n: r for n, r in runs.items() if not n.startswith("teacher") and f"-{prefix}-" in f"-{n}-"}
+    if not students:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, run in sorted(students.items()):
+        steps = [p["step"] for p in run["curve"]]
+        label = f"{name} ({run['total_steps']} steps, {run.get('sparsity', 0):.0%})"
+        ax.plot(steps, [p[metric] for p in run["curve"]], marker=".", label=label)
+    chosen = teachers.get(f"teacher-{prefix}")
+    if chosen:
+        ax.axhline(chosen[metric], color="black", linestyle="--", label=f"teacher {chosen[metric]:.3f}")
+        ax.axhline(chosen[metric] - (0.02 if metric == "pearson" else 0.015), color="grey", linestyle=":",
+                   label="target (teacher - 1.5 points / 0.02)")  # fmt: skip
+    if majority is not None:
+        ax.axhline(majority, color="red", linestyle="-.", label=f"majority class {majority:.3f}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"dev {metric}")
+    ax.set_title(f"{task}: SparseBERT students, dev {metric} vs steps")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = out / f"{task}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs, teachers = _runs(args.results)
+    for task in TASKS:
+        path = plot_task(task, runs, teachers, args.out)
+        if path:
+            print(path)
+
+
+if __name__ == "__main__":
+    main()
