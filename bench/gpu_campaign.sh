@@ -11,9 +11,10 @@
 #   teachers (the final checkpoint of each run, the best on dev kept): MRPC lr {5e-5, 1e-4} x {3, 5}
 #   epochs; SST-2 (all 67,349 sentences, 1 epoch) and movie-rating (3 epochs) at lr {5e-5, 1e-4};
 #   then students (bf16 by --mixed-precision auto on the GPU), cubic pruning over the first 70% of the
-#   steps, linear LR decay: MRPC 90% and 95% with --augment 20, MRPC 90% without; SST-2 90%;
-#   movie-rating 90%. Each student's step count is planned from its teacher's measured speed and the
-#   time left (at most 20,000), so that it reaches its target sparsity and its LR decays fully in time.
+#   steps, linear LR decay: 90% on each task with seeds 42, 43, 44 (MRPC with --augment 20), MRPC 95%,
+#   and one MRPC 90% run per recipe variant in $VARIANTS ("name:options;name:options"). Each student's
+#   step count is planned from its teacher's measured speed, the number of students sharing the device
+#   and the time left (at most 20,000), so that it reaches its target sparsity and its LR decays in time.
 # Every job is stopped (SIGTERM: a checkpoint at a step boundary) when the time budget runs out.
 # Progress every 30 s; $OUT/results.json (curves, teachers, sparsity) is rewritten as it goes, so a
 # campaign cut short still reports every evaluation it reached.
@@ -25,19 +26,25 @@ OUT=$(realpath -m "${OUT:-runs/gpu}")
 RUNS=${RUNS:-/tmp/sparsebert-gpu}
 SCALE=${SCALE:-full}
 BUDGET=${BUDGET:-540}  # seconds for the whole campaign
+SEEDS=(42 43 44)
+VARIANTS=${VARIANTS:-global:--prune-scope global;prune-end-0.4:--prune-end 0.4}
 START=$SECONDS
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SPARSEBERT_CACHE=$RUNS/cache
-export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 if [ "$SCALE" = tiny ]; then
   TEACHER=(--max-steps 4 --max-train-examples 64 --max-eval-examples 32 --max-seq-length 32 --batch-size 8)
   STUDENT=(--max-train-examples 64 --max-eval-examples 32 --max-seq-length 32 --batch-size 8)
   AUGMENT=1
+  SEEDS=(42)
+  VARIANTS="global:--prune-scope global"
 else
   TEACHER=(--eval-every 0 --save-every 100000)
   STUDENT=(--save-every 2000)
   AUGMENT=20
 fi
+IFS=';' read -r -a VARIANT_LIST <<<"$VARIANTS"
+STUDENT_JOBS=$((3 * ${#SEEDS[@]} + 1 + ${#VARIANT_LIST[@]}))
 mkdir -p "$RUNS" "$OUT"
 echo "campaign: scale $SCALE, budget ${BUDGET}s, runs in $RUNS, results in $OUT/results.json"
 "$PY" - <<'PYEOF'
@@ -79,7 +86,7 @@ student_steps() {  # student_steps TEACHER: "--max-steps N --eval-every E", plan
   if [ "$SCALE" = tiny ]; then
     echo "--max-steps 6 --eval-every 3"
   else
-    "$PY" bench/gpu_pack.py plan-steps "$1" $((BUDGET - (SECONDS - START) - 60))
+    "$PY" bench/gpu_pack.py plan-steps "$1" $((BUDGET - (SECONDS - START) - 60)) --jobs $STUDENT_JOBS
   fi
 }
 
@@ -108,9 +115,16 @@ mrpc() {
   chain mrpc accuracy teacher-mrpc mrpc_students
 }
 mrpc_students() {
-  run student-mrpc-90-aug "${common[@]}" --data-dir "$DATA/MRPC" --sparsity 0.9 --augment $AUGMENT
-  run student-mrpc-95-aug "${common[@]}" --data-dir "$DATA/MRPC" --sparsity 0.95 --augment $AUGMENT
-  run student-mrpc-90 "${common[@]}" --data-dir "$DATA/MRPC" --sparsity 0.9
+  local seed variant options
+  for seed in "${SEEDS[@]}"; do
+    run "student-mrpc-90-aug-s$seed" "${common[@]}" --data-dir "$DATA/MRPC" --sparsity 0.9 --augment $AUGMENT --seed $seed
+  done
+  run student-mrpc-95-aug-s42 "${common[@]}" --data-dir "$DATA/MRPC" --sparsity 0.95 --augment $AUGMENT
+  for variant in "${VARIANT_LIST[@]}"; do
+    read -r -a options <<<"${variant#*:}"
+    run "student-mrpc-90-aug-${variant%%:*}" "${common[@]}" --data-dir "$DATA/MRPC" --sparsity 0.9 --augment $AUGMENT \
+      "${options[@]}"
+  done
 }
 
 sst2() {
@@ -122,7 +136,10 @@ sst2() {
   chain sst2 accuracy teacher-sst2 sst2_students
 }
 sst2_students() {
-  run student-sst2-90 "${common[@]}" --data-dir "$DATA/SST-2" --sparsity 0.9 --max-seq-length 64
+  local seed
+  for seed in "${SEEDS[@]}"; do
+    run "student-sst2-90-s$seed" "${common[@]}" --data-dir "$DATA/SST-2" --sparsity 0.9 --max-seq-length 64 --seed $seed
+  done
 }
 
 rating() {
@@ -134,7 +151,11 @@ rating() {
   chain movie-rating pearson teacher-rating rating_students
 }
 rating_students() {
-  run student-rating-90 "${common[@]}" --data-dir "$DATA/movie-rating" --sparsity 0.9 --max-seq-length 64
+  local seed
+  for seed in "${SEEDS[@]}"; do
+    run "student-rating-90-s$seed" "${common[@]}" --data-dir "$DATA/movie-rating" --sparsity 0.9 --max-seq-length 64 \
+      --seed $seed
+  done
 }
 
 progress() {  # rewrite results.json every 30 s until the campaign ends

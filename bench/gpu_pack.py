@@ -29,7 +29,7 @@ from sparsebert.io import atomic_write_json
 
 LIMIT_MB = 60
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-DISTILL_COST = 1.7  # a prune-while-distill step in fine-tuning steps (planning only; the speeds are measured)
+STUDENT_SHARE = 3.5  # see plan_steps: measured on the first H100 campaign (BENCHMARKS.md)
 GLUE = {"MRPC": ("train.tsv", "dev.tsv"), "SST-2": ("train.tsv", "dev.tsv")}
 
 
@@ -129,18 +129,20 @@ def choose_teacher(runs: Path, prefix: str, metric: str) -> str:
     return str(runs / best[1])
 
 
-def plan_steps(teacher: Path, seconds: float, cost: float = DISTILL_COST, cap: int = 20_000) -> tuple[int, int]:
-    """Student steps that fit in ``seconds``, from the teacher run's measured fine-tuning speed.
+def plan_steps(teacher: Path, seconds: float, jobs: int, cap: int = 20_000) -> tuple[int, int]:
+    """Student steps that fit in ``seconds`` for each of ``jobs`` students sharing the device.
 
-    A prune-while-distill step costs about ``cost`` fine-tuning steps (the teacher's forward, the
-    distillation losses, the masks). A run planned to fit reaches its target sparsity (the cubic schedule
-    ends at a fraction of the run) and decays its LR fully, which a run cut off mid-way does not.
+    The speed comes from the teacher run's log (fine-tuning steps/s, measured while the teachers shared
+    the device). The first H100 campaign measured 5 students side by side at 0.7-1.1x their teachers'
+    speed with 8 teachers side by side, i.e. ``STUDENT_SHARE`` = 3.5 teacher-speeds shared among the
+    student jobs at the least. A run planned to fit reaches its target sparsity (the cubic schedule ends
+    at a fraction of the run) and decays its LR fully, which a run cut off mid-way does not.
     Returns (steps, eval_every): at least 1,000 steps, at most ``cap``, ten evaluations per run.
     """
     speed = summarize_run(teacher).get("steps_per_second")
     if not speed:
         sys.exit(f"{teacher}: no measured speed in its log.jsonl")
-    steps = int(min(cap, max(1000, speed / cost * seconds * 0.9)) // 500 * 500)
+    steps = int(min(cap, max(1000, speed * STUDENT_SHARE / jobs * seconds * 0.9)) // 500 * 500)
     return steps, max(100, steps // 10 // 100 * 100)
 
 
@@ -164,6 +166,7 @@ def main() -> None:
     s = sub.add_parser("plan-steps", help="print --max-steps/--eval-every for a student that fits in SECONDS")
     s.add_argument("teacher", type=Path)
     s.add_argument("seconds", type=float)
+    s.add_argument("--jobs", type=int, required=True, help="student jobs sharing the device")
     args = p.parse_args()
     if args.command == "pack":
         pack(args.dest, args.shared)
@@ -172,7 +175,7 @@ def main() -> None:
     elif args.command == "choose-teacher":
         print(choose_teacher(args.runs, args.prefix, args.metric))
     elif args.command == "plan-steps":
-        steps, every = plan_steps(args.teacher, args.seconds)
+        steps, every = plan_steps(args.teacher, args.seconds, args.jobs)
         print(f"--max-steps {steps} --eval-every {every}")
     else:
         result = summarize(args.runs, args.out)

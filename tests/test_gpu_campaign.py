@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import sentiment_rows, write_tsv
 from safetensors.torch import load_file
 
@@ -71,8 +72,25 @@ def test_campaign_runs_end_to_end_at_tiny_size(tmp_path):
     assert len(result["runs"]) == 13 and len(students) == 5
     assert all(r["finished"] for r in result["runs"].values())
     assert set(result["teachers"]) == {"teacher-mrpc", "teacher-sst2", "teacher-rating"}
-    assert students["student-mrpc-95-aug"]["sparsity"] == pytest.approx(0.95, abs=1e-3)
-    assert students["student-rating-90"]["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert students["student-mrpc-95-aug-s42"]["sparsity"] == pytest.approx(0.95, abs=1e-3)
+    assert students["student-rating-90-s42"]["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    variant = yaml.safe_load((runs / "student-mrpc-90-aug-global" / "config.yaml").read_text())
+    assert variant["prune_scope"] == "global" and variant["augment"] == 1
     for run in students.values():
         assert [point["step"] for point in run["curve"]] == [3, 6]
         assert run["mixed_precision"] == resolve_mixed_precision("auto")
+
+
+def test_students_are_planned_to_fit_the_time_left(tmp_path):
+    """plan-steps: the teacher's measured speed shared among the student jobs, rounded down to 500 steps,
+    never under 1,000 nor over 20,000, ten evaluations per run."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_pack import STUDENT_SHARE, plan_steps
+
+    records = [{"time": 100.0, "event": "start"}, {"time": 101.0, "step": 10, "loss": 1.0},
+               {"time": 111.0, "step": 210, "loss": 1.0}]  # fmt: skip
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    expected = int(20.0 * STUDENT_SHARE / 10 * 400 * 0.9) // 500 * 500  # 20 steps/s measured
+    assert plan_steps(tmp_path, 400, jobs=10) == (expected, expected // 10 // 100 * 100)
+    assert plan_steps(tmp_path, 1, jobs=10) == (1000, 100)
+    assert plan_steps(tmp_path, 1e6, jobs=1) == (20_000, 2000)
