@@ -202,6 +202,8 @@ def test_bench_command_writes_json_and_plot(tmp_path, monkeypatch, capsys):
             "3",
             "--warmup",
             "1",
+            "--baselines",
+            "fp32,ort-int8",
             "--json",
             str(tmp_path / "r.json"),
             "--plot",
@@ -213,9 +215,10 @@ def test_bench_command_writes_json_and_plot(tmp_path, monkeypatch, capsys):
     assert [(r["sparsity"] > 0.94, r["batch_size"]) for r in results] == [(False, 1), (False, 2), (True, 1), (True, 2)]
     for r in results:
         assert {"batch_size", "seq_len", "threads", "sparsity", "dense_ms", "sparse_ms", "speedup"} <= set(r)
+        assert list(r["baselines"]) == ["fp32", "ort-int8"] and r["speedup_vs_best_dense"] > 0
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
     assert (tmp_path / "p.png").stat().st_size > 1000
-    assert "speedup" in capsys.readouterr().out
+    assert "vs best dense" in capsys.readouterr().out
 
 
 def test_bench_on_a_compressed_folder(tmp_path, capsys):
@@ -264,3 +267,32 @@ def test_onnx_export_matches_pytorch(tmp_path):
     first = session.run(None, {"input_ids": ids, "attention_mask": ones, "token_type_ids": 0 * ones})[0]
     second = session.run(None, {"input_ids": ids, "attention_mask": ones, "token_type_ids": ones})[0]
     assert abs(first - second).max() > 1e-4  # the segment ids reach the graph (sentence-pair tasks)
+
+
+def test_bench_times_every_dense_baseline_beside_the_sparse_engine():
+    """fp32, bf16, ONNX Runtime fp32 and int8, each with its output difference from dense fp32; the best
+    dense path is the fastest of them and the headline speedup is measured against it."""
+    from sparsebert.runtime.bench import bench_model
+
+    model = pruned_model(small(BertConfig), 0.9)
+    names = ["fp32", "bf16", "ort-fp32", "ort-int8"]
+    results = bench_model(model, [1, 3], 16, 1, "tiny", baselines=names, warmup=1, reps=3)
+    for r in results:
+        assert list(r.baselines) == names and r.dense_ms == r.baselines["fp32"]
+        assert r.best_dense == min(r.baselines, key=r.baselines.get)
+        assert r.speedup_vs_best_dense == pytest.approx(r.baselines[r.best_dense] / r.sparse_ms)
+        assert set(r.max_abs_diff) == {"bf16", "ort-fp32", "ort-int8", "sparse"}
+        assert r.max_abs_diff["sparse"] < 1e-4 and r.max_abs_diff["ort-fp32"] < 1e-4  # exact paths
+        assert 1e-4 < r.max_abs_diff["ort-int8"] < 1.0 and 1e-4 < r.max_abs_diff["bf16"] < 1.0  # lossy ones
+
+
+def test_baselines_auto_and_unknown_names():
+    from sparsebert.runtime.baselines import resolve_baselines
+    from sparsebert.train import native_bf16
+
+    auto = resolve_baselines(["auto"])
+    assert auto[0] == "fp32" and ("bf16" in auto) == native_bf16("cpu")  # never emulated bf16 by default
+    assert "ort-int8" in auto  # onnxruntime is a development dependency
+    assert resolve_baselines(["ort-int8", "bf16"]) == ["fp32", "bf16", "ort-int8"]
+    with pytest.raises(SparseBertError, match="unknown baseline"):
+        resolve_baselines(["int4"])

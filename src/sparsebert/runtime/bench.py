@@ -1,16 +1,20 @@
 """Dense vs sparse latency, measured side by side in one process (the logic behind ``sparsebert bench``).
 
-Both models see the same inputs; runs alternate dense/sparse so a background load slows both alike, and
-the reported figure is the median after warm-up.
+Every path sees the same inputs: the sparse engine and each dense baseline a user could pick instead
+(``runtime.baselines``: fp32, bf16 where native, ONNX Runtime fp32 / int8). Runs alternate between the
+paths so a background load slows all alike, the reported figure is the median after warm-up, and each
+path's output is compared with dense fp32's.
 """
 
 from __future__ import annotations
 
 import copy
+import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,6 +23,7 @@ from transformers import BertConfig, BertModel
 from sparsebert.errors import SparseBertError
 from sparsebert.pruning import MagnitudePruner, sparsity_report
 from sparsebert.report import pyplot
+from sparsebert.runtime.baselines import Forward, build_baselines, first_output, resolve_baselines
 from sparsebert.runtime.convert import sparsify
 
 ARCHS: dict[str, dict] = {
@@ -38,6 +43,10 @@ class BenchResult:
     speedup: float
     model: str = ""
     kernels: str = ""
+    baselines: dict[str, float] = field(default_factory=dict)  # ms of each dense path timed, fp32 included
+    max_abs_diff: dict[str, float] = field(default_factory=dict)  # each path's output vs dense fp32's
+    best_dense: str = "fp32"
+    speedup_vs_best_dense: float = 0.0
 
     @property
     def dense_sentences_per_s(self) -> float:
@@ -76,6 +85,16 @@ def median_ms(fns: list[Callable[[], object]], warmup: int, reps: int, budget_s:
     return [statistics.median(t) for t in times]
 
 
+def machine() -> str:
+    """The processor's model name, as BENCHMARKS.md must name it beside every figure."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def bench_pair(
     dense: nn.Module,
     sparse: nn.Module,
@@ -85,31 +104,32 @@ def bench_pair(
     sparsity: float,
     label: str = "",
     kernels: str = "",
+    baselines: dict[str, Forward] | None = None,
     warmup: int = 2,
     reps: int = 20,
     budget_s: float = 30.0,
     seed: int = 0,
 ) -> list[BenchResult]:
+    """Time the sparse model against each dense baseline (default: ``dense`` in fp32), interleaved."""
     torch.set_num_threads(threads)
-    vocab = dense.config.vocab_size
-    results = []
+    paths = dict(baselines or {"fp32": first_output(dense)})
+    paths["sparse"] = first_output(sparse)
     gen = torch.Generator().manual_seed(seed)
+    results = []
     for bs in batch_sizes:
-        ids = torch.randint(0, vocab, (bs, seq_len), generator=gen)
+        ids = torch.randint(0, dense.config.vocab_size, (bs, seq_len), generator=gen)
         mask = torch.ones_like(ids)
         with torch.inference_mode():
-            dense_ms, sparse_ms = median_ms(
-                [
-                    lambda m=dense, i=ids, a=mask: m(input_ids=i, attention_mask=a),
-                    lambda m=sparse, i=ids, a=mask: m(input_ids=i, attention_mask=a),
-                ],
-                warmup,
-                reps,
-                budget_s,
-            )
-        results.append(
-            BenchResult(bs, seq_len, threads, sparsity, dense_ms, sparse_ms, dense_ms / sparse_ms, label, kernels)
-        )
+            reference = paths["fp32"](ids, mask)
+            diffs = {n: float((fn(ids, mask) - reference).abs().max()) for n, fn in paths.items() if n != "fp32"}
+            calls = [lambda fn=fn, i=ids, a=mask: fn(i, a) for fn in paths.values()]
+            timed = dict(zip(paths, median_ms(calls, warmup, reps, budget_s), strict=True))
+        sparse_ms = timed.pop("sparse")
+        best = min(timed, key=timed.__getitem__)
+        result = BenchResult(bs, seq_len, threads, sparsity, timed["fp32"], sparse_ms, timed["fp32"] / sparse_ms)
+        result.model, result.kernels, result.baselines, result.max_abs_diff = label, kernels, timed, diffs
+        result.best_dense, result.speedup_vs_best_dense = best, timed[best] / sparse_ms
+        results.append(result)
     return results
 
 
@@ -122,34 +142,42 @@ def bench_model(
     mode: str = "auto",
     max_density: float | None = None,
     backend: str = "auto",
+    baselines: list[str] = ("fp32",),
     **timing,
 ) -> list[BenchResult]:
-    """Benchmark a (pruned) model against its own sparsified copy."""
+    """Benchmark a (pruned) model's sparsified copy against the model on each dense path in ``baselines``."""
     model.eval()
+    torch.set_num_threads(threads)
     sparsity = sparsity_report(model)["overall"]
     fast = copy.deepcopy(model)
     kwargs = {} if max_density is None else {"max_density": max_density}
     report = sparsify(fast, mode=mode, backend=backend, **kwargs)
-    return bench_pair(model, fast, batch_sizes, seq_len, threads, sparsity, label, report.summary(), **timing)
+    dense_paths = build_baselines(model, resolve_baselines(list(baselines)), seq_len, threads)
+    summary = report.summary()
+    return bench_pair(model, fast, batch_sizes, seq_len, threads, sparsity, label, summary, dense_paths, **timing)
 
 
 def format_table(results: list[BenchResult]) -> str:
+    """One row per result: every dense path's ms, the sparse engine's, and its speedup over fp32 and the best."""
+    names = list(results[0].baselines) if results else ["fp32"]
     head = (
-        f"{'model':<12} {'sparsity':>8} {'batch':>5} {'seq':>4} {'thr':>3} {'dense ms':>10} {'sparse ms':>10} "
-        f"{'speedup':>7} {'dense sent/s':>12} {'sparse sent/s':>13}"
+        f"{'model':<12} {'sparsity':>8} {'batch':>5} {'seq':>4} {'thr':>3} "
+        + " ".join(f"{name + ' ms':>12}" for name in names)
+        + f" {'sparse ms':>10} {'vs fp32':>7} {'vs best dense':>18} {'sparse sent/s':>13}"
     )
     rows = [head, "-" * len(head)]
     for r in results:
         rows.append(
             f"{r.model:<12} {100 * r.sparsity:7.1f}% {r.batch_size:>5} {r.seq_len:>4} {r.threads:>3} "
-            f"{r.dense_ms:10.2f} {r.sparse_ms:10.2f} {r.speedup:6.2f}x {r.dense_sentences_per_s:12.1f} "
-            f"{r.sparse_sentences_per_s:13.1f}"
+            + " ".join(f"{r.baselines.get(name, float('nan')):12.2f}" for name in names)
+            + f" {r.sparse_ms:10.2f} {r.speedup:6.2f}x {r.speedup_vs_best_dense:6.2f}x ({r.best_dense:>8})"
+            f" {r.sparse_sentences_per_s:13.1f}"
         )
     return "\n".join(rows)
 
 
 def results_json(results: list[BenchResult]) -> dict:
-    return {"results": [asdict(r) for r in results]}
+    return {"machine": machine(), "torch": torch.__version__, "results": [asdict(r) for r in results]}
 
 
 def plot_sweep(results: list[BenchResult], path: str) -> None:

@@ -44,6 +44,12 @@ class BenchConfig:
     mode: str = opt("auto", "sparse engine mode", choices=("auto", "encoder", "linear"), group="bench")
     backend: str = opt("auto", "sparse kernel", choices=("auto", "cpp", "torch"), group="bench")
     max_density: float | None = opt(None, "densest matrix still run sparse (default: measured)", group="bench")
+    baselines: list[str] = opt(
+        help="dense paths timed beside the sparse engine: auto (fp32, bf16 where the CPU has it natively, "
+        "ONNX Runtime fp32/int8 where installed) or a list of fp32,bf16,ort-fp32,ort-int8",
+        factory=lambda: ["auto"],
+        group="bench",
+    )
     reps: int = opt(20, "timed runs per side (fewer if over --budget)", group="bench")
     warmup: int = opt(2, "untimed runs first", group="bench")
     budget: float = opt(30.0, "seconds per configuration before stopping reps", group="bench")
@@ -123,11 +129,21 @@ def cmd_export(args: ExportConfig) -> int:
 def cmd_bench(args: BenchConfig) -> int:
     import torch
 
-    from sparsebert.runtime.bench import bench_model, format_table, plot_sweep, random_pruned_model, results_json
+    from sparsebert.runtime.baselines import resolve_baselines
+    from sparsebert.runtime.bench import (
+        bench_model,
+        format_table,
+        machine,
+        plot_sweep,
+        random_pruned_model,
+        results_json,
+    )
 
     timing = {"warmup": args.warmup, "reps": args.reps, "budget_s": args.budget}
     common = {"mode": args.mode, "backend": args.backend, "max_density": args.max_density, **timing}
+    common["baselines"] = resolve_baselines(args.baselines)
     torch.set_num_threads(args.threads)
+    print(f"{machine()}, {args.threads} threads; dense baselines: {', '.join(common['baselines'])}", flush=True)
     results = []
     if args.model:
         from sparsebert.export import load

@@ -72,44 +72,69 @@ def export_onnx(
     threads: int | None = None,
 ) -> dict:
     """Export, verify on random padded inputs (max |diff| <= 1e-4 expected), optionally quantize to int8."""
-    ort = _require("onnxruntime")
+    _require("onnxruntime")
     _require("onnx")
     if not isinstance(model, nn.Module):
         from sparsebert.export import load
 
         model = load(model)
     model.eval()
+    if threads:
+        torch.set_num_threads(threads)
+    return _export_checked(model, Path(output), seq_len, quantize, threads)
+
+
+def export_graph(model: nn.Module, output: Path, seq_len: int) -> Path:
+    """The model as an ONNX graph (dynamic batch and length) returning its logits or last hidden state."""
+    _require("onnx")
+    _require("onnxscript")
     attn = model.config._attn_implementation
     model.config._attn_implementation = "eager"  # the exporter traces eager attention most reliably
     try:
-        if threads:
-            torch.set_num_threads(threads)
-        return _export_checked(model, Path(output), seq_len, quantize, ort, threads)
+        example = _inputs(model.config.vocab_size, 2, seq_len, 0, uses_token_types(model))
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=model.config.max_position_embeddings)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        torch.onnx.export(
+            _Logits(model).eval(),
+            tuple(example.values()),
+            str(output),
+            input_names=list(example),
+            output_names=["output"],
+            dynamic_shapes={name: {0: batch, 1: seq} for name in example},
+            dynamo=True,
+            external_data=False,
+            verbose=False,  # no progress lines on stdout
+        )
     finally:
         model.config._attn_implementation = attn
+    return output
 
 
-def _export_checked(model: nn.Module, output: Path, seq_len: int, quantize: bool, ort, threads: int | None) -> dict:
-    wrapper = _Logits(model).eval()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    types = uses_token_types(model)
-    example = _inputs(model.config.vocab_size, 2, seq_len, 0, types)
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=model.config.max_position_embeddings)
-    torch.onnx.export(
-        wrapper,
-        tuple(example.values()),
-        str(output),
-        input_names=list(example),
-        output_names=["output"],
-        dynamic_shapes={name: {0: batch, 1: seq} for name in example},
-        dynamo=True,
-        external_data=False,
-    )
-    report: dict = {"onnx_file": str(output), "onnx_mb": round(output.stat().st_size / 1e6, 2), "tolerance": TOLERANCE}
+def ort_session(path: Path, threads: int | None):
+    """An ONNX Runtime CPU session on ``threads`` intra-op threads (its default when None)."""
+    ort = _require("onnxruntime")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(output), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def quantize_int8(path: Path) -> Path:
+    """Dynamic int8 quantization of the graph's weights (activations quantized at run time)."""
+    _require("onnxruntime")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    q_path = path.with_name(path.stem + ".int8.onnx")
+    quantize_dynamic(str(path), str(q_path), weight_type=QuantType.QInt8)
+    return q_path
+
+
+def _export_checked(model: nn.Module, output: Path, seq_len: int, quantize: bool, threads: int | None) -> dict:
+    wrapper = _Logits(model).eval()
+    types = uses_token_types(model)
+    export_graph(model, output, seq_len)
+    report: dict = {"onnx_file": str(output), "onnx_mb": round(output.stat().st_size / 1e6, 2), "tolerance": TOLERANCE}
+    session = ort_session(output, threads)
     check = _inputs(model.config.vocab_size, 3, max(8, seq_len // 2), 1, types)
     feeds = {name: t.numpy() for name, t in check.items()}
     with torch.no_grad():
@@ -117,18 +142,15 @@ def _export_checked(model: nn.Module, output: Path, seq_len: int, quantize: bool
     got = torch.from_numpy(session.run(None, feeds)[0])
     report["max_abs_diff"] = float((got - ref).abs().max())
     report["max_rel_diff"] = float(((got - ref).abs() / ref.abs().clamp_min(1e-3)).max())
-    one = {name: t[:1] for name, t in example.items()}
+    one = _inputs(model.config.vocab_size, 1, seq_len, 0, types)
     one["attention_mask"] = torch.ones_like(one["attention_mask"])
     bench_feeds = {name: t.numpy() for name, t in one.items()}
     with torch.no_grad():
         report["torch_ms_b1"] = round(_median_ms(lambda: wrapper(*one.values())), 2)
     report["onnx_ms_b1"] = round(_median_ms(lambda: session.run(None, bench_feeds)), 2)
     if quantize:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        q_path = output.with_name(output.stem + ".int8.onnx")
-        quantize_dynamic(str(output), str(q_path), weight_type=QuantType.QInt8)
-        q_session = ort.InferenceSession(str(q_path), options, providers=["CPUExecutionProvider"])
+        q_path = quantize_int8(output)
+        q_session = ort_session(q_path, threads)
         q_out = torch.from_numpy(q_session.run(None, feeds)[0])
         report["int8_file"] = str(q_path)
         report["int8_mb"] = round(q_path.stat().st_size / 1e6, 2)
