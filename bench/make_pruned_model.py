@@ -15,9 +15,9 @@ from pathlib import Path
 
 from transformers import AutoModel, AutoTokenizer
 
-from sparsebert.models import resolve_model
 from sparsebert.pruning import MagnitudePruner, sparsity_report
 from sparsebert.runtime.bench import random_pruned_model
+from sparsebert.sources import resolve_model
 
 
 def main() -> None:

@@ -143,3 +143,16 @@ def test_export_command_copies_tokenizer_and_reports(tmp_path, tiny_model_dir, c
     assert not (tmp_path / "o" / "model.safetensors").exists()
     assert "pruned layers" in capsys.readouterr().out
     assert json.loads((tmp_path / "r.json").read_text())["values"] == "fp16"
+
+
+def test_a_compressed_folder_is_loaded_for_a_task_with_the_same_head_checks(tmp_path):
+    """models.load_model accepts the compressed format like an ordinary folder, and refuses a head of the
+    wrong size for the task in both."""
+    from sparsebert.models import load_model
+    from sparsebert.tasks import get_task
+
+    export_compressed(pruned(bert_config(), 0.9), tmp_path / "c")
+    model = load_model(tmp_path / "c", get_task("mrpc"))
+    assert model.config.num_labels == 2 and model.classifier.out_features == 2
+    with pytest.raises(SparseBertError, match="head for 2 labels but task stsb has 1"):
+        load_model(tmp_path / "c", get_task("stsb"))

@@ -9,9 +9,9 @@ import pytest
 from conftest import cli
 
 from sparsebert.data import DataSource, load_task_data
-from sparsebert.models import resolve_model
 from sparsebert.packaged import packaged_task_dir
 from sparsebert.pruning import find_prunable_linears
+from sparsebert.sources import resolve_model
 from sparsebert.tasks import get_task
 
 

@@ -47,8 +47,9 @@ from sparsebert.io import (
     claimed_output_dir,
     publish_dir,
 )
-from sparsebert.models import load_model, load_tokenizer, resolve_model
+from sparsebert.models import load_model, load_tokenizer
 from sparsebert.pruning import CubicSparsitySchedule, MagnitudePruner, sparsity_report
+from sparsebert.sources import resolve_model
 from sparsebert.strategies import TABLE
 from sparsebert.students import fit_dense_student
 from sparsebert.tasks import get_task

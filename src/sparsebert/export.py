@@ -31,6 +31,7 @@ from transformers import AutoConfig
 
 from sparsebert.errors import SparseBertError
 from sparsebert.io import atomic_write_json, publish_dir
+from sparsebert.sources import read_pretrained, resolve_model
 
 MANIFEST = "sparsebert_manifest.json"
 FORMAT = "sparsebert-csr"
@@ -125,8 +126,6 @@ def _decode_csr(parts: dict[str, torch.Tensor], shape: list[int], dtype: torch.d
 def _source_dir(model: nn.Module | str | os.PathLike) -> Path | None:
     if isinstance(model, nn.Module):
         return None
-    from sparsebert.models import resolve_model
-
     path = Path(resolve_model(model))
     return path if path.is_dir() else None
 
@@ -245,8 +244,6 @@ def load(path: str | os.PathLike) -> nn.Module:
     The model comes back in eval mode with dense weights (pruned entries exactly zero); call
     ``sparsebert.runtime.sparsify`` on it for the fast sparse CPU kernels.
     """
-    from sparsebert.models import read_pretrained, resolve_model
-
     folder = Path(resolve_model(path))
     if not is_compressed(folder):
         config = read_pretrained(AutoConfig.from_pretrained, str(folder))

@@ -1,8 +1,7 @@
-"""Resolve a model name to weights and load it for a task, the way transformers users expect.
+"""Load a model and its tokenizer for a task, the way transformers users expect.
 
-A name is an alias of an embedded model (``minilm-l6``, ``minilm-l3``), a local folder, or a hub id. A path-looking
-name that does not exist is an error here: passed on, transformers would try it as a hub id and fail
-offline with a confusing message.
+Names are resolved by ``sources`` (an embedded alias, a local folder or a hub id); a folder in the
+compressed format (``export``) is accepted wherever an ordinary one is.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -20,36 +18,9 @@ from transformers import (
 )
 
 from sparsebert.errors import SparseBertError
-from sparsebert.packaged import minilm_l3_path, minilm_l6_path
+from sparsebert.export import is_compressed, load  # the compressed format is accepted everywhere
+from sparsebert.sources import read_pretrained, resolve_model
 from sparsebert.tasks import TaskSpec
-
-ALIASES = {"minilm-l6": minilm_l6_path, "minilm-l3": minilm_l3_path}
-
-
-def resolve_model(name: str | os.PathLike) -> str:
-    """Return a local folder or a hub id for ``name``."""
-    name = str(name)
-    if name in ALIASES:
-        return str(ALIASES[name]())
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise SparseBertError(f"{path}: not a model folder (no config.json)")
-        return str(path)
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name:
-        raise SparseBertError(f"model path {name} does not exist or is not a folder")
-    return name  # a hub id such as "bert-base-uncased" or "google/electra-small-discriminator"
-
-
-def read_pretrained(fn, name: str, **kwargs):
-    """Load through transformers; every failure to read the files becomes a one-line error."""
-    try:
-        return fn(name, **kwargs)
-    except SafetensorError as exc:
-        raise SparseBertError(f"could not read the weights of {name} (damaged or truncated file?): {exc}") from None
-    except OSError as exc:
-        where = "" if Path(name).is_dir() else " (not a local folder; hub said)"
-        raise SparseBertError(f"could not load model {name!r}{where}: {exc}") from None
 
 
 def load_tokenizer(name: str | os.PathLike) -> PreTrainedTokenizerBase:
@@ -62,10 +33,10 @@ def load_model(name: str | os.PathLike, task: TaskSpec) -> nn.Module:
     Label names are written into the config so the saved model is self-describing.
     """
     resolved = resolve_model(name)
-    from sparsebert.export import is_compressed, load  # the compressed format is accepted everywhere
-
     if is_compressed(Path(resolved)):
-        return load(resolved)
+        model = load(resolved)
+        _check_head(name, [type(model).__name__], model.config.num_labels, task)
+        return model
     config = read_pretrained(AutoConfig.from_pretrained, resolved)
     kwargs: dict = {"num_labels": task.num_labels}
     if task.is_regression:
@@ -74,9 +45,14 @@ def load_model(name: str | os.PathLike, task: TaskSpec) -> nn.Module:
         kwargs["id2label"] = dict(enumerate(task.labels))
         kwargs["label2id"] = {label: i for i, label in enumerate(task.labels)}
         kwargs["problem_type"] = "single_label_classification"
-    has_head = config.architectures and any("SequenceClassification" in a for a in config.architectures)
-    if has_head and getattr(config, "num_labels", None) not in (None, task.num_labels):
-        raise SparseBertError(
-            f"model {name} has a head for {config.num_labels} labels but task {task.name} has {task.num_labels}"
-        )
+    _check_head(name, config.architectures, getattr(config, "num_labels", None), task)
     return read_pretrained(AutoModelForSequenceClassification.from_pretrained, resolved, **kwargs)
+
+
+def _check_head(name: str | os.PathLike, architectures: list[str] | None, num_labels: int | None, task: TaskSpec):
+    """A saved task head must have the task's number of outputs (a model without a head gets a fresh one)."""
+    has_head = architectures and any("SequenceClassification" in a for a in architectures)
+    if has_head and num_labels not in (None, task.num_labels):
+        raise SparseBertError(
+            f"model {name} has a head for {num_labels} labels but task {task.name} has {task.num_labels}"
+        )
