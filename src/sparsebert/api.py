@@ -37,7 +37,7 @@ from sparsebert.config import (
     to_yaml,
 )
 from sparsebert.data import DataSource, TaskData, encode, load_task_data, make_loader
-from sparsebert.distill import AttentionScoreRecorder, DistillationLoss, LossWeights
+from sparsebert.distill import AttentionScoreRecorder, DistillationLoss, LossWeights, attention_comparable
 from sparsebert.errors import SparseBertError
 from sparsebert.io import (
     JsonlLog,
@@ -329,8 +329,8 @@ def _distillation(config: PruneConfig, teacher: nn.Module, student: nn.Module, a
     teacher_config = teacher.config
     teacher = accelerator.prepare_model(teacher, evaluation_mode=True).eval()
     weights = LossWeights.parse(config.loss_weights)
-    if student.config.num_attention_heads != teacher_config.num_attention_heads:
-        weights.attention = 0.0  # a narrowed student has fewer heads: no head-to-head attention map
+    if not attention_comparable(student.config, teacher_config):
+        weights.attention = 0.0
         log.write({"event": "note", "message": "student has fewer heads: attention loss disabled"})
     loss_fn = DistillationLoss(student.config, teacher_config, weights, config.temperature, config.regression_target)
     extra = [loss_fn] if loss_fn.projection is not None else []

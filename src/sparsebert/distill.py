@@ -105,6 +105,12 @@ def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
     return [((i + 1) * teacher_layers + student_layers - 1) // student_layers - 1 for i in range(student_layers)]
 
 
+def attention_comparable(student_config, teacher_config) -> bool:
+    """Attention scores are distilled head to head, so the head counts must be equal (a narrowed dense
+    student has fewer heads: its attention term is dropped by ``api``, refused by ``DistillationLoss``)."""
+    return student_config.num_attention_heads == teacher_config.num_attention_heads
+
+
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Cross-entropy to the teacher's softened distribution, averaged over batch x classes (reference)."""
     targets = F.softmax(teacher_logits / temperature, dim=-1)
@@ -144,7 +150,7 @@ class DistillationLoss(nn.Module):
         self.layer_map = layer_map(student_config.num_hidden_layers, teacher_config.num_hidden_layers)
         s_width, t_width = student_config.hidden_size, teacher_config.hidden_size
         self.projection = nn.Linear(s_width, t_width) if s_width != t_width else None
-        if self.weights.attention and student_config.num_attention_heads != teacher_config.num_attention_heads:
+        if self.weights.attention and not attention_comparable(student_config, teacher_config):
             raise SparseBertError(
                 "attention distillation needs equal head counts "
                 f"(student {student_config.num_attention_heads}, teacher {teacher_config.num_attention_heads}); "
