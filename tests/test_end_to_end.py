@@ -473,13 +473,27 @@ def test_distill_dense_takes_a_smaller_pretrained_student(teacher, tiny_model_di
     assert "share the teacher's tokenizer" in capsys.readouterr().err
 
 
-def test_prune_with_augmented_data(teacher, sst_dir, tmp_path):
+def test_prune_with_augmented_data(teacher, sst_dir, tmp_path, monkeypatch):
+    """--augment N trains on the originals followed by N varied copies of each: words replaced by their
+    neighbours in the model's embeddings, labels kept, the same variants for the same seed."""
+    from sparsebert import api
+
+    real, inputs, seen = api.augment, [], []
+    monkeypatch.setattr(api, "augment", lambda *a, **kw: inputs.append(a[0]) or seen.append(real(*a, **kw)) or seen[-1])
     args = ["prune", "--teacher", teacher, "--student", teacher, "--task", "sst2", "--data-dir", sst_dir]
-    assert cli(*args, "--augment", "2", "--max-steps", "2", "--output-dir", tmp_path / "a", *FAST) == 0
-    train_lines = len((sst_dir / "train.tsv").read_text().splitlines()) - 1
+    for name in ("a", "b"):
+        assert cli(*args, "--augment", "2", "--max-steps", "2", "--output-dir", tmp_path / name, *FAST) == 0
+    originals = inputs[0]
+    assert len(originals) == len((sst_dir / "train.tsv").read_text().splitlines()) - 1
     config = next(r for r in JsonlLog(tmp_path / "a" / "log.jsonl").read() if r.get("event") == "config")
-    assert config["train_examples"] == 3 * train_lines  # the originals and two variants of each
-    assert cli(*args, "--augment", "-1", "--output-dir", tmp_path / "b") == 2
+    assert config["train_examples"] == 3 * len(originals) == len(seen[0])
+    assert seen[0] == seen[1]  # seeded
+    assert seen[0][: len(originals)] == originals
+    variants = seen[0][len(originals) :]
+    assert [v.label for v in variants] == [e.label for e in originals] * 2
+    changed = sum(v.texts != e.texts for v, e in zip(variants, originals * 2, strict=True))
+    assert changed >= 0.5 * len(variants)  # replacement probability 0.4 per word, most sentences change
+    assert cli(*args, "--augment", "-1", "--output-dir", tmp_path / "c") == 2
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
