@@ -528,3 +528,17 @@ def test_prune_in_the_chosen_precision_saves_fp32(precision, teacher, tiny_model
     weights = _weights(out)
     assert all(w.dtype == torch.float32 for w in weights.values())
     assert json.loads((out / "sparsity.json").read_text())["overall"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_every_job_returns_a_run_result(teacher, sst_dir, tmp_path):
+    """evaluate (like finetune, prune, compress and compare) returns api.RunResult: its metrics, the file
+    it wrote, and the metrics.json record in ``details``."""
+    from sparsebert import api
+    from sparsebert.config import EvaluateConfig
+
+    config = EvaluateConfig(model=teacher, task="sst2", data_dir=str(sst_dir), output=str(tmp_path / "m.json"))
+    result = api.evaluate(config)
+    assert isinstance(result, api.RunResult) and result.output_dir == tmp_path / "m.json"
+    assert result.details == json.loads((tmp_path / "m.json").read_text())
+    assert result.metrics == result.details["metrics"] and set(result.metrics) == {"accuracy"}
+    assert result.seconds > 0

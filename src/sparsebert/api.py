@@ -12,11 +12,12 @@ A run writes to its output folder: the model and tokenizer in HF format, ``metri
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -66,10 +67,18 @@ from sparsebert.train import evaluate as evaluate_loaders
 
 @dataclass
 class RunResult:
-    output_dir: Path
+    """What every job returns (finetune, prune, evaluate, compress, compare), for the CLI or a user's code.
+
+    ``metrics`` are the dev metrics of the model the job produced or read (compress: the student's;
+    compare: none, see ``details``); ``details`` holds what a job writes beside them: evaluate's
+    metrics.json record, compress's report, compare's results.
+    """
+
+    output_dir: Path | None  # the folder (evaluate: the --output file) written; None if nothing was
     metrics: dict[str, float]
     seconds: float
-    sparsity: dict | None = None
+    sparsity: dict | None = None  # sparsity.json of the pruned model
+    details: dict = field(default_factory=dict)
 
 
 def _source(config) -> DataSource:
@@ -373,9 +382,10 @@ def prune(config: PruneConfig) -> RunResult:
         return RunResult(out, metrics, seconds, report)
 
 
-def evaluate(config: EvaluateConfig) -> dict:
-    """Dev metrics of a saved model; returns (and optionally writes) the metrics.json record."""
+def evaluate(config: EvaluateConfig) -> RunResult:
+    """Dev metrics of a saved model; the metrics.json record in ``details`` (written to --output if given)."""
     require(config, "model", "task")
+    started = time.perf_counter()
     accelerator = new_accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision))
     data = _load_data(config, need_train=False)
     tokenizer = load_tokenizer(config.model)
@@ -386,10 +396,11 @@ def evaluate(config: EvaluateConfig) -> dict:
     record = _metrics_record(data, metrics)
     if config.output and accelerator.is_main_process:
         atomic_write_json(config.output, record)
-    return record
+    output = Path(config.output) if config.output else None
+    return RunResult(output, metrics, time.perf_counter() - started, details=record)
 
 
-def _stage_configs(config: CompressConfig, out: Path) -> tuple[FinetuneConfig, PruneConfig]:
+def stage_configs(config: CompressConfig, out: Path) -> tuple[FinetuneConfig, PruneConfig]:
     """Split a compress/compare configuration into the teacher's and a student's run."""
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
     shared.update(overwrite=False, resume=False, output_dir=None)
@@ -430,7 +441,7 @@ def run_stage(config: TrainConfig, fn) -> bool:
     return True
 
 
-def compress(config: CompressConfig) -> dict:
+def compress(config: CompressConfig) -> RunResult:
     """The main job: fine-tune the teacher, prune-while-distill the student, evaluate both, report.
 
     With ``--resume`` finished stages are skipped and an interrupted one continues (the teacher is
@@ -440,12 +451,14 @@ def compress(config: CompressConfig) -> dict:
 
     require(config, "model", "task", "output_dir")
     check_paths(config)
-    out = Path(config.output_dir)
+    out, started = Path(config.output_dir), time.perf_counter()
     with claimed_by_main_process(out, overwrite=config.overwrite, resume=config.resume):
-        teacher_cfg, student_cfg = _stage_configs(config, out)
+        teacher_cfg, student_cfg = stage_configs(config, out)
         run_stage(teacher_cfg, finetune)
         run_stage(student_cfg, prune)
-        return write_report(out, config)
+        report = write_report(out, config)
+    sparsity = json.loads((out / "student" / "sparsity.json").read_text())
+    return RunResult(out, report["student"], time.perf_counter() - started, sparsity, report)
 
 
 def claimed_by_main_process(out: Path, *, overwrite: bool, resume: bool):

@@ -71,7 +71,7 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     config = configs.config_from_args(getattr(configs, COMMANDS[args.command][0]), args)
     if args.command == "evaluate":
-        print(format_metrics(api.evaluate(config)))
+        print(format_metrics(api.evaluate(config).details))
         return 0
     if args.command == "predict":
         from sparsebert.predict import predict
@@ -88,12 +88,12 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "compress":
         from sparsebert.report import format_report
 
-        print(format_report(api.compress(config)))
+        print(format_report(api.compress(config).details))
         return 0
     if args.command == "compare":
         from sparsebert.compare import compare
 
-        results = compare(config)
+        results = compare(config).details
         for r in results["runs"]:
             print(
                 f"{r['strategy']:<22} {100 * r['sparsity']:5.1f}%  nonzero {r['nonzero_params']:>10,}  "

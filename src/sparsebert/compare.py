@@ -12,11 +12,20 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 from accelerate import PartialState
 
-from sparsebert.api import _stage_configs, check_paths, claimed_by_main_process, finetune, prune, run_stage
+from sparsebert.api import (
+    RunResult,
+    check_paths,
+    claimed_by_main_process,
+    finetune,
+    prune,
+    run_stage,
+    stage_configs,
+)
 from sparsebert.config import STRATEGIES, CompareConfig, require
 from sparsebert.errors import SparseBertError
 from sparsebert.io import JsonlLog, atomic_write_json
@@ -106,16 +115,16 @@ def plot(out: Path, results: dict) -> None:
     plt.close(fig)
 
 
-def compare(config: CompareConfig) -> dict:
-    """Run (or continue) the sweep and write its results and plots."""
+def compare(config: CompareConfig) -> RunResult:
+    """Run (or continue) the sweep and write its results and plots (returned in ``details``)."""
     require(config, "model", "task", "output_dir")
     check_paths(config)
     unknown = set(config.strategies) - set(STRATEGIES)
     if unknown:
         raise SparseBertError(f"unknown strategies: {', '.join(sorted(unknown))}")
-    out = Path(config.output_dir)
+    out, started = Path(config.output_dir), time.perf_counter()
     with claimed_by_main_process(out, overwrite=config.overwrite, resume=True):
-        teacher_cfg, template = _stage_configs(config, out)
+        teacher_cfg, template = stage_configs(config, out)
         run_stage(teacher_cfg, finetune)
         for strategy in config.strategies:
             for sparsity in config.sparsities:
@@ -130,4 +139,4 @@ def compare(config: CompareConfig) -> dict:
             atomic_write_json(out / "results.json", results)
             write_csv(out / "results.csv", results)
             plot(out, results)
-        return results
+    return RunResult(out, {}, time.perf_counter() - started, details=results)
