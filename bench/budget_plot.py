@@ -13,10 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from sparsebert.report import pyplot
 
 # task: (name prefix in the campaign, metric plotted, majority-class score on dev or None)
 TASKS = {
@@ -42,6 +39,7 @@ def plot_task(task: str, runs: dict[str, dict], teachers: dict[str, dict], out: 
     students = {n: r for n, r in runs.items() if not n.startswith("teacher") and f"-{prefix}-" in f"-{n}-"}
     if not students:
         return None
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, run in sorted(students.items()):
         steps = [p["step"] for p in run["curve"]]

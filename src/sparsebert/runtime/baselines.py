@@ -3,9 +3,10 @@
 A sparse engine is only worth shipping if it beats what a user already has on the same CPU: dense
 PyTorch in fp32, dense bf16 where the CPU computes bf16 natively (AMX, AVX512-BF16; elsewhere oneDNN
 emulates it and it is slower than fp32), and ONNX Runtime in fp32 or with int8 dynamic quantization (the
-usual CPU deployment of a BERT). Each baseline is a callable ``(input_ids, attention_mask) -> output``
-returning the model's first output in fp32, so the benchmark can time them interleaved and report each
-one's difference from dense fp32.
+usual CPU deployment of a BERT). Each baseline is a callable ``(input_ids, attention_mask,
+token_type_ids=None) -> output`` returning the model's first output in fp32, so the benchmark can time
+them interleaved and report each one's difference from dense fp32, and ``bench/engine_accuracy.py`` can
+score each on a dev set.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from sparsebert.errors import SparseBertError
 
 BASELINES = ("fp32", "bf16", "ort-fp32", "ort-int8")
-Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Forward = Callable[..., torch.Tensor]  # (input_ids, attention_mask, token_type_ids=None) -> fp32 output
 
 
 def available_baselines() -> list[str]:
@@ -48,8 +49,9 @@ def resolve_baselines(names: list[str]) -> list[str]:
 def first_output(model: nn.Module) -> Forward:
     """``model`` as a callable returning its logits (task models) or last hidden state, in fp32."""
 
-    def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = model(input_ids=ids, attention_mask=mask)
+    def forward(ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {} if types is None else {"token_type_ids": types}
+        out = model(input_ids=ids, attention_mask=mask, **extra)
         return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()
 
     return forward
@@ -84,10 +86,10 @@ def _onnx_runtime(model: nn.Module, names: list[str], seq_len: int, threads: int
 
 
 def _session_forward(session, token_types: bool) -> Forward:
-    def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
         feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
         if token_types:
-            feeds["token_type_ids"] = torch.zeros_like(ids).numpy()
+            feeds["token_type_ids"] = (torch.zeros_like(ids) if types is None else types).numpy()
         return torch.from_numpy(session.run(None, feeds)[0])
 
     return forward
