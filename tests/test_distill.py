@@ -68,6 +68,30 @@ def test_regression_prediction_targets():
     )
 
 
+def test_regression_prediction_is_divided_by_the_label_variance():
+    """The regression MSE divided by the scale given (api passes the training labels' variance), so a
+    task in other units gives the same loss; 'none' keeps the plain MSE."""
+    from types import SimpleNamespace
+
+    from sparsebert.api import _regression_scale
+    from sparsebert.data import Example
+    from sparsebert.tasks import get_task
+
+    s, t = torch.tensor([[1.0], [2.0]]), torch.tensor([[0.0], [0.0]])
+    cfg = bert(num_labels=1)
+    scaled = DistillationLoss(cfg, cfg, LossWeights(0, 0, 1), regression_scale=4.0)
+    assert float(scaled(s, t).loss) == pytest.approx(2.5 / 4)
+    assert float(scaled(10 * s, 10 * t).loss) == pytest.approx(250 / 4)
+    with pytest.raises(SparseBertError, match="regression scale"):
+        DistillationLoss(cfg, cfg, regression_scale=0.0)
+
+    data = SimpleNamespace(task=get_task("stsb"), train=[Example(("a",), y) for y in (1.0, 3.0, 5.0)])
+    assert _regression_scale(SimpleNamespace(regression_scale="variance"), data) == pytest.approx(8 / 3)
+    assert _regression_scale(SimpleNamespace(regression_scale="none"), data) == 1.0
+    data.task = get_task("mrpc")
+    assert _regression_scale(SimpleNamespace(regression_scale="variance"), data) == 1.0  # classification
+
+
 def test_uniform_layer_map_and_width_projection():
     assert layer_map(4, 12) == [2, 5, 8, 11]
     assert layer_map(6, 6) == list(range(6))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -333,7 +334,19 @@ def _pruner_factory(config: PruneConfig) -> Callable[[nn.Module, int], Magnitude
     return make_pruner
 
 
-def _distillation(config: PruneConfig, teacher: nn.Module, student: nn.Module, accelerator, log: JsonlLog):
+def _regression_scale(config: PruneConfig, data: TaskData) -> float:
+    """What a regression student's prediction MSE is divided by: the training labels' variance, so the
+    term has the same size whatever the labels' units (a rating in -4..4 gave an MSE ~10x the
+    classification loss, which crowded out the hidden-state term; BENCHMARKS.md "Regression at 90%")."""
+    if not data.task.is_regression or config.regression_scale == "none":
+        return 1.0
+    labels = [float(e.label) for e in data.train]
+    return max(statistics.pvariance(labels), 1e-6) if len(labels) > 1 else 1.0
+
+
+def _distillation(
+    config: PruneConfig, teacher: nn.Module, student: nn.Module, accelerator, log: JsonlLog, regression_scale: float
+):
     """The distilling strategies' step and the modules it trains beside the student (a projection)."""
     teacher_config = teacher.config
     teacher = accelerator.prepare_model(teacher, evaluation_mode=True).eval()
@@ -341,7 +354,9 @@ def _distillation(config: PruneConfig, teacher: nn.Module, student: nn.Module, a
     if not attention_comparable(student.config, teacher_config):
         weights.attention = 0.0
         log.write({"event": "note", "message": "student has fewer heads: attention loss disabled"})
-    loss_fn = DistillationLoss(student.config, teacher_config, weights, config.temperature, config.regression_target)
+    loss_fn = DistillationLoss(
+        student.config, teacher_config, weights, config.temperature, config.regression_target, regression_scale
+    )
     extra = [loss_fn] if loss_fn.projection is not None else []
     return _distillation_step(teacher, student, loss_fn), extra
 
@@ -370,7 +385,7 @@ def prune(config: PruneConfig) -> RunResult:
         )
         step_fn, extra = _classification_step, []
         if strategy.distills:
-            step_fn, extra = _distillation(config, teacher, student, accelerator, log)
+            step_fn, extra = _distillation(config, teacher, student, accelerator, log, _regression_scale(config, data))
         head_lr = config.head_lr if config.head_lr and config.head_lr != config.lr else None
         train, dev = _train_loader(data, tokenizer, config), _eval_loaders(data, tokenizer, config)
         loop = Loop(accelerator, config, student, step_fn, train, dev, data.task, out, log,

@@ -165,6 +165,10 @@ class PruneOptions:
         "teacher", "what a regression student's prediction is fitted to", choices=("teacher", "label", "both"),
         group="pruning",
     )  # fmt: skip
+    regression_scale: str = opt(
+        "variance", "divide a regression student's prediction MSE by the training labels' variance, or not",
+        choices=("variance", "none"), group="pruning",
+    )  # fmt: skip
     student_head: str = opt(
         "teacher", "start the task head from the teacher's, or fresh", choices=("teacher", "fresh"), group="pruning"
     )

@@ -140,6 +140,7 @@ class DistillationLoss(nn.Module):
         weights: LossWeights | None = None,
         temperature: float = 1.0,
         regression_target: str = "teacher",
+        regression_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.weights = weights or LossWeights()
@@ -147,6 +148,9 @@ class DistillationLoss(nn.Module):
         if regression_target not in ("teacher", "label", "both"):
             raise SparseBertError(f"regression target must be teacher, label or both; got {regression_target!r}")
         self.regression_target = regression_target
+        if not regression_scale > 0:
+            raise SparseBertError(f"regression scale must be > 0, got {regression_scale}")
+        self.regression_scale = regression_scale
         self.layer_map = layer_map(student_config.num_hidden_layers, teacher_config.num_hidden_layers)
         s_width, t_width = student_config.hidden_size, teacher_config.hidden_size
         self.projection = nn.Linear(s_width, t_width) if s_width != t_width else None
@@ -182,7 +186,7 @@ class DistillationLoss(nn.Module):
             if labels is None:
                 raise SparseBertError("regression distillation against the label needs labels in the batch")
             loss = loss + F.mse_loss(s, labels.to(s.dtype))
-        return loss
+        return loss / self.regression_scale
 
     def forward(
         self,
