@@ -336,8 +336,8 @@ def _pruner_factory(config: PruneConfig) -> Callable[[nn.Module, int], Magnitude
 
 def _regression_scale(config: PruneConfig, data: TaskData) -> float:
     """What a regression student's prediction MSE is divided by: the training labels' variance, so the
-    term has the same size whatever the labels' units (a rating in -4..4 gave an MSE ~10x the
-    classification loss, which crowded out the hidden-state term; BENCHMARKS.md "Regression at 90%")."""
+    term has the same size whatever the labels' units (in a rating's units, -4..4, it made two thirds
+    of the loss where a classifier's three terms are of one size; BENCHMARKS.md "Regression at 90%")."""
     if not data.task.is_regression or config.regression_scale == "none":
         return 1.0
     labels = [float(e.label) for e in data.train]
