@@ -251,11 +251,13 @@ def test_bench_on_a_compressed_folder(tmp_path, capsys):
 
 
 def test_onnx_export_matches_pytorch(tmp_path):
-    from sparsebert.runtime.onnx_export import TOLERANCE, export_onnx
+    from sparsebert.runtime.onnx_export import TOLERANCE, export_onnx, ort_session
 
     model = pruned_model(small(BertConfig), 0.9)
     report = export_onnx(model, tmp_path / "m.onnx", seq_len=16, quantize=True)
     assert report["max_abs_diff"] <= TOLERANCE
+    options = ort_session(tmp_path / "m.onnx", 2).get_session_options()  # no spinning threads between runs
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert (tmp_path / "m.int8.onnx").exists() and report["int8_mb"] < report["onnx_mb"]
     assert model.config._attn_implementation == "sdpa"  # restored after the export
     import onnxruntime as ort

@@ -111,9 +111,15 @@ def export_graph(model: nn.Module, output: Path, seq_len: int) -> Path:
 
 
 def ort_session(path: Path, threads: int | None):
-    """An ONNX Runtime CPU session on ``threads`` intra-op threads (its default when None)."""
+    """An ONNX Runtime CPU session on ``threads`` intra-op threads (its default when None).
+
+    Its threads do not spin-wait between runs: by default they keep polling for a while after each
+    run, which steals the cores from whatever runs next in the same process (the sparse engine, timed
+    interleaved with it, ran 2-10x slower).
+    """
     ort = _require("onnxruntime")
     options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
