@@ -298,3 +298,16 @@ def test_baselines_auto_and_unknown_names():
     assert resolve_baselines(["ort-int8", "bf16"]) == ["fp32", "bf16", "ort-int8"]
     with pytest.raises(SparseBertError, match="unknown baseline"):
         resolve_baselines(["int4"])
+
+
+def test_the_kernel_cache_is_keyed_by_the_processor(monkeypatch):
+    """The library is built with -march=native: a cache shared with another CPU must not be loaded."""
+    from sparsebert.runtime import kernels
+
+    here = kernels._build_key()
+    cpu = kernels.cpu_info()
+    assert cpu.get("flags") and here == kernels._build_key()  # stable on one machine
+    monkeypatch.setattr(kernels, "cpu_info", lambda: {**cpu, "flags": cpu["flags"] + " amx_tile"})
+    assert kernels._build_key() != here
+    monkeypatch.setattr(kernels, "cpu_info", lambda: {**cpu, "model name": cpu.get("model name", "") + " (another)"})
+    assert kernels._build_key() != here

@@ -14,7 +14,6 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,6 +24,7 @@ from sparsebert.pruning import MagnitudePruner, sparsity_report
 from sparsebert.report import pyplot
 from sparsebert.runtime.baselines import Forward, build_baselines, first_output, resolve_baselines
 from sparsebert.runtime.convert import sparsify
+from sparsebert.runtime.kernels import cpu_info
 
 ARCHS: dict[str, dict] = {
     "bert-base": {},  # BertConfig() defaults: hidden 768, 12 layers, 12 heads, FFN 3072
@@ -87,12 +87,7 @@ def median_ms(fns: list[Callable[[], object]], warmup: int, reps: int, budget_s:
 
 def machine() -> str:
     """The processor's model name, as BENCHMARKS.md must name it beside every figure."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return cpu_info().get("model name") or platform.processor() or platform.machine()
 
 
 def bench_pair(

@@ -150,21 +150,42 @@ void layer_norm_fm_f32(int64_t H, int64_t N, const float* X, const float* gamma,
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 
+def cpu_info() -> dict[str, str]:
+    """The first processor's ``model name`` and ``flags`` from /proc/cpuinfo (empty where there is none)."""
+    path = Path("/proc/cpuinfo")
+    info: dict[str, str] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "flags") and key not in info:
+            info[key] = value.strip()
+    return info
+
+
+def _build_key() -> str:
+    """What the cached library depends on: the source, the flags, the compiler and — since it is built
+    with -march=native — the processor's model and instruction-set flags, so a cache shared between
+    machines (a copied home folder, an image) never loads code built for another CPU."""
+    cpu = cpu_info()
+    parts = (_SOURCE, " ".join(_FLAGS), _compiler() or "", os.uname().machine, cpu.get("model name", ""),
+             cpu.get("flags", ""))  # fmt: skip
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
 def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    """Build (once per source/flags/machine) and load the kernel library; None if it cannot be built."""
+    """Build (once per source, flags and processor) and load the kernel library; None if it cannot be built."""
     if os.environ.get("SPARSEBERT_NO_CPP"):
         return None
     cxx = _compiler()
     if cxx is None:
         log.warning("no C++ compiler found: sparse runtime falls back to torch's MKL CSR kernels")
         return None
-    key = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + cxx + os.uname().machine).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"libsparsebert_kernels_{key}.so"
+    target = cache_dir() / "kernels" / f"libsparsebert_kernels_{_build_key()}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
