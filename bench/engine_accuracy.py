@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from sparsebert.data import DataSource, load_task_data
+from sparsebert.data import DataSource, encode, load_task_data, make_loader
 from sparsebert.export import load
 from sparsebert.metrics import compute_metrics
 from sparsebert.models import load_tokenizer
@@ -48,15 +48,10 @@ def main() -> None:
 
     task = get_task(args.task)
     data = load_task_data(task, DataSource(data_dir=args.data_dir), need_train=False)
-    examples = data.dev["dev"]
     tokenizer = load_tokenizer(args.model)
-    batches = []
-    for i in range(0, len(examples), args.batch_size):
-        chunk = examples[i : i + args.batch_size]
-        texts = list(zip(*(e.texts for e in chunk), strict=True))
-        batches.append(dict(tokenizer(*texts, truncation=True, max_length=args.max_seq_length, padding=True,
-                                      return_tensors="pt")))  # fmt: skip
-    labels = torch.tensor([e.label for e in examples])
+    features = encode(data.dev["dev"], tokenizer, args.max_seq_length)
+    batches = list(make_loader(features, tokenizer, args.batch_size, shuffle=False))
+    labels = torch.cat([b["labels"] for b in batches])
 
     model = load(args.model).eval()
     forwards = build_baselines(model, ["fp32", *args.paths.split(",")], args.max_seq_length, args.threads)

@@ -46,15 +46,26 @@ def resolve_baselines(names: list[str]) -> list[str]:
     return ["fp32"] + [n for n in BASELINES[1:] if n in names]
 
 
+class FirstOutput(nn.Module):
+    """(input_ids, attention_mask[, token_type_ids]) -> the model's logits (task models) or last hidden
+    state: plain tensors in and out, as the ONNX exporter and the timed paths want them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
 def first_output(model: nn.Module) -> Forward:
-    """``model`` as a callable returning its logits (task models) or last hidden state, in fp32."""
-
-    def forward(ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
-        extra = {} if types is None else {"token_type_ids": types}
-        out = model(input_ids=ids, attention_mask=mask, **extra)
-        return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()
-
-    return forward
+    """``model`` as a callable returning its first output in fp32."""
+    wrapper = FirstOutput(model)
+    return lambda ids, mask, types=None: wrapper(ids, mask, types).float()
 
 
 def build_baselines(model: nn.Module, names: list[str], seq_len: int, threads: int) -> dict[str, Forward]:

@@ -142,7 +142,6 @@ def bench_model(
 ) -> list[BenchResult]:
     """Benchmark a (pruned) model's sparsified copy against the model on each dense path in ``baselines``."""
     model.eval()
-    torch.set_num_threads(threads)
     sparsity = sparsity_report(model)["overall"]
     fast = copy.deepcopy(model)
     kwargs = {} if max_density is None else {"max_density": max_density}

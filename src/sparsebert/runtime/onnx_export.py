@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from sparsebert.errors import SparseBertError
+from sparsebert.runtime.baselines import FirstOutput
 from sparsebert.runtime.bench import median_ms
 
 TOLERANCE = 1e-4
@@ -29,21 +30,6 @@ def _require(module: str):
 def uses_token_types(model: nn.Module) -> bool:
     """Sentence-pair models (BERT, ELECTRA) need token_type_ids; RoBERTa (one type) and DistilBERT do not."""
     return getattr(model.config, "type_vocab_size", 1) > 1
-
-
-class _Logits(nn.Module):
-    """(input_ids, attention_mask[, token_type_ids]) -> the first output: plain tensors in and out."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
-        return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 def _inputs(vocab: int, batch: int, seq: int, seed: int, types: bool) -> dict[str, torch.Tensor]:
@@ -95,7 +81,7 @@ def export_graph(model: nn.Module, output: Path, seq_len: int) -> Path:
         batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=model.config.max_position_embeddings)
         output.parent.mkdir(parents=True, exist_ok=True)
         torch.onnx.export(
-            _Logits(model).eval(),
+            FirstOutput(model).eval(),
             tuple(example.values()),
             str(output),
             input_names=list(example),
@@ -136,7 +122,7 @@ def quantize_int8(path: Path) -> Path:
 
 
 def _export_checked(model: nn.Module, output: Path, seq_len: int, quantize: bool, threads: int | None) -> dict:
-    wrapper = _Logits(model).eval()
+    wrapper = FirstOutput(model).eval()
     types = uses_token_types(model)
     export_graph(model, output, seq_len)
     report: dict = {"onnx_file": str(output), "onnx_mb": round(output.stat().st_size / 1e6, 2), "tolerance": TOLERANCE}
