@@ -4,6 +4,7 @@
 #
 #   here:  .venv/bin/python bench/gpu_pack.py pack gpu_pack          (git-ignored, < 60 MiB)
 #   there: bash bench/gpu_campaign.sh       (device tool: carry ["gpu_pack"], timeout_s 600)
+#   the next lease: TASKS="mrpc rating" STEPS=5000 BUDGET=540 bash bench/gpu_campaign.sh
 #   here, at tiny size on CPU (tests/test_gpu_campaign.py runs this so it cannot rot):
 #          PYTHON=.venv/bin/python SCALE=tiny bash bench/gpu_campaign.sh
 #
@@ -11,10 +12,11 @@
 #   teachers (the final checkpoint of each run, the best on dev kept): MRPC lr {5e-5, 1e-4} x {3, 5}
 #   epochs; SST-2 (all 67,349 sentences, 1 epoch) and movie-rating (3 epochs) at lr {5e-5, 1e-4};
 #   then students (bf16 by --mixed-precision auto on the GPU), cubic pruning over the first 70% of the
-#   steps, linear LR decay: 90% on each task with seeds 42, 43, 44 (MRPC with --augment 20), MRPC 95%,
-#   and one MRPC 90% run per recipe variant in $VARIANTS ("name:options;name:options"). Each student's
-#   step count is planned from its teacher's measured speed, the number of students sharing the device
-#   and the time left (at most 20,000), so that it reaches its target sparsity and its LR decays in time.
+#   steps, linear LR decay, 90% with seeds 42, 43, 44 on each task; MRPC (--augment 20) once per recipe
+#   variant in $VARIANTS ("name:options;name:options"), so that variants compare seed for seed.
+#   $TASKS picks the chains (default: all three). Each student's step count is $STEPS when set, else
+#   planned from its teacher's measured speed, the number of students sharing the device and the time
+#   left (at most 20,000), so that it reaches its target sparsity and its LR decays in time.
 # Every job is stopped (SIGTERM: a checkpoint at a step boundary) when the time budget runs out.
 # Progress every 30 s; $OUT/results.json (curves, teachers, sparsity) is rewritten as it goes, so a
 # campaign cut short still reports every evaluation it reached.
@@ -27,7 +29,9 @@ RUNS=${RUNS:-/tmp/sparsebert-gpu}
 SCALE=${SCALE:-full}
 BUDGET=${BUDGET:-540}  # seconds for the whole campaign
 SEEDS=(42 43 44)
-VARIANTS=${VARIANTS:-global:--prune-scope global;prune-end-0.4:--prune-end 0.4}
+TASKS=${TASKS:-mrpc sst2 rating}
+STEPS=${STEPS:-}
+VARIANTS=${VARIANTS:-per-matrix:;global:--prune-scope global}
 START=$SECONDS
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SPARSEBERT_CACHE=$RUNS/cache
 export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -37,14 +41,17 @@ if [ "$SCALE" = tiny ]; then
   STUDENT=(--max-train-examples 64 --max-eval-examples 32 --max-seq-length 32 --batch-size 8)
   AUGMENT=1
   SEEDS=(42)
-  VARIANTS="global:--prune-scope global"
 else
   TEACHER=(--eval-every 0 --save-every 100000)
   STUDENT=(--save-every 2000)
   AUGMENT=20
 fi
 IFS=';' read -r -a VARIANT_LIST <<<"$VARIANTS"
-STUDENT_JOBS=$((3 * ${#SEEDS[@]} + 1 + ${#VARIANT_LIST[@]}))
+STUDENT_JOBS=0
+for task in $TASKS; do
+  [ "$task" = mrpc ] && STUDENT_JOBS=$((STUDENT_JOBS + ${#SEEDS[@]} * ${#VARIANT_LIST[@]})) ||
+    STUDENT_JOBS=$((STUDENT_JOBS + ${#SEEDS[@]}))
+done
 mkdir -p "$RUNS" "$OUT"
 echo "campaign: scale $SCALE, budget ${BUDGET}s, runs in $RUNS, results in $OUT/results.json"
 "$PY" - <<'PYEOF'
@@ -85,6 +92,8 @@ wait_all() {  # wait for this chain's jobs; report the ones that failed or ran o
 student_steps() {  # student_steps TEACHER: "--max-steps N --eval-every E", planned from the time left
   if [ "$SCALE" = tiny ]; then
     echo "--max-steps 6 --eval-every 3"
+  elif [ -n "$STEPS" ]; then
+    echo "--max-steps $STEPS --eval-every $((STEPS / 10))"
   else
     "$PY" bench/gpu_pack.py plan-steps "$1" $((BUDGET - (SECONDS - START) - 60)) --jobs $STUDENT_JOBS
   fi
@@ -116,14 +125,12 @@ mrpc() {
 }
 mrpc_students() {
   local seed variant options
-  for seed in "${SEEDS[@]}"; do
-    run "student-mrpc-90-aug-s$seed" "${common[@]}" --data-dir "$DATA/MRPC" --sparsity 0.9 --augment $AUGMENT --seed $seed
-  done
-  run student-mrpc-95-aug-s42 "${common[@]}" --data-dir "$DATA/MRPC" --sparsity 0.95 --augment $AUGMENT
   for variant in "${VARIANT_LIST[@]}"; do
     read -r -a options <<<"${variant#*:}"
-    run "student-mrpc-90-aug-${variant%%:*}" "${common[@]}" --data-dir "$DATA/MRPC" --sparsity 0.9 --augment $AUGMENT \
-      "${options[@]}"
+    for seed in "${SEEDS[@]}"; do
+      run "student-mrpc-90-aug-${variant%%:*}-s$seed" "${common[@]}" --data-dir "$DATA/MRPC" --sparsity 0.9 \
+        --augment $AUGMENT --seed $seed "${options[@]}"
+    done
   done
 }
 
@@ -178,12 +185,11 @@ save_logs() {  # every run's logs beside results.json, for the record in BENCHMA
 }
 trap 'touch "$RUNS/.done"; wait $PROGRESS; save_logs' EXIT
 
-mrpc &
-CHAINS=($!)
-sst2 &
-CHAINS+=($!)
-rating &
-CHAINS+=($!)
+CHAINS=()
+for task in $TASKS; do
+  $task &
+  CHAINS+=($!)
+done
 STATUS=0
 for pid in "${CHAINS[@]}"; do
   wait "$pid" || STATUS=1
