@@ -14,7 +14,7 @@ from sparsebert.errors import SparseBertError
 from sparsebert.pruning import MagnitudePruner
 from sparsebert.runtime import CSRMatrix, SparseEncoder, SparseLinear, layer_norm_fm, sparsify, spmm
 from sparsebert.runtime.commands import register_commands
-from sparsebert.runtime.kernels import cpp_available
+from sparsebert.runtime.kernels import cpp_available, token_block
 from sparsebert.runtime.ops import make_projection
 
 BACKENDS = ["cpp", "torch"] if cpp_available() else ["torch"]
@@ -52,6 +52,20 @@ def test_spmm_token_counts_cross_every_vector_block(n):
     w[:, 5] = 0  # an unused input feature
     x = torch.randn(33, n, generator=gen)
     torch.testing.assert_close(spmm(CSRMatrix.from_dense(w), x), w @ x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [384, 768, 3072])
+def test_spmm_packs_wide_inputs_block_by_block(k):
+    """Wider than one token block (token_block(k): 256, 128 and 64 tokens), X is copied block by block into
+    a per-thread buffer that grows with K; the tail block, ``out`` and the residual must still land right."""
+    gen = torch.Generator().manual_seed(k)
+    n = 2 * token_block(k) + 37
+    w = random_sparse(48, k, 0.95, gen)
+    x, b, r = torch.randn(k, n, generator=gen), torch.randn(48, generator=gen), torch.randn(48, n, generator=gen)
+    out = torch.full((48, n), float("nan"))
+    y = spmm(CSRMatrix.from_dense(w), x, b, r, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, w @ x + b[:, None] + r, rtol=1e-4, atol=1e-4)
 
 
 def test_fully_pruned_matrix_gives_the_bias():
@@ -139,6 +153,25 @@ def test_sparsified_model_matches_the_dense_masked_model(config_cls, attn, expec
         h, logits = hidden_and_logits(fast, ids, m)
         torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(logits, l_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_reused_buffers_never_leak_between_calls():
+    """The encoder keeps its activation buffers between calls: a result handed out must not change when
+    the next call (another token count, then the same) reuses them, and a copy of the model works alone."""
+    dense = pruned_model(small(BertConfig), 0.9)
+    fast = copy.deepcopy(dense)
+    sparsify(fast, mode="encoder")
+    gen = torch.Generator().manual_seed(3)
+    inputs = [torch.randint(5, 80, shape, generator=gen) for shape in ((2, 150), (1, 9), (2, 150))]
+    first = hidden_and_logits(fast, inputs[0], None)[0]
+    kept = first.clone()
+    for ids in [*inputs[1:], inputs[0]]:
+        torch.testing.assert_close(
+            hidden_and_logits(fast, ids, None)[0], hidden_and_logits(dense, ids, None)[0], rtol=1e-4, atol=1e-4
+        )
+    assert torch.equal(first, kept)
+    twin = copy.deepcopy(fast)
+    torch.testing.assert_close(hidden_and_logits(twin, inputs[1], None)[0], hidden_and_logits(fast, inputs[1], None)[0])
 
 
 def test_encoder_mode_is_really_used_and_linear_mode_on_request():

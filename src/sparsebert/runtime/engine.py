@@ -3,14 +3,15 @@
 The hidden states enter as (batch, tokens, hidden), are transposed once to (hidden, batch*tokens), and stay
 that way through every layer: the six projections run as CSR kernels on contiguous token rows (Q, K and V
 fused into one matrix), residuals and biases are fused into the kernel epilogue, and LayerNorm runs over the
-feature axis. Attention runs per head on strided views of the feature-major Q/K/V (batched GEMMs take
-them as transposed operands), so no activation is copied into the (batch, heads, tokens, dim) layout.
-At the end the states are transposed back, so the HF model's pooler and heads run unchanged.
+feature axis. Attention takes all heads at once from views of the feature-major Q/K/V (batched GEMMs take
+them as transposed operands). The activations live in buffers reused from one call to the next, and at the
+end the states are transposed back, so the HF model's pooler and heads run unchanged.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,7 @@ class _LayerNorm:
         return cls(ln.weight.detach().float().contiguous(), ln.bias.detach().float().contiguous(), ln.eps)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm_fm(x, self.weight, self.bias, self.eps)
+        return layer_norm_fm(x, self.weight, self.bias, self.eps, out=x)  # in place: x is a scratch buffer
 
 
 @dataclass
@@ -97,6 +98,14 @@ class SparseEncoder(nn.Module):
         self.hidden = config.hidden_size
         self.head_dim = self.hidden // self.num_heads
         self.layers = [_convert_layer(b, max_density, backend) for b in layers]
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict:  # copies and pickles leave the per-thread buffers behind
+        return {**self.__dict__, "_local": None}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._local = threading.local()
 
     def op_kinds(self) -> list[str]:
         """Kernel used by each projection, layer by layer (qkv, attn_output, ffn_up, ffn_down)."""
@@ -120,39 +129,76 @@ class SparseEncoder(nn.Module):
             return torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, torch.finfo(torch.float32).min)
         return mask.float()
 
-    def _attention(self, qkv: torch.Tensor, batch: int, seq: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """Per head, on strided views of the feature-major Q/K/V: no (batch, heads, seq, dim) copies.
+    def _workspace(self, tokens: int) -> dict[str, torch.Tensor]:
+        """The activation buffers of one forward, kept for the next one with the same token count.
 
-        A head's slice of Q^T is (dim, batch, seq); permuted to (batch, seq, dim) it has one batch stride and
-        a unit stride, which batched GEMM takes as a transposed operand. Measured ~2x faster than
-        ``scaled_dot_product_attention`` on permuted or copied tensors at batch 32 (BENCHMARKS.md, "End to end").
+        Fresh tensors of tens of MB cost a page fault per 4 KiB on first touch — as much time as the sparse
+        products themselves at batch 32. One set per thread, so concurrent calls never share buffers.
         """
-        h, d = self.hidden, self.head_dim
+        ws = getattr(self._local, "ws", None)
+        if ws is None or ws["x"].shape[1] != tokens:
+            h, inner = self.hidden, self.layers[0].up.shape[0]
+            sizes = {"x": h, "qkv": 3 * h, "ctx": h, "a": h, "u": inner}
+            ws = {name: torch.empty(rows, tokens, dtype=torch.float32) for name, rows in sizes.items()}
+            self._local.ws = ws
+        return ws
+
+    def _attention(
+        self, qkv: torch.Tensor, batch: int, seq: int, mask: torch.Tensor | None, ctx: torch.Tensor
+    ) -> torch.Tensor:
+        """Scaled dot-product attention on the feature-major Q/K/V, written into ``ctx`` (hidden, tokens).
+
+        No activation is copied into the (batch, heads, tokens, dim) layout. One sequence: Q^T, K^T and V^T
+        are (heads, dim, seq) views, so all heads go in one batched call each — at batch 1 a loop over heads
+        costs more in small ops than in GEMMs. Several: per head, Q^T's slice (dim, batch, seq) permuted to
+        (batch, seq, dim) has one batch stride and a unit stride, which batched GEMM takes as a transposed
+        operand; this was ~2x faster than ``scaled_dot_product_attention`` on permuted or copied tensors at
+        batch 32 (BENCHMARKS.md, "Kernel choice"), and than batching the heads, which needs copies there
+        (section 7).
+        """
+        h, d, nh = self.hidden, self.head_dim, self.num_heads
         scale = 1.0 / math.sqrt(d)
-        ctx = torch.empty(h, batch * seq, dtype=torch.float32)
-        for i in range(self.num_heads):
+        if batch == 1:
+            q, k, v = qkv[:h].view(nh, d, seq).transpose(1, 2), qkv[h : 2 * h].view(nh, d, seq), qkv[2 * h :]
+            probs = self._softmax(q, k, mask, scale)
+            torch.bmm(v.view(nh, d, seq), probs.transpose(1, 2), out=ctx.view(nh, d, seq))
+            return ctx
+        for i in range(nh):
             rows = slice(i * d, (i + 1) * d)
             q = qkv[rows].view(d, batch, seq).permute(1, 2, 0)  # (batch, seq, dim)
             k = qkv[h:][rows].view(d, batch, seq).permute(1, 0, 2)  # (batch, dim, seq)
             v = qkv[2 * h :][rows].view(d, batch, seq).permute(1, 0, 2)  # (batch, dim, seq)
-            scores = torch.bmm(q, k).mul_(scale) if mask is None else torch.baddbmm(mask, q, k, alpha=scale)
-            probs = torch.softmax(scores, dim=-1)
-            out = torch.bmm(v, probs.transpose(1, 2))  # (batch, dim, seq) = V^T P^T
+            out = torch.bmm(v, self._softmax(q, k, mask, scale).transpose(1, 2))  # (batch, dim, seq) = V^T P^T
             ctx[rows].view(d, batch, seq).copy_(out.permute(1, 0, 2))
         return ctx
+
+    @staticmethod
+    def _softmax(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """softmax(Q K^T * scale + mask) for batched (n, seq, dim) Q and (n, dim, seq) K^T."""
+        scores = torch.bmm(q, k).mul_(scale) if mask is None else torch.baddbmm(mask, q, k, alpha=scale)
+        return torch.softmax(scores, dim=-1)
+
+    def _activation(self, act: nn.Module, u: torch.Tensor) -> torch.Tensor:
+        """The FFN activation, in place for the exact GELU (BERT's default) to spare a fresh buffer."""
+        exact_gelu = isinstance(act, nn.GELU) and act.approximate == "none"
+        if exact_gelu or getattr(act, "act", None) is nn.functional.gelu:
+            return torch.ops.aten.gelu_(u)
+        return act(u)
 
     @torch.no_grad()
     def forward_features(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq, hidden = hidden_states.shape
         dtype = hidden_states.dtype
-        x = hidden_states.detach().float().reshape(batch * seq, hidden).t().contiguous()
+        ws = self._workspace(batch * seq)
+        x = ws["x"]
+        x.copy_(hidden_states.detach().reshape(batch * seq, hidden).t())
         mask = self._additive_mask(attention_mask, batch)
         for layer in self.layers:
-            ctx = self._attention(layer.qkv(x), batch, seq, mask)
-            a = layer.ln_attn(layer.out(ctx, residual=x))
-            u = layer.act(layer.up(a))
-            x = layer.ln_out(layer.down(u, residual=a))
-        return x.t().reshape(batch, seq, hidden).to(dtype)
+            ctx = self._attention(layer.qkv(x, out=ws["qkv"]), batch, seq, mask, ws["ctx"])
+            a = layer.ln_attn(layer.out(ctx, residual=x, out=ws["a"]))
+            u = self._activation(layer.act, layer.up(a, out=ws["u"]))
+            x = layer.ln_out(layer.down(u, residual=a, out=x))
+        return x.t().contiguous().view(batch, seq, hidden).to(dtype)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
         return BaseModelOutputWithPastAndCrossAttentions(

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _SOURCE = r"""
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <cmath>
 #include <algorithm>
@@ -76,17 +77,34 @@ static inline void row_tail(const int32_t* idx, const float* val, int64_t p0, in
 // Widest register block that still fits the remaining tokens of this row.
 #define STEP(NV)                                                                                 \
     if (w - j >= 16 * (NV)) {                                                                    \
-        row_block<NV>(indices, values, p0, p1, x + j, N, b, res ? res + j : nullptr, y + j);     \
+        row_block<NV>(indices, values, p0, p1, x + j, ldx, b, res ? res + j : nullptr, y + j);   \
         j += 16 * (NV);                                                                          \
     }
 
 extern "C" {
 
+// A thread's copy of X's columns [n0, n0 + w) as a contiguous (K, w) block, in a buffer kept between calls.
+// Without it, each non-zero reads w floats from a row N floats away from the last: at thousands of tokens
+// every read lands on another page, and the walk through X's rows, not the arithmetic, sets the pace.
+static const float* pack_block(const float* X, int64_t K, int64_t N, int64_t n0, int64_t w) {
+    static thread_local float* buf = nullptr;
+    static thread_local int64_t cap = 0;
+    if (K * w > cap) {
+        std::free(buf);
+        cap = K * w;
+        buf = static_cast<float*>(std::aligned_alloc(64, ((cap * sizeof(float) + 63) / 64) * 64));
+    }
+    for (int64_t k = 0; k < K; ++k) std::memcpy(buf + k * w, X + k * N + n0, w * sizeof(float));
+    return buf;
+}
+
 // Y[M, N] = W[M, K] @ X[K, N] + bias[:, None] (+ R[M, N]); W in CSR (int32 indptr/indices, fp32 values).
 // Rows are split between threads by non-zero count; each thread walks token blocks outer and its rows
-// inner, so the slice of X a block needs stays in cache while the thread's rows reuse it.
-void spmm_csr_f32(int64_t M, int64_t N, const int32_t* indptr, const int32_t* indices, const float* values,
-                  const float* X, const float* bias, const float* R, float* Y, int64_t BLOCK, int nthreads) {
+// inner, so the block of X (packed contiguous when X is wider than one block) stays in cache while the
+// thread's rows reuse it.
+void spmm_csr_f32(int64_t M, int64_t N, int64_t K, const int32_t* indptr, const int32_t* indices,
+                  const float* values, const float* X, const float* bias, const float* R, float* Y, int64_t BLOCK,
+                  int nthreads) {
     const int64_t nnz = indptr[M];
 #ifndef __AVX512F__
     BLOCK = std::min<int64_t>(BLOCK, 128);  // 16 accumulators of 16 floats would spill on 16 AVX2 registers
@@ -100,15 +118,17 @@ void spmm_csr_f32(int64_t M, int64_t N, const int32_t* indptr, const int32_t* in
                          : std::lower_bound(indptr, indptr + M, (int32_t)((nnz * (t + 1)) / T)) - indptr;
         for (int64_t n0 = 0; n0 < N; n0 += BLOCK) {
             const int64_t w = std::min(BLOCK, N - n0);
+            const bool packed = w < N && hi > lo;
+            const float* x = packed ? pack_block(X, K, N, n0, w) : X + n0;
+            const int64_t ldx = packed ? w : N;
             for (int64_t m = lo; m < hi; ++m) {
                 const int64_t p0 = indptr[m], p1 = indptr[m + 1];
                 const float b = bias ? bias[m] : 0.0f;
                 const float* res = R ? R + m * N + n0 : nullptr;
                 float* y = Y + m * N + n0;
-                const float* x = X + n0;
                 int64_t j = 0;
                 STEP(16) STEP(8) STEP(4) STEP(2) STEP(1)
-                if (w - j > 0) row_tail(indices, values, p0, p1, x + j, N, b, res ? res + j : nullptr, y + j,
+                if (w - j > 0) row_tail(indices, values, p0, p1, x + j, ldx, b, res ? res + j : nullptr, y + j,
                                         w - j);
             }
         }
@@ -201,7 +221,7 @@ def _library() -> ctypes.CDLL | None:
 
     lib = ctypes.CDLL(str(target))
     i64, ptr, c_int, c_float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.spmm_csr_f32.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, c_int]
+    lib.spmm_csr_f32.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, c_int]
     lib.spmm_csr_f32.restype = None
     lib.layer_norm_fm_f32.argtypes = [i64, i64, ptr, ptr, ptr, c_float, ptr, c_int]
     lib.layer_norm_fm_f32.restype = None
@@ -262,10 +282,16 @@ def _check(x: torch.Tensor, name: str) -> None:
         raise SparseBertError(f"{name} must be a contiguous fp32 CPU tensor, got {x.dtype} on {x.device}")
 
 
-# Tokens per register block. Measured on BERT shapes at 4096 tokens: 256 (16 AVX-512 accumulators) beats
-# 128 and 64 for every shape, because the per-non-zero index/value loads, not cache misses, dominate.
-# The kernel caps it at 128 without AVX-512.
-TOKEN_BLOCK = 256
+# Tokens per block: as many as keep a thread's packed (K, block) slice of X within ~384 KiB, so that it
+# stays in L2 while the thread's rows reuse it, between 64 (4 AVX-512 accumulators per non-zero) and 256
+# (16; beyond that the per-non-zero index/value loads no longer matter). Measured on BERT shapes at 4,096
+# tokens (BENCHMARKS.md, "Runtime", section 7). The kernel caps it at 128 without AVX-512.
+BLOCK_BYTES = 384 * 1024
+
+
+def token_block(k: int) -> int:
+    """Tokens per block for a matrix with ``k`` input features (a multiple of 16)."""
+    return max(64, min(256, BLOCK_BYTES // (4 * k) // 16 * 16))
 
 
 def spmm(
@@ -273,8 +299,13 @@ def spmm(
     x: torch.Tensor,
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``W @ X + bias[:, None] (+ residual)`` for feature-major ``X`` of shape (in_features, tokens)."""
+    """``W @ X + bias[:, None] (+ residual)`` for feature-major ``X`` of shape (in_features, tokens).
+
+    ``out`` (contiguous fp32, (out_features, tokens)) receives the result: an engine that reuses its
+    buffers spares the page faults of a fresh allocation, which cost as much as the product at batch 32.
+    """
     m, k = w.shape
     if x.dim() != 2 or x.shape[0] != k:
         raise SparseBertError(f"spmm: X must have shape ({k}, tokens), got {tuple(x.shape)}")
@@ -287,17 +318,19 @@ def spmm(
             y += bias[:, None]
         if residual is not None:
             y += residual
-        return y
+        return y if out is None else out.copy_(y)
     _check(x, "X")
-    for t, name in ((bias, "bias"), (residual, "residual")):
+    for t, name in ((bias, "bias"), (residual, "residual"), (out, "out")):
         if t is not None:
             _check(t, name)
-    if residual is not None and residual.shape != (m, n):
-        raise SparseBertError(f"spmm: residual must have shape ({m}, {n}), got {tuple(residual.shape)}")
-    y = torch.empty((m, n), dtype=torch.float32)
+    for t, name in ((residual, "residual"), (out, "out")):
+        if t is not None and t.shape != (m, n):
+            raise SparseBertError(f"spmm: {name} must have shape ({m}, {n}), got {tuple(t.shape)}")
+    y = torch.empty((m, n), dtype=torch.float32) if out is None else out
     lib.spmm_csr_f32(
         m,
         n,
+        k,
         _ptr(w.indptr),
         _ptr(w.indices),
         _ptr(w.values),
@@ -305,21 +338,26 @@ def spmm(
         _ptr(bias),
         _ptr(residual),
         _ptr(y),
-        TOKEN_BLOCK,
+        token_block(k),
         torch.get_num_threads(),
     )
     return y
 
 
-def layer_norm_fm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over dim 0 of a feature-major (features, tokens) tensor."""
+def layer_norm_fm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """LayerNorm over dim 0 of a feature-major (features, tokens) tensor; ``out`` may be ``x`` itself (each
+    block of tokens is read whole before it is written)."""
     lib = _library()
     if lib is None:
-        return torch.nn.functional.layer_norm(x.t(), (x.shape[0],), weight, bias, eps).t().contiguous()
+        y = torch.nn.functional.layer_norm(x.t(), (x.shape[0],), weight, bias, eps).t()
+        return y.contiguous() if out is None else out.copy_(y)
     x = x.contiguous()
     _check(x, "X")
     w, b = weight.detach().contiguous(), bias.detach().contiguous()
-    y = torch.empty_like(x)
+    y = torch.empty_like(x) if out is None else out
+    _check(y, "out")
     lib.layer_norm_fm_f32(
         x.shape[0], x.shape[1], _ptr(x), _ptr(w), _ptr(b), float(eps), _ptr(y), torch.get_num_threads()
     )

@@ -35,17 +35,21 @@ class ProjectionOp:
             return "dense"
         return "torch-csr" if self.torch_csr is not None else "cpp-csr"
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The projection, into ``out`` when given (an (out_features, tokens) buffer the caller reuses)."""
+        if self.csr is not None and self.torch_csr is None:
+            return spmm(self.csr, x, self.bias, residual, out=out)
         if self.torch_csr is not None:
             y = torch.mm(self.torch_csr, x)
             if self.bias is not None:
                 y += self.bias[:, None]
-        elif self.csr is not None:
-            return spmm(self.csr, x, self.bias, residual)
+            y = y if out is None else out.copy_(y)
         elif self.bias is not None:
-            y = torch.addmm(self.bias[:, None], self.dense, x)
+            y = torch.addmm(self.bias[:, None], self.dense, x, out=out)
         else:
-            y = torch.mm(self.dense, x)
+            y = torch.mm(self.dense, x, out=out)
         if residual is not None:
             y += residual
         return y
