@@ -4,7 +4,7 @@
 #
 #   here:  .venv/bin/python bench/gpu_pack.py pack gpu_pack          (git-ignored, < 60 MiB)
 #   there: bash bench/gpu_campaign.sh       (device tool: carry ["gpu_pack"], timeout_s 600)
-#   the next lease: TASKS="mrpc rating" STEPS=5000 BUDGET=540 bash bench/gpu_campaign.sh
+#   the next lease: TASKS="mrpc rating" STEPS=4000 BUDGET=540 bash bench/gpu_campaign.sh
 #   here, at tiny size on CPU (tests/test_gpu_campaign.py runs this so it cannot rot):
 #          PYTHON=.venv/bin/python SCALE=tiny bash bench/gpu_campaign.sh
 #
@@ -31,7 +31,7 @@ BUDGET=${BUDGET:-540}  # seconds for the whole campaign
 SEEDS=(42 43 44)
 TASKS=${TASKS:-mrpc sst2 rating}
 STEPS=${STEPS:-}
-VARIANTS=${VARIANTS:-per-matrix:;global:--prune-scope global}
+VARIANTS=${VARIANTS:-per-matrix:;global:--prune-scope global;block4:--prune-block 4}
 START=$SECONDS
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SPARSEBERT_CACHE=$RUNS/cache
 export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

@@ -69,13 +69,15 @@ def test_campaign_runs_end_to_end_at_tiny_size(tmp_path):
 
     result = json.loads((out / "results.json").read_text())
     students = {n: r for n, r in result["runs"].items() if n.startswith("student-")}
-    assert len(result["runs"]) == 12 and len(students) == 4
+    assert len(result["runs"]) == 13 and len(students) == 5
     assert all(r["finished"] for r in result["runs"].values())
     assert set(result["teachers"]) == {"teacher-mrpc", "teacher-sst2", "teacher-rating"}
     assert all(r["sparsity"] == pytest.approx(0.9, abs=1e-3) for r in students.values())
-    for variant, scope in (("per-matrix", "per_matrix"), ("global", "global")):  # MRPC once per variant
+    variants = {"per-matrix": ("per_matrix", 1), "global": ("global", 1), "block4": ("per_matrix", 4)}
+    for variant, (scope, block) in variants.items():  # MRPC once per variant and seed
         config = yaml.safe_load((runs / f"student-mrpc-90-aug-{variant}-s42" / "config.yaml").read_text())
-        assert config["prune_scope"] == scope and config["augment"] == 1 and config["seed"] == 42
+        assert (config["prune_scope"], config["prune_block"]) == (scope, block)
+        assert config["augment"] == 1 and config["seed"] == 42
     for run in students.values():
         assert [point["step"] for point in run["curve"]] == [3, 6]
         assert run["mixed_precision"] == resolve_mixed_precision("auto")

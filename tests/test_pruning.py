@@ -141,11 +141,12 @@ def test_reaches_exact_target_and_pruned_weights_stay_zero_under_adam(scope):
         assert (t.module.weight[frozen[t.name]] != 0).any()
 
 
+@pytest.mark.parametrize("block", [1, 4])
 @pytest.mark.parametrize("scope", ["per_matrix", "global"])
-def test_masks_only_grow_and_rank_among_survivors(scope):
+def test_masks_only_grow_and_rank_among_survivors(scope, block):
     """Adam's momentum moves pruned weights between steps; they must not outrank survivors."""
     model = tiny()
-    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.8, 0, 20, num_updates=4), scope=scope)
+    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.8, 0, 20, num_updates=4), scope=scope, block=block)
     previous = None
     for step in range(20):
         # A fresh AdamW each step moves every weight by about lr, pruned ones included: past the
@@ -158,12 +159,13 @@ def test_masks_only_grow_and_rank_among_survivors(scope):
         previous = current
 
 
+@pytest.mark.parametrize("block", [1, 4])
 @pytest.mark.parametrize("scope", ["per_matrix", "global"])
-def test_mask_update_ranks_a_pruned_weight_as_zero(scope):
+def test_mask_update_ranks_a_pruned_weight_as_zero(scope, block):
     """The case above without an optimizer's numerics: a pruned weight pushed far above every
     survivor before an update step stays pruned (the ranking must not see its new value)."""
     model = tiny()
-    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.5, 0, 2, num_updates=2), scope=scope)
+    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.5, 0, 2, num_updates=2), scope=scope, block=block)
     pruner.step()  # step 1: masks at the first target
     pruned = {t.name: ~pruner.masks[t.name].clone() for t in pruner.targets}
     assert all(p.any() for p in pruned.values())
@@ -175,6 +177,36 @@ def test_mask_update_ranks_a_pruned_weight_as_zero(scope):
         assert not (pruner.masks[t.name] & pruned[t.name]).any()
         assert (t.module.weight[pruned[t.name]] == 0).all()
     assert pruner.sparsity_report()["overall"] == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("scope", ["per_matrix", "global"])
+def test_blocks_prune_whole_groups_ranked_by_their_norm(scope):
+    """block=4: the 4 consecutive input weights of a row are kept or pruned together, the groups with
+    the largest L2 norms kept — per matrix to the exact group count, or under one global threshold."""
+    model = tiny()
+    before = {t.name: t.module.weight.detach().clone() for t in find_prunable_linears(model)}
+    pruner = MagnitudePruner.one_shot(model, 0.75, scope, block=4)
+    kept_norms, pruned_norms = [], []
+    for t in pruner.targets:
+        groups = pruner.masks[t.name].view(t.module.weight.shape[0], -1, 4)
+        assert (groups == groups[..., :1]).all()  # whole groups only
+        norms = before[t.name].view(groups.shape).norm(dim=-1)
+        kept, pruned = norms[groups[..., 0]], norms[~groups[..., 0]]
+        if scope == "per_matrix":
+            assert pruned.numel() == round(0.75 * norms.numel())
+            assert kept.min() >= pruned.max()
+        kept_norms.append(kept)
+        pruned_norms.append(pruned)
+        assert (t.module.weight[~pruner.masks[t.name]] == 0).all()
+    kept_all, pruned_all = torch.cat(kept_norms), torch.cat(pruned_norms)
+    assert pruned_all.numel() == round(0.75 * (kept_all.numel() + pruned_all.numel())) or scope == "per_matrix"
+    if scope == "global":
+        assert kept_all.min() >= pruned_all.max()
+    restored = MagnitudePruner(tiny(), CubicSparsitySchedule(0.75, 0, 0, 1))  # block 1 until the state says 4
+    restored.load_state_dict(pruner.state_dict())
+    assert restored.block == 4 and all(torch.equal(restored.masks[n], m) for n, m in pruner.masks.items())
+    with pytest.raises(SparseBertError, match="does not divide"):
+        MagnitudePruner(tiny(), CubicSparsitySchedule(0.5, 0, 2), block=3)  # 16 and 40 input features
 
 
 def test_state_dict_round_trip_restores_masks_and_position():

@@ -156,6 +156,10 @@ class PruneOptions:
         "per_matrix", "one threshold per matrix (the paper) or one for all", choices=("per_matrix", "global"),
         group="pruning",
     )  # fmt: skip
+    prune_block: int = opt(
+        1, "prune groups of this many consecutive input weights together (1: unstructured, the paper; 4: the "
+        "1x4 pattern int8 VNNI kernels need)", choices=(1, 2, 4, 8), group="pruning",
+    )  # fmt: skip
     temperature: float = opt(1.0, "softmax temperature of the prediction loss", group="pruning")
     # The paper adds the three terms with equal weights over ~100x our CPU budgets; at a few hundred
     # steps the attention-score MSE (largest in size) crowds out the logits, and 0.1,1,5 kept MiniLM-L6
