@@ -202,9 +202,11 @@ def test_blocks_prune_whole_groups_ranked_by_their_norm(scope):
     assert pruned_all.numel() == round(0.75 * (kept_all.numel() + pruned_all.numel())) or scope == "per_matrix"
     if scope == "global":
         assert kept_all.min() >= pruned_all.max()
-    restored = MagnitudePruner(tiny(), CubicSparsitySchedule(0.75, 0, 0, 1))  # block 1 until the state says 4
+    restored = MagnitudePruner(tiny(), CubicSparsitySchedule(0.75, 0, 0, 1), block=4)
     restored.load_state_dict(pruner.state_dict())
-    assert restored.block == 4 and all(torch.equal(restored.masks[n], m) for n, m in pruner.masks.items())
+    assert all(torch.equal(restored.masks[n], m) for n, m in pruner.masks.items())
+    with pytest.raises(SparseBertError, match="blocks of 4"):  # a resumed run cannot change the pattern
+        MagnitudePruner(tiny(), CubicSparsitySchedule(0.75, 0, 0, 1)).load_state_dict(pruner.state_dict())
     with pytest.raises(SparseBertError, match="does not divide"):
         MagnitudePruner(tiny(), CubicSparsitySchedule(0.5, 0, 2), block=3)  # 16 and 40 input features
 

@@ -162,14 +162,14 @@ def test_reused_buffers_never_leak_between_calls():
     fast = copy.deepcopy(dense)
     sparsify(fast, mode="encoder")
     gen = torch.Generator().manual_seed(3)
-    inputs = [torch.randint(5, 80, shape, generator=gen) for shape in ((2, 150), (1, 9), (2, 150))]
-    first = hidden_and_logits(fast, inputs[0], None)[0]
-    kept = first.clone()
+    inputs = [torch.randint(5, 80, shape, generator=gen) for shape in ((2, 150), (1, 1), (1, 9), (2, 150))]
+    first, single = hidden_and_logits(fast, inputs[0], None)[0], hidden_and_logits(fast, inputs[1], None)[0]
+    kept = first.clone(), single.clone()  # one token: the transposed buffer is contiguous as it stands
     for ids in [*inputs[1:], inputs[0]]:
         torch.testing.assert_close(
             hidden_and_logits(fast, ids, None)[0], hidden_and_logits(dense, ids, None)[0], rtol=1e-4, atol=1e-4
         )
-    assert torch.equal(first, kept)
+    assert torch.equal(first, kept[0]) and torch.equal(single, kept[1])
     twin = copy.deepcopy(fast)
     torch.testing.assert_close(hidden_and_logits(twin, inputs[1], None)[0], hidden_and_logits(fast, inputs[1], None)[0])
 

@@ -111,7 +111,7 @@ class MagnitudePruner:
         """The L2 norm in fp32 of each surviving block of weights (|w| when ``block`` is 1), -1 for pruned
         blocks (they rank first for pruning); shape (out_features, in_features / block)."""
         weight = target.module.weight.detach().float()
-        magnitudes = weight.view(weight.shape[0], -1, self.block).norm(dim=-1)
+        magnitudes = weight.reshape(weight.shape[0], -1, self.block).norm(dim=-1)
         pruned = ~self.masks[target.name].to(weight.device)[:, :: self.block]
         return magnitudes.masked_fill(pruned, -1.0)
 
@@ -139,7 +139,9 @@ class MagnitudePruner:
             raise SparseBertError(f"pruner state does not match the model: differing matrices {sorted(missing)}")
         self.last_step = int(state["last_step"])
         self.scope = state["scope"]
-        self.block = int(state.get("block", 1))  # checkpoints from before blocks existed pruned single weights
+        block = int(state.get("block", 1))  # checkpoints from before blocks existed pruned single weights
+        if block != self.block:
+            raise SparseBertError(f"the pruner state prunes blocks of {block}, this pruner blocks of {self.block}")
         self.schedule.load_state_dict(state["schedule"])
         for name, mask in state["masks"].items():
             self.masks[name] = mask.to(self.masks[name].device, torch.bool)

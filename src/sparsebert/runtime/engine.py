@@ -198,7 +198,8 @@ class SparseEncoder(nn.Module):
             a = layer.ln_attn(layer.out(ctx, residual=x, out=ws["a"]))
             u = self._activation(layer.act, layer.up(a, out=ws["u"]))
             x = layer.ln_out(layer.down(u, residual=a, out=x))
-        return x.t().contiguous().view(batch, seq, hidden).to(dtype)
+        out = torch.empty(batch * seq, hidden, dtype=dtype)  # always fresh: x is reused by the next call
+        return out.copy_(x.t()).view(batch, seq, hidden)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
         return BaseModelOutputWithPastAndCrossAttentions(

@@ -358,6 +358,8 @@ def layer_norm_fm(
     w, b = weight.detach().contiguous(), bias.detach().contiguous()
     y = torch.empty_like(x) if out is None else out
     _check(y, "out")
+    if y.shape != x.shape:
+        raise SparseBertError(f"layer_norm_fm: out must have shape {tuple(x.shape)}, got {tuple(y.shape)}")
     lib.layer_norm_fm_f32(
         x.shape[0], x.shape[1], _ptr(x), _ptr(w), _ptr(b), float(eps), _ptr(y), torch.get_num_threads()
     )
