@@ -32,6 +32,10 @@ def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, gr
 STRATEGIES = tuple(strategies.TABLE)
 LR_SCHEDULES = ("linear", "constant")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+# The sparse runtime's kernels. auto: the exact compiled kernels (torch's MKL CSR without a compiler);
+# int8: matrices whose 1x4 blocks are sparse enough run the lossy VNNI kernel (models pruned with
+# --prune-block 4), the rest as cpp.
+SPARSE_BACKENDS = ("auto", "cpp", "torch", "int8")
 
 
 @dataclass

@@ -57,14 +57,15 @@ class BenchResult:
         return 1000.0 * self.batch_size / self.sparse_ms
 
 
-def random_pruned_model(arch: str, sparsity: float, seed: int = 0) -> nn.Module:
-    """A randomly initialised encoder of a known shape, magnitude-pruned per matrix to ``sparsity``."""
+def random_pruned_model(arch: str, sparsity: float, seed: int = 0, block: int = 1) -> nn.Module:
+    """A randomly initialised encoder of a known shape, magnitude-pruned per matrix to ``sparsity`` (in
+    groups of ``block`` consecutive input weights: 4 for the int8 backend)."""
     if arch not in ARCHS:
         raise SparseBertError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
     torch.manual_seed(seed)
     model = BertModel(BertConfig(**ARCHS[arch])).eval()
     if sparsity > 0:
-        MagnitudePruner.one_shot(model, sparsity)
+        MagnitudePruner.one_shot(model, sparsity, block=block)
     return model
 
 

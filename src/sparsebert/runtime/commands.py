@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparsebert.config import add_arguments, config_from_args, opt, require
+from sparsebert.config import SPARSE_BACKENDS, add_arguments, config_from_args, opt, require
 from sparsebert.errors import SparseBertError
 
 
@@ -38,11 +38,14 @@ class BenchConfig:
         None, "a random model of this shape, pruned here", choices=("bert-base", "minilm-l6"), group="bench"
     )
     sparsity: list[float] = opt(help="with --arch: one or more, e.g. 0.9,0.95", factory=lambda: [0.95], group="bench")
+    prune_block: int = opt(1, "with --arch: prune in groups of this many input weights (4 for --backend int8)",
+                           choices=(1, 2, 4, 8), group="bench")  # fmt: skip
     batch_sizes: list[int] = opt(help="batch sizes to time", factory=lambda: [1, 32], group="bench")
     seq_len: int = opt(128, "tokens per sentence", group="bench")
     threads: int = opt(2, "CPU threads", group="bench")
     mode: str = opt("auto", "sparse engine mode", choices=("auto", "encoder", "linear"), group="bench")
-    backend: str = opt("auto", "sparse kernel", choices=("auto", "cpp", "torch"), group="bench")
+    backend: str = opt("auto", "sparse kernel (int8: lossy, VNNI, for --prune-block 4 models)", choices=SPARSE_BACKENDS,
+                       group="bench")  # fmt: skip
     max_density: float | None = opt(None, "densest matrix still run sparse (default: measured)", group="bench")
     baselines: list[str] = opt(
         help="dense paths timed beside the sparse engine: auto (fp32, bf16 where the CPU has it natively, "
@@ -153,7 +156,7 @@ def cmd_bench(args: BenchConfig) -> int:
         print(format_table(results), flush=True)
     else:
         for s in args.sparsity:
-            model = random_pruned_model(args.arch, s)
+            model = random_pruned_model(args.arch, s, block=args.prune_block)
             results += bench_model(model, args.batch_sizes, args.seq_len, args.threads, args.arch, **common)
             print(format_table(results[-len(args.batch_sizes) :]), flush=True)
             del model

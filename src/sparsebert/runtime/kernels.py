@@ -39,6 +39,9 @@ _SOURCE = r"""
 #include <cmath>
 #include <algorithm>
 #include <omp.h>
+#ifdef __AVX512VNNI__
+#include <immintrin.h>
+#endif
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
@@ -164,6 +167,88 @@ void layer_norm_fm_f32(int64_t H, int64_t N, const float* X, const float* gamma,
     }
 }
 
+// int8 products on 1x4 blocks (AVX512-VNNI): W in block-CSR — per row, the index g of each kept block of
+// 4 input features and its 4 int8 weights as one int32 — with a scale per row; X quantized per token.
+int int8_supported() {
+#ifdef __AVX512VNNI__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#ifdef __AVX512VNNI__
+// Quantize feature-major X[K, N] once for all threads: s_x[n] = max_k |x[k, n]| / 127 and
+// Xq[g][n][i] = round(x[4g + i, n] / s_x[n]) + 128 (uint8), so that one 64-byte load holds 16 tokens x 4
+// features. Tokens are padded to NP (a multiple of 16) with zeros.
+void quantize_b4(int64_t K, int64_t N, int64_t NP, const float* X, float* s_x, uint8_t* Xq, int nthreads) {
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < NP; n0 += 16) {
+            const __mmask16 live = N - n0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n0)) - 1);
+            __m512 m = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K; ++k)
+                m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(live, X + k * N + n0)));
+            _mm512_storeu_ps(s_x + n0, _mm512_max_ps(_mm512_mul_ps(m, _mm512_set1_ps(1.0f / 127)),
+                                                     _mm512_set1_ps(1e-30f)));
+        }
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < K / 4; ++g) {
+            for (int64_t n0 = 0; n0 < NP; n0 += 16) {
+                const __mmask16 live = N - n0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n0)) - 1);
+                const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_loadu_ps(s_x + n0));
+                __m512i d = _mm512_setzero_si512();
+                for (int i = 0; i < 4; ++i) {
+                    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, X + (4 * g + i) * N + n0), inv);
+                    const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(v), _mm512_set1_epi32(128));
+                    d = _mm512_or_si512(d, _mm512_slli_epi32(_mm512_and_si512(q, _mm512_set1_epi32(255)), 8 * i));
+                }
+                _mm512_storeu_si512(Xq + (g * NP + n0) * 4, d);
+            }
+        }
+    }
+}
+
+// Y[M, N] = s_w[m] * s_x[n] * (sum over kept blocks of dot4(Xq, Wq) - comp[m]) + bias[m] (+ R[M, N]), where
+// comp[m] = 128 * (sum of row m's int8 weights) removes the +128 that made the activations unsigned.
+void spmm_b4_i8(int64_t M, int64_t N, int64_t NP, const int32_t* indptr, const int32_t* gidx, const int32_t* wq,
+                const int32_t* comp, const float* s_w, const uint8_t* Xq, const float* s_x, const float* bias,
+                const float* R, float* Y, int64_t BLOCK, int nthreads) {
+    const int64_t nnz = indptr[M];
+    #pragma omp parallel num_threads(nthreads)
+    {
+        const int T = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t lo = std::lower_bound(indptr, indptr + M, (int32_t)((nnz * t) / T)) - indptr;
+        const int64_t hi = t == T - 1 ? M
+                         : std::lower_bound(indptr, indptr + M, (int32_t)((nnz * (t + 1)) / T)) - indptr;
+        for (int64_t n0 = 0; n0 < NP; n0 += BLOCK) {
+            const int64_t nv = std::min(BLOCK, NP - n0) / 16;
+            for (int64_t m = lo; m < hi; ++m) {
+                __m512i acc[16];
+                for (int64_t j = 0; j < nv; ++j) acc[j] = _mm512_setzero_si512();
+                for (int64_t p = indptr[m]; p < indptr[m + 1]; ++p) {
+                    const __m512i wb = _mm512_set1_epi32(wq[p]);
+                    const uint8_t* x = Xq + ((int64_t)gidx[p] * NP + n0) * 4;
+                    for (int64_t j = 0; j < nv; ++j)
+                        acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_loadu_si512(x + 64 * j), wb);
+                }
+                const __m512i c = _mm512_set1_epi32(comp[m]);
+                const __m512 sw = _mm512_set1_ps(s_w[m]), b = _mm512_set1_ps(bias ? bias[m] : 0.0f);
+                for (int64_t j = 0; j < nv; ++j) {
+                    const int64_t n = n0 + 16 * j;
+                    const __mmask16 live = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+                    __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[j], c));
+                    v = _mm512_fmadd_ps(_mm512_mul_ps(v, sw), _mm512_loadu_ps(s_x + n), b);
+                    if (R) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, R + m * N + n));
+                    _mm512_mask_storeu_ps(Y + m * N + n, live, v);
+                }
+            }
+        }
+    }
+}
+#endif
+
 }  // extern "C"
 """
 
@@ -225,6 +310,10 @@ def _library() -> ctypes.CDLL | None:
     lib.spmm_csr_f32.restype = None
     lib.layer_norm_fm_f32.argtypes = [i64, i64, ptr, ptr, ptr, c_float, ptr, c_int]
     lib.layer_norm_fm_f32.restype = None
+    lib.int8_supported.restype = c_int
+    if lib.int8_supported():
+        lib.quantize_b4.argtypes = [i64, i64, i64, ptr, ptr, ptr, c_int]
+        lib.spmm_b4_i8.argtypes = [i64, i64, i64, *[ptr] * 10, i64, c_int]
     return lib
 
 

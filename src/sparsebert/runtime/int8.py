@@ -1,0 +1,101 @@
+"""int8 sparse products on 1x4 blocks, for CPUs with AVX512-VNNI (``backend="int8"``).
+
+One VNNI instruction multiplies 4 consecutive input features of 16 tokens by 4 int8 weights and adds
+them up, so a kernel that skips work needs the kept weights in groups of 4 along the input dimension:
+the pattern ``--prune-block 4`` trains. A matrix is stored as block-CSR (per row: the index of each
+kept block and its 4 weights as one int32) with a scale per row; activations are quantized per token
+once per projection (one vectorised pass shared by the threads). Each non-zero block costs one byte of
+activation per multiply-add where the fp32 CSR kernel reads four (BENCHMARKS.md, "Runtime", section 7).
+Lossy: about 1% of the output range, like any int8 path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsebert.errors import SparseBertError
+from sparsebert.runtime.kernels import _check, _library, _ptr
+
+TOKEN_BLOCK = 128  # tokens per block of 8 accumulators
+
+
+def int8_available() -> bool:
+    """Whether the compiled kernels include the VNNI int8 path (built with -march=native)."""
+    lib = _library()
+    return lib is not None and bool(lib.int8_supported())
+
+
+@dataclass
+class BlockInt8Matrix:
+    """A matrix of 1x4 blocks along the input dimension, int8 with one scale per output row."""
+
+    indptr: torch.Tensor  # (rows + 1,) int32: kept blocks per row
+    blocks: torch.Tensor  # (kept,) int32: block index g (input features 4g..4g+3)
+    weights: torch.Tensor  # (kept,) int32: the 4 int8 weights of each block
+    compensation: torch.Tensor  # (rows,) int32: 128 * the row's int8 weight sum (unsigned activations)
+    scale: torch.Tensor  # (rows,) fp32
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor) -> BlockInt8Matrix:
+        w = weight.detach().to("cpu", torch.float32)
+        m, k = w.shape
+        if k % 4:
+            raise SparseBertError(f"int8 blocks need input features divisible by 4, got {k}")
+        scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        q = torch.round(w / scale[:, None]).to(torch.int8).view(m, k // 4, 4)
+        kept = w.view(m, k // 4, 4).ne(0).any(dim=-1)
+        indptr = torch.zeros(m + 1, dtype=torch.int32)
+        indptr[1:] = kept.sum(dim=1).cumsum(0)
+        rows, blocks = kept.nonzero(as_tuple=True)
+        weights = q[rows, blocks].contiguous().view(torch.int32).view(-1)
+        compensation = 128 * q.to(torch.int32).sum(dim=(1, 2))
+        return cls(indptr, blocks.to(torch.int32).contiguous(), weights.contiguous(),
+                   compensation.to(torch.int32).contiguous(), scale.contiguous(), (m, k))  # fmt: skip
+
+    @property
+    def block_density(self) -> float:
+        return int(self.indptr[-1]) * 4 / max(1, self.shape[0] * self.shape[1])
+
+
+def block_density(weight: torch.Tensor) -> float:
+    """The fraction of 1x4 blocks along the input dimension that hold a non-zero (1.0 if K % 4)."""
+    m, k = weight.shape
+    if k % 4:
+        return 1.0
+    return float(weight.detach().view(m, k // 4, 4).ne(0).any(dim=-1).float().mean())
+
+
+def spmm_int8(
+    w: BlockInt8Matrix,
+    x: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``W @ X + bias[:, None] (+ residual)`` for feature-major fp32 ``X`` (in_features, tokens), in int8."""
+    if not int8_available():
+        raise SparseBertError("the int8 kernels need a CPU with AVX512-VNNI and the compiled kernels")
+    m, k = w.shape
+    if x.dim() != 2 or x.shape[0] != k:
+        raise SparseBertError(f"spmm_int8: X must have shape ({k}, tokens), got {tuple(x.shape)}")
+    x = x.contiguous()
+    n = x.shape[1]
+    padded = (n + 15) // 16 * 16
+    for t, name in ((x, "X"), (bias, "bias"), (residual, "residual"), (out, "out")):
+        if t is not None:
+            _check(t, name)
+    for t, name in ((residual, "residual"), (out, "out")):
+        if t is not None and t.shape != (m, n):
+            raise SparseBertError(f"spmm_int8: {name} must have shape ({m}, {n}), got {tuple(t.shape)}")
+    lib, threads = _library(), torch.get_num_threads()
+    scales = torch.empty(padded, dtype=torch.float32)
+    quantized = torch.empty(k * padded, dtype=torch.uint8)
+    lib.quantize_b4(k, n, padded, _ptr(x), _ptr(scales), _ptr(quantized), threads)
+    y = torch.empty((m, n), dtype=torch.float32) if out is None else out
+    lib.spmm_b4_i8(m, n, padded, _ptr(w.indptr), _ptr(w.blocks), _ptr(w.weights), _ptr(w.compensation),
+                   _ptr(w.scale), _ptr(quantized), _ptr(scales), _ptr(bias), _ptr(residual), _ptr(y),
+                   TOKEN_BLOCK, threads)  # fmt: skip
+    return y
