@@ -378,11 +378,16 @@ def test_int8_backend_runs_block_pruned_models_and_keeps_the_rest_exact():
     its exact kernel; the model stays close to the dense one (int8 is lossy)."""
     dense = AutoModelForSequenceClassification.from_config(small(BertConfig)).eval()
     MagnitudePruner.one_shot(dense, 0.9, block=4)
+    gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        dense.bert.encoder.layer[1].output.dense.weight.normal_()  # dense: not run sparse at all
+        layer = dense.bert.encoder.layer[1]
+        layer.output.dense.weight.normal_(generator=gen)  # dense: not run sparse at all
+        unstructured = layer.attention.output.dense.weight  # 95% unstructured: ~1 block in 5 kept, ~1/4 full
+        unstructured.mul_(torch.rand(unstructured.shape, generator=gen) > 0.95)
     fast = copy.deepcopy(dense)
     kinds = sparsify(fast, backend="int8").kernels
-    assert kinds == ["cpp-int8"] * 7 + ["dense"]  # encoder mode: Q, K, V fused; 4 projections per layer
+    # encoder mode, 4 projections per layer (Q, K, V fused): qkv, attention output, FFN up, FFN down
+    assert kinds == ["cpp-int8"] * 5 + ["cpp-csr", "cpp-int8", "dense"]
     ids = torch.randint(5, 80, (2, 19), generator=torch.Generator().manual_seed(0))
     (h, logits), (h_ref, l_ref) = hidden_and_logits(fast, ids, None), hidden_and_logits(dense, ids, None)
     assert float((h - h_ref).abs().max()) < 0.1 and float((logits - l_ref).abs().max()) < 0.05

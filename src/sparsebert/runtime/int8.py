@@ -5,7 +5,7 @@ them up, so a kernel that skips work needs the kept weights in groups of 4 along
 the pattern ``--prune-block 4`` trains. A matrix is stored as block-CSR (per row: the index of each
 kept block and its 4 weights as one int32) with a scale per row; activations are quantized per token
 once per projection (one vectorised pass shared by the threads). Each non-zero block costs one byte of
-activation per multiply-add where the fp32 CSR kernel reads four (BENCHMARKS.md, "Runtime", section 7).
+activation per multiply-add where the fp32 CSR kernel reads four (BENCHMARKS.md, "Runtime", sections 7-8).
 Lossy: about 1% of the output range, like any int8 path.
 """
 
@@ -40,7 +40,7 @@ class BlockInt8Matrix:
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor) -> BlockInt8Matrix:
-        w = weight.detach().to("cpu", torch.float32)
+        w = weight.detach().to("cpu", torch.float32).contiguous()
         m, k = w.shape
         if k % 4:
             raise SparseBertError(f"int8 blocks need input features divisible by 4, got {k}")
@@ -55,17 +55,17 @@ class BlockInt8Matrix:
         return cls(indptr, blocks.to(torch.int32).contiguous(), weights.contiguous(),
                    compensation.to(torch.int32).contiguous(), scale.contiguous(), (m, k))  # fmt: skip
 
-    @property
-    def block_density(self) -> float:
-        return int(self.indptr[-1]) * 4 / max(1, self.shape[0] * self.shape[1])
 
-
-def block_density(weight: torch.Tensor) -> float:
-    """The fraction of 1x4 blocks along the input dimension that hold a non-zero (1.0 if K % 4)."""
+def suits_int8(weight: torch.Tensor, max_density: float) -> bool:
+    """Whether a matrix was pruned in 1x4 blocks (its kept blocks at least half full) and its blocks are
+    sparse enough. An unstructured matrix fails: at 95% about one block in five holds a single non-zero,
+    and the int8 kernel would do four times the work for nothing but the rounding error."""
     m, k = weight.shape
     if k % 4:
-        return 1.0
-    return float(weight.detach().view(m, k // 4, 4).ne(0).any(dim=-1).float().mean())
+        return False
+    nonzero = weight.detach().reshape(m, k // 4, 4).ne(0)
+    kept = int(nonzero.any(dim=-1).sum())
+    return 4 * kept <= max_density * m * k and int(nonzero.sum()) >= 2 * kept
 
 
 def spmm_int8(

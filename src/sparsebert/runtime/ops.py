@@ -13,7 +13,7 @@ import torch
 
 from sparsebert.config import SPARSE_BACKENDS
 from sparsebert.errors import SparseBertError
-from sparsebert.runtime.int8 import BlockInt8Matrix, block_density, int8_available, spmm_int8
+from sparsebert.runtime.int8 import BlockInt8Matrix, int8_available, spmm_int8, suits_int8
 from sparsebert.runtime.kernels import CSRMatrix, cpp_available, spmm
 
 # Above this density the dense GEMM wins on the shapes we measured (BENCHMARKS.md, "Kernel choice").
@@ -82,7 +82,7 @@ def make_projection(
     b = None if bias is None else bias.detach().to("cpu", torch.float32).contiguous()
     shape = (w.shape[0], w.shape[1])
     backend = resolve_backend(backend)
-    if backend == "int8" and block_density(w) <= max_density:
+    if backend == "int8" and suits_int8(w, max_density):
         return ProjectionOp(shape, b, int8=BlockInt8Matrix.from_dense(w))
     density = float((w != 0).sum()) / max(1, w.numel())
     if density > max_density:
