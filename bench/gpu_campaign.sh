@@ -4,7 +4,8 @@
 #
 #   here:  .venv/bin/python bench/gpu_pack.py pack gpu_pack          (git-ignored, < 60 MiB)
 #   there: bash bench/gpu_campaign.sh       (device tool: carry ["gpu_pack"], timeout_s 600)
-#   the next lease: TASKS="mrpc rating" STEPS=4000 BUDGET=540 bash bench/gpu_campaign.sh
+#   the next lease: TASKS="mrpc rating" STEPS=4000 BUDGET=500 bash bench/gpu_campaign.sh
+#   (after the students: the int8 sparse engine's dev metrics on the 1x4 students, if this CPU has VNNI)
 #   here, at tiny size on CPU (tests/test_gpu_campaign.py runs this so it cannot rot):
 #          PYTHON=.venv/bin/python SCALE=tiny bash bench/gpu_campaign.sh
 #
@@ -182,6 +183,18 @@ progress() {  # rewrite results.json every 30 s until the campaign ends
   done
 }
 
+int8_accuracy() {  # the int8 sparse engine's dev metrics on the 1x4 students, where this CPU runs it
+  "$PY" -c "from sparsebert.runtime.int8 import int8_available as ok; raise SystemExit(not ok())" 2>/dev/null ||
+    { echo "int8 accuracy: skipped (no AVX512-VNNI or no C++ compiler here)"; return 0; }
+  local model
+  for model in "$RUNS"/student-mrpc-90-aug-block4-s*/; do
+    [ -f "$model/metrics.json" ] || continue
+    "$PY" bench/engine_accuracy.py --model "$model" --task mrpc --data-dir "$DATA/MRPC" --max-seq-length 128 \
+      --backends auto,int8 --paths fp32 --threads 4 --json "$OUT/accuracy-$(basename "$model").json" \
+      >"$RUNS/accuracy-$(basename "$model").out" 2>&1 || echo "int8 accuracy failed: $(basename "$model")"
+  done
+}
+
 rm -f "$RUNS/.done"
 progress &
 PROGRESS=$!
@@ -201,5 +214,6 @@ for pid in "${CHAINS[@]}"; do
   wait "$pid" || STATUS=1
 done
 "$PY" bench/gpu_pack.py summarize "$RUNS" "$OUT/results.json" --print
+int8_accuracy
 echo "campaign done in $((SECONDS - START)) s; results in $OUT/results.json"
 exit $STATUS

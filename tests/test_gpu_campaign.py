@@ -16,6 +16,7 @@ from conftest import sentiment_rows, write_tsv
 from safetensors.torch import load_file
 
 from sparsebert.packaged import minilm_l6_path
+from sparsebert.runtime.int8 import int8_available
 from sparsebert.train import resolve_mixed_precision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +79,10 @@ def test_campaign_runs_end_to_end_at_tiny_size(tmp_path):
         config = yaml.safe_load((runs / f"student-mrpc-90-aug-{variant}-s42" / "config.yaml").read_text())
         assert (config["prune_scope"], config["prune_block"]) == (scope, block)
         assert config["augment"] == 1 and config["seed"] == 42
+    if int8_available():  # the int8 engine's dev metrics on the 1x4 student, beside fp32
+        accuracy = json.loads((out / "accuracy-student-mrpc-90-aug-block4-s42.json").read_text())
+        assert {"fp32", "sparse", "sparse-int8"} <= set(accuracy["paths"])
+        assert accuracy["sparse_kernels"]["int8"].count("cpp-int8") > 0
     for run in students.values():
         assert [point["step"] for point in run["curve"]] == [3, 6]
         assert run["mixed_precision"] == resolve_mixed_precision("auto")
