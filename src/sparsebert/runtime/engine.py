@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +46,15 @@ class _Layer:
     down: ProjectionOp
     ln_attn: _LayerNorm
     ln_out: _LayerNorm
-    act: nn.Module
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _activation(act: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The FFN activation; in place for the exact GELU (BERT's default), sparing a fresh buffer per layer."""
+    exact_gelu = isinstance(act, nn.GELU) and act.approximate == "none"
+    if exact_gelu or getattr(act, "act", None) is nn.functional.gelu:
+        return torch.ops.aten.gelu_
+    return act
 
 
 def is_bert_style(block: nn.Module) -> bool:
@@ -75,7 +84,7 @@ def _convert_layer(block: nn.Module, max_density: float, backend: str) -> _Layer
         down=make_projection(block.output.dense.weight, block.output.dense.bias, max_density, backend),
         ln_attn=_LayerNorm.of(block.attention.output.LayerNorm),
         ln_out=_LayerNorm.of(block.output.LayerNorm),
-        act=block.intermediate.intermediate_act_fn,
+        act=_activation(block.intermediate.intermediate_act_fn),
     )
 
 
@@ -178,13 +187,6 @@ class SparseEncoder(nn.Module):
         scores = torch.bmm(q, k).mul_(scale) if mask is None else torch.baddbmm(mask, q, k, alpha=scale)
         return torch.softmax(scores, dim=-1)
 
-    def _activation(self, act: nn.Module, u: torch.Tensor) -> torch.Tensor:
-        """The FFN activation, in place for the exact GELU (BERT's default) to spare a fresh buffer."""
-        exact_gelu = isinstance(act, nn.GELU) and act.approximate == "none"
-        if exact_gelu or getattr(act, "act", None) is nn.functional.gelu:
-            return torch.ops.aten.gelu_(u)
-        return act(u)
-
     @torch.no_grad()
     def forward_features(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq, hidden = hidden_states.shape
@@ -196,7 +198,7 @@ class SparseEncoder(nn.Module):
         for layer in self.layers:
             ctx = self._attention(layer.qkv(x, out=ws["qkv"]), batch, seq, mask, ws["ctx"])
             a = layer.ln_attn(layer.out(ctx, residual=x, out=ws["a"]))
-            u = self._activation(layer.act, layer.up(a, out=ws["u"]))
+            u = layer.act(layer.up(a, out=ws["u"]))
             x = layer.ln_out(layer.down(u, residual=a, out=x))
         out = torch.empty(batch * seq, hidden, dtype=dtype)  # always fresh: x is reused by the next call
         return out.copy_(x.t()).view(batch, seq, hidden)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsebert.errors import SparseBertError
-from sparsebert.runtime.kernels import _check, _library, _ptr
+from sparsebert.runtime.kernels import _library, _ptr, check_operands
 
 TOKEN_BLOCK = 128  # tokens per block of 8 accumulators
 
@@ -84,12 +84,7 @@ def spmm_int8(
     x = x.contiguous()
     n = x.shape[1]
     padded = (n + 15) // 16 * 16
-    for t, name in ((x, "X"), (bias, "bias"), (residual, "residual"), (out, "out")):
-        if t is not None:
-            _check(t, name)
-    for t, name in ((residual, "residual"), (out, "out")):
-        if t is not None and t.shape != (m, n):
-            raise SparseBertError(f"spmm_int8: {name} must have shape ({m}, {n}), got {tuple(t.shape)}")
+    check_operands("spmm_int8", m, n, x, bias, residual, out)
     lib, threads = _library(), torch.get_num_threads()
     scales = torch.empty(padded, dtype=torch.float32)
     quantized = torch.empty(k * padded, dtype=torch.uint8)

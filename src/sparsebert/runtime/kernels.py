@@ -371,6 +371,17 @@ def _check(x: torch.Tensor, name: str) -> None:
         raise SparseBertError(f"{name} must be a contiguous fp32 CPU tensor, got {x.dtype} on {x.device}")
 
 
+def check_operands(fn: str, m: int, n: int, x: torch.Tensor, bias, residual, out) -> None:
+    """What a compiled product needs of its operands: contiguous fp32 CPU tensors, and (m, n) for the
+    residual and the output buffer."""
+    for t, name in ((x, "X"), (bias, "bias"), (residual, "residual"), (out, "out")):
+        if t is not None:
+            _check(t, name)
+    for t, name in ((residual, "residual"), (out, "out")):
+        if t is not None and t.shape != (m, n):
+            raise SparseBertError(f"{fn}: {name} must have shape ({m}, {n}), got {tuple(t.shape)}")
+
+
 # Tokens per block: as many as keep a thread's packed (K, block) slice of X within ~384 KiB, so that it
 # stays in L2 while the thread's rows reuse it, between 64 (4 AVX-512 accumulators per non-zero) and 256
 # (16; beyond that the per-non-zero index/value loads no longer matter). Measured on BERT shapes at 4,096
@@ -408,13 +419,7 @@ def spmm(
         if residual is not None:
             y += residual
         return y if out is None else out.copy_(y)
-    _check(x, "X")
-    for t, name in ((bias, "bias"), (residual, "residual"), (out, "out")):
-        if t is not None:
-            _check(t, name)
-    for t, name in ((residual, "residual"), (out, "out")):
-        if t is not None and t.shape != (m, n):
-            raise SparseBertError(f"spmm: {name} must have shape ({m}, {n}), got {tuple(t.shape)}")
+    check_operands("spmm", m, n, x, bias, residual, out)
     y = torch.empty((m, n), dtype=torch.float32) if out is None else out
     lib.spmm_csr_f32(
         m,
