@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import pickle
 
 import pytest
 import torch
@@ -171,7 +172,7 @@ def test_reused_buffers_never_leak_between_calls():
             hidden_and_logits(fast, ids, None)[0], hidden_and_logits(dense, ids, None)[0], rtol=1e-4, atol=1e-4
         )
     assert torch.equal(first, kept[0]) and torch.equal(single, kept[1])
-    twin = copy.deepcopy(fast)
+    twin = pickle.loads(pickle.dumps(copy.deepcopy(fast)))
     torch.testing.assert_close(hidden_and_logits(twin, inputs[1], None)[0], hidden_and_logits(fast, inputs[1], None)[0])
 
 

@@ -49,12 +49,14 @@ class _Layer:
     act: Callable[[torch.Tensor], torch.Tensor]
 
 
+def _gelu_(x: torch.Tensor) -> torch.Tensor:  # a module-level function, so the encoder still pickles
+    return torch.ops.aten.gelu_(x)
+
+
 def _activation(act: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The FFN activation; in place for the exact GELU (BERT's default), sparing a fresh buffer per layer."""
     exact_gelu = isinstance(act, nn.GELU) and act.approximate == "none"
-    if exact_gelu or getattr(act, "act", None) is nn.functional.gelu:
-        return torch.ops.aten.gelu_
-    return act
+    return _gelu_ if exact_gelu or getattr(act, "act", None) is nn.functional.gelu else act
 
 
 def is_bert_style(block: nn.Module) -> bool:
