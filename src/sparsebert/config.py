@@ -36,6 +36,7 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 # int8: matrices whose 1x4 blocks are sparse enough run the lossy VNNI kernel (models pruned with
 # --prune-block 4), the rest as cpp.
 SPARSE_BACKENDS = ("auto", "cpp", "torch", "int8")
+PRUNE_BLOCKS = (1, 2, 4, 8)  # consecutive input weights pruned together (--prune-block)
 
 
 @dataclass
@@ -162,7 +163,7 @@ class PruneOptions:
     )  # fmt: skip
     prune_block: int = opt(
         1, "prune groups of this many consecutive input weights together (1: unstructured, the paper; 4: the "
-        "1x4 pattern int8 VNNI kernels need)", choices=(1, 2, 4, 8), group="pruning",
+        "1x4 pattern int8 VNNI kernels need)", choices=PRUNE_BLOCKS, group="pruning",
     )  # fmt: skip
     temperature: float = opt(1.0, "softmax temperature of the prediction loss", group="pruning")
     # The paper adds the three terms with equal weights over ~100x our CPU budgets; at a few hundred

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparsebert.config import SPARSE_BACKENDS, add_arguments, config_from_args, opt, require
+from sparsebert.config import PRUNE_BLOCKS, SPARSE_BACKENDS, add_arguments, config_from_args, opt, require
 from sparsebert.errors import SparseBertError
 
 
@@ -39,7 +39,7 @@ class BenchConfig:
     )
     sparsity: list[float] = opt(help="with --arch: one or more, e.g. 0.9,0.95", factory=lambda: [0.95], group="bench")
     prune_block: int = opt(1, "with --arch: prune in groups of this many input weights (4 for --backend int8)",
-                           choices=(1, 2, 4, 8), group="bench")  # fmt: skip
+                           choices=PRUNE_BLOCKS, group="bench")  # fmt: skip
     batch_sizes: list[int] = opt(help="batch sizes to time", factory=lambda: [1, 32], group="bench")
     seq_len: int = opt(128, "tokens per sentence", group="bench")
     threads: int = opt(2, "CPU threads", group="bench")
