@@ -50,8 +50,7 @@ def main() -> None:
                 op(x)
                 times.append(time.perf_counter() - start)
             ms = 1000 * statistics.median(times)
-            nnz = op.csr.nnz if op.csr is not None else op.shape[0] * op.shape[1]
-            print(f"{name} {op.kind} {op.shape}: {ms:.2f} ms, {nnz * tokens / ms / 1e6:.1f} GFMA/s")
+            print(f"{name} {op.kind} {op.shape}: {ms:.2f} ms, {op.nnz * tokens / ms / 1e6:.1f} GFMA/s")
 
 
 if __name__ == "__main__":

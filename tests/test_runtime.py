@@ -6,6 +6,7 @@ import argparse
 import copy
 import json
 import pickle
+import time
 
 import pytest
 import torch
@@ -105,6 +106,82 @@ def test_projection_falls_back_to_dense_when_not_sparse_enough(backend):
     assert sparse_op.kind == ("cpp-csr" if backend == "cpp" else "torch-csr")
     torch.testing.assert_close(dense_op(x), dense_w @ x + b[:, None], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(sparse_op(x), sparse_w @ x + b[:, None], rtol=1e-4, atol=1e-4)
+
+
+def _rigged(fast: str, calls: list[str]):
+    """A ``ops._build`` under which every kernel but ``fast`` takes 20 ms longer (a choice the timing
+    cannot miss), and each kernel call is recorded in ``calls``."""
+    from sparsebert.runtime import ops
+
+    build = ops._build
+
+    def rigged_build(kind, master):
+        kernel = build(kind, master)
+
+        def run(*args):
+            calls.append(kind)
+            if kind != fast:
+                time.sleep(0.02)
+            return kernel(*args)
+
+        return run
+
+    return rigged_build
+
+
+@pytest.mark.parametrize("fast", ["dense", "csr"])
+def test_auto_backend_times_each_matrix_and_keeps_the_faster_exact_kernel(monkeypatch, fast):
+    """backend="auto": a sparse matrix has two exact candidates; the first call at each input size times
+    both and keeps the faster for that size (later calls at that size do not time again), the loser is
+    dropped (a compressed model stays small), a new size is timed anew, and every result is exact."""
+    from sparsebert.runtime import ops
+
+    csr = "cpp-csr" if cpp_available() else "torch-csr"
+    fast = csr if fast == "csr" else fast
+    calls: list[str] = []
+    monkeypatch.setattr(ops, "_build", _rigged(fast, calls))
+    gen = torch.Generator().manual_seed(4)
+    w, b = random_sparse(48, 32, 0.9, gen), torch.randn(48, generator=gen)
+    op = make_projection(w, b, backend="auto")
+    assert op.candidates == (csr, "dense") and op.kind == f"{csr}|dense"
+    timing = 2 * (ops.TIMING_ROUNDS + 1)  # every candidate, warm-up included
+    for n, expected_calls in ((8, timing + 1), (12, 1), (100, timing + 1)):  # 8 and 12 tokens share a timing
+        calls.clear()
+        x, r = torch.randn(32, n, generator=gen), torch.randn(48, n, generator=gen)
+        out = torch.full((48, n), float("nan"))
+        torch.testing.assert_close(op(x, residual=r, out=out), w @ x + b[:, None] + r, rtol=1e-4, atol=1e-4)
+        assert len(calls) == expected_calls and calls[-1] == fast
+        assert op.kind == fast and op.kind_for(n) == fast and set(op._kernels) == {fast}
+    assert sorted(op.plan) == [4, 7]  # one timing per power of two: 8 to 15 tokens, then 64 to 127
+
+
+def test_dense_matrices_and_fixed_backends_are_not_timed():
+    gen = torch.Generator().manual_seed(5)
+    dense_w, sparse_w = torch.randn(16, 8, generator=gen), random_sparse(16, 8, 0.9, gen)
+    assert make_projection(dense_w, None, backend="auto").candidates == ("dense",)
+    op = make_projection(sparse_w, None, backend="torch")
+    torch.testing.assert_close(op(x := torch.randn(8, 5, generator=gen)), sparse_w @ x)
+    assert op.candidates == ("torch-csr",) and op.plan == {} and op.kind == "torch-csr"
+
+
+def test_fastest_backend_offers_dense_bf16_where_native_and_stays_close(monkeypatch):
+    """backend="fastest" adds dense bf16 on CPUs that run it natively (never where it is emulated); when
+    it wins, the result is fp32 and bf16-close to the exact one."""
+    from sparsebert import train
+    from sparsebert.runtime import ops
+
+    gen = torch.Generator().manual_seed(6)
+    w, b = random_sparse(64, 32, 0.8, gen), torch.randn(64, generator=gen)
+    monkeypatch.setattr(train, "native_bf16", lambda device_type: False)
+    assert "dense-bf16" not in make_projection(w, b, backend="fastest").candidates
+    monkeypatch.setattr(train, "native_bf16", lambda device_type: True)
+    monkeypatch.setattr(ops, "_build", _rigged("dense-bf16", []))
+    op = make_projection(w, b, backend="fastest")
+    assert op.candidates[-1] == "dense-bf16"
+    x = torch.randn(32, 20, generator=gen)
+    y, ref = op(x), w @ x + b[:, None]
+    assert op.kind == "dense-bf16" and y.dtype == torch.float32
+    assert float((y - ref).abs().max()) < 0.02 * float(ref.abs().max())
 
 
 def pruned_model(config, sparsity: float, seed: int = 0):
@@ -282,7 +359,10 @@ def test_bench_on_a_compressed_folder(tmp_path, capsys):
     assert args.handler(args) == 0
     out = capsys.readouterr().out
     assert "95.0%" in out
-    assert "cpp-csr" in out or "torch-csr" in out
+    # the kernels each projection ran at batch 2 (timed at its first call: tiny matrices may run dense)
+    line = next(x for x in out.splitlines() if x.startswith("kernels: b2 encoder mode, "))
+    counts = [part.split(" ") for part in line.split("mode, ")[1].split(", ")]
+    assert sum(int(n) for n, _ in counts) == 8 and {k for _, k in counts} <= {"cpp-csr", "torch-csr", "dense"}
 
 
 def test_onnx_export_matches_pytorch(tmp_path):
@@ -371,6 +451,42 @@ def test_int8_kernel_computes_the_quantized_product(n):
     assert y.data_ptr() == out.data_ptr()
     torch.testing.assert_close(y, _int8_reference(w, x) + b[:, None] + r, rtol=1e-5, atol=1e-4)
     assert float((y - (w @ x + b[:, None] + r)).abs().max()) < 0.02 * float((w @ x).abs().max())
+
+
+@pytest.mark.skipif(not int8_available(), reason="needs AVX512-VNNI")
+def test_int8_products_of_any_size_in_turn_share_one_scratch_buffer():
+    """The quantized activations live in a buffer kept per thread: products of growing and shrinking
+    sizes, one after the other, each get their own correct result."""
+    from sparsebert.runtime import int8
+
+    gen = torch.Generator().manual_seed(9)
+    shapes = [(24, 192, 300), (40, 96, 17), (24, 192, 1), (16, 384, 200)]
+    int8._scratch.__dict__.pop("buffers", None)  # as a fresh thread starts
+    sizes = []
+    for m, k, n in shapes:
+        w = torch.randn(m, k, generator=gen) * (torch.rand(m, k // 4, generator=gen) < 0.3).repeat_interleave(4, 1)
+        x = torch.randn(k, n, generator=gen)
+        torch.testing.assert_close(spmm_int8(BlockInt8Matrix.from_dense(w), x), _int8_reference(w, x), rtol=1e-5,
+                                   atol=1e-4)  # fmt: skip
+        sizes.append(int8._scratch.buffers[1].numel())
+    assert sizes == [192 * 304] * 3 + [384 * 208]  # grown only when a product needs more (16 tokens a step)
+
+
+@pytest.mark.skipif(not int8_available(), reason="needs AVX512-VNNI")
+def test_fastest_backend_offers_int8_on_block_pruned_matrices():
+    """backend="fastest": a matrix pruned in 1x4 blocks may also run the (lossy) int8 kernel, an
+    unstructured one only the exact ones; whatever the timing picks, the model stays close."""
+    dense = AutoModelForSequenceClassification.from_config(small(BertConfig)).eval()
+    MagnitudePruner.one_shot(dense, 0.9, block=4)
+    with torch.no_grad():
+        w = dense.bert.encoder.layer[1].attention.output.dense.weight
+        w.normal_(generator=torch.Generator().manual_seed(2)).mul_(torch.rand(w.shape) > 0.95)
+    fast = copy.deepcopy(dense)
+    ops = sparsify(fast, backend="fastest").ops
+    assert ["cpp-int8" in op.candidates for op in ops] == [True] * 5 + [False] + [True] * 2
+    ids = torch.randint(5, 80, (2, 19), generator=torch.Generator().manual_seed(0))
+    (h, logits), (h_ref, l_ref) = hidden_and_logits(fast, ids, None), hidden_and_logits(dense, ids, None)
+    assert float((h - h_ref).abs().max()) < 0.1 and float((logits - l_ref).abs().max()) < 0.05
 
 
 @pytest.mark.skipif(not int8_available(), reason="needs AVX512-VNNI")

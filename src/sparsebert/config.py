@@ -32,10 +32,12 @@ def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, gr
 STRATEGIES = tuple(strategies.TABLE)
 LR_SCHEDULES = ("linear", "constant")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
-# The sparse runtime's kernels. auto: the exact compiled kernels (torch's MKL CSR without a compiler);
-# int8: matrices whose 1x4 blocks are sparse enough run the lossy VNNI kernel (models pruned with
-# --prune-block 4), the rest as cpp.
-SPARSE_BACKENDS = ("auto", "cpp", "torch", "int8")
+# The sparse runtime's kernels (runtime/ops.py). auto: per matrix, the faster of the exact kernels (fp32 CSR,
+# dense fp32), timed on the first call at each input size; fastest: the same among the lossy ones too
+# (dense bf16 where the CPU has it natively, int8 on 1x4 blocks). Fixed, by density: cpp (compiled CSR),
+# torch (MKL CSR), int8 (the VNNI kernel where 1x4 blocks are sparse enough, models pruned with
+# --prune-block 4; the rest as cpp).
+SPARSE_BACKENDS = ("auto", "fastest", "cpp", "torch", "int8")
 PRUNE_BLOCKS = (1, 2, 4, 8)  # consecutive input weights pruned together (--prune-block)
 
 

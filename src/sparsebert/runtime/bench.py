@@ -99,14 +99,17 @@ def bench_pair(
     threads: int,
     sparsity: float,
     label: str = "",
-    kernels: str = "",
+    kernels: Callable[[int], str] | None = None,
     baselines: dict[str, Forward] | None = None,
     warmup: int = 2,
     reps: int = 20,
     budget_s: float = 30.0,
     seed: int = 0,
 ) -> list[BenchResult]:
-    """Time the sparse model against each dense baseline (default: ``dense`` in fp32), interleaved."""
+    """Time the sparse model against each dense baseline (default: ``dense`` in fp32), interleaved.
+
+    ``kernels(tokens)`` says which kernels the sparse model ran at that input size (read after the first
+    call, which is when a timed backend chooses them)."""
     torch.set_num_threads(threads)
     paths = dict(baselines or {"fp32": first_output(dense)})
     paths["sparse"] = first_output(sparse)
@@ -123,7 +126,8 @@ def bench_pair(
         sparse_ms = timed.pop("sparse")
         best = min(timed, key=timed.__getitem__)
         result = BenchResult(bs, seq_len, threads, sparsity, timed["fp32"], sparse_ms, timed["fp32"] / sparse_ms)
-        result.model, result.kernels, result.baselines, result.max_abs_diff = label, kernels, timed, diffs
+        result.model, result.baselines, result.max_abs_diff = label, timed, diffs
+        result.kernels = kernels(bs * seq_len) if kernels else ""
         result.best_dense, result.speedup_vs_best_dense = best, timed[best] / sparse_ms
         results.append(result)
     return results
@@ -148,8 +152,9 @@ def bench_model(
     kwargs = {} if max_density is None else {"max_density": max_density}
     report = sparsify(fast, mode=mode, backend=backend, **kwargs)
     dense_paths = build_baselines(model, resolve_baselines(list(baselines)), seq_len, threads)
-    summary = report.summary()
-    return bench_pair(model, fast, batch_sizes, seq_len, threads, sparsity, label, summary, dense_paths, **timing)
+    return bench_pair(
+        model, fast, batch_sizes, seq_len, threads, sparsity, label, report.summary, dense_paths, **timing
+    )
 
 
 def format_table(results: list[BenchResult]) -> str:

@@ -44,8 +44,9 @@ class BenchConfig:
     seq_len: int = opt(128, "tokens per sentence", group="bench")
     threads: int = opt(2, "CPU threads", group="bench")
     mode: str = opt("auto", "sparse engine mode", choices=("auto", "encoder", "linear"), group="bench")
-    backend: str = opt("auto", "sparse kernel (int8: lossy, VNNI, for --prune-block 4 models)", choices=SPARSE_BACKENDS,
-                       group="bench")  # fmt: skip
+    backend: str = opt("auto", "sparse kernels: auto (per matrix the faster exact one, timed), fastest (also "
+                       "dense bf16 where native and int8 on 1x4 blocks: lossy), or fixed: cpp, torch, int8 (VNNI, "
+                       "--prune-block 4 models)", choices=SPARSE_BACKENDS, group="bench")  # fmt: skip
     max_density: float | None = opt(None, "densest matrix still run sparse (default: measured)", group="bench")
     baselines: list[str] = opt(
         help="dense paths timed beside the sparse engine: auto (fp32, bf16 where the CPU has it natively, "
@@ -162,8 +163,7 @@ def cmd_bench(args: BenchConfig) -> int:
             del model
         if len(args.sparsity) > 1:
             print("\nall results:\n" + format_table(results))
-    kernels = sorted({r.kernels for r in results})
-    print("kernels: " + "; ".join(kernels))
+    print("kernels: " + "; ".join(f"b{r.batch_size} {r.kernels}" for r in results))
     if args.json:
         Path(args.json).write_text(json.dumps(results_json(results), indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -17,7 +17,7 @@ from sparsebert.errors import SparseBertError
 from sparsebert.pruning import find_encoder_layers
 from sparsebert.runtime.engine import SparseEncoder, is_bert_style
 from sparsebert.runtime.linear import swap_linears
-from sparsebert.runtime.ops import DEFAULT_MAX_DENSITY, resolve_backend
+from sparsebert.runtime.ops import DEFAULT_MAX_DENSITY, ProjectionOp, resolve_backend
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "encoder", "linear")
@@ -25,13 +25,22 @@ MODES = ("auto", "encoder", "linear")
 
 @dataclass
 class SparsifyReport:
+    """What ``sparsify`` did: the mode, the backend and each projection (whose kernel a timed backend
+    chooses at the first call for each input size)."""
+
     mode: str
     backend: str
-    kernels: list[str] = field(default_factory=list)
+    ops: list[ProjectionOp] = field(default_factory=list, repr=False)
 
-    def summary(self) -> str:
-        counts = Counter(self.kernels)
-        return f"{self.mode} mode, " + ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+    @property
+    def kernels(self) -> list[str]:
+        """Each projection's kernel at its last call (``a|b`` for candidates not timed yet)."""
+        return [op.kind for op in self.ops]
+
+    def summary(self, tokens: int | None = None) -> str:
+        """Kernel counts, e.g. ``encoder mode, 44 cpp-csr, 4 dense``; for inputs of ``tokens`` tokens if given."""
+        kinds = [(tokens and op.kind_for(tokens)) or op.kind for op in self.ops]
+        return f"{self.mode} mode, " + ", ".join(f"{n} {kind}" for kind, n in sorted(Counter(kinds).items()))
 
 
 def sparsify(
@@ -53,6 +62,6 @@ def sparsify(
     parent_name, _, child = encoder_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, encoder)
-    report = SparsifyReport("encoder", backend, encoder.op_kinds())
+    report = SparsifyReport("encoder", backend, encoder.ops())
     log.info("sparsified %s: %s", type(model).__name__, report.summary())
     return report

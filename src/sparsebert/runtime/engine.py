@@ -118,9 +118,9 @@ class SparseEncoder(nn.Module):
         super().__setstate__(state)
         self._local = threading.local()
 
-    def op_kinds(self) -> list[str]:
-        """Kernel used by each projection, layer by layer (qkv, attn_output, ffn_up, ffn_down)."""
-        return [op.kind for layer in self.layers for op in (layer.qkv, layer.out, layer.up, layer.down)]
+    def ops(self) -> list[ProjectionOp]:
+        """The projections, layer by layer (qkv, attn_output, ffn_up, ffn_down)."""
+        return [op for layer in self.layers for op in (layer.qkv, layer.out, layer.up, layer.down)]
 
     @staticmethod
     def _additive_mask(mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:

@@ -11,19 +11,33 @@ Lossy: about 1% of the output range, like any int8 path.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
 
 from sparsebert.errors import SparseBertError
-from sparsebert.runtime.kernels import _library, _ptr, check_operands
+from sparsebert.runtime.kernels import check_operands, library, pointer
 
 TOKEN_BLOCK = 128  # tokens per block of 8 accumulators
+_scratch = threading.local()  # per thread: the quantized activations of the product in progress
+
+
+def _activation_buffers(k: int, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token scales and quantized activations for one product, from a buffer kept per thread and
+    grown as needed: a fresh one of a few MB per call (batch 32) costs page faults on the hot path, as
+    the fp32 engine's fresh activations did (BENCHMARKS.md, "Runtime", section 7)."""
+    scales, quantized = getattr(_scratch, "buffers", (torch.empty(0), torch.empty(0, dtype=torch.uint8)))
+    if scales.numel() < padded or quantized.numel() < k * padded:
+        scales = torch.empty(max(padded, scales.numel()), dtype=torch.float32)
+        quantized = torch.empty(max(k * padded, quantized.numel()), dtype=torch.uint8)
+        _scratch.buffers = scales, quantized
+    return scales[:padded], quantized[: k * padded]
 
 
 def int8_available() -> bool:
     """Whether the compiled kernels include the VNNI int8 path (built with -march=native)."""
-    lib = _library()
+    lib = library()
     return lib is not None and bool(lib.int8_supported())
 
 
@@ -85,12 +99,11 @@ def spmm_int8(
     n = x.shape[1]
     padded = (n + 15) // 16 * 16
     check_operands("spmm_int8", m, n, x, bias, residual, out)
-    lib, threads = _library(), torch.get_num_threads()
-    scales = torch.empty(padded, dtype=torch.float32)
-    quantized = torch.empty(k * padded, dtype=torch.uint8)
-    lib.quantize_b4(k, n, padded, _ptr(x), _ptr(scales), _ptr(quantized), threads)
+    lib, threads = library(), torch.get_num_threads()
+    scales, quantized = _activation_buffers(k, padded)
+    lib.quantize_b4(k, n, padded, pointer(x), pointer(scales), pointer(quantized), threads)
     y = torch.empty((m, n), dtype=torch.float32) if out is None else out
-    lib.spmm_b4_i8(m, n, padded, _ptr(w.indptr), _ptr(w.blocks), _ptr(w.weights), _ptr(w.compensation),
-                   _ptr(w.scale), _ptr(quantized), _ptr(scales), _ptr(bias), _ptr(residual), _ptr(y),
+    lib.spmm_b4_i8(m, n, padded, pointer(w.indptr), pointer(w.blocks), pointer(w.weights), pointer(w.compensation),
+                   pointer(w.scale), pointer(quantized), pointer(scales), pointer(bias), pointer(residual), pointer(y),
                    TOKEN_BLOCK, threads)  # fmt: skip
     return y

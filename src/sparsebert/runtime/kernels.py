@@ -282,8 +282,9 @@ def _compiler() -> str | None:
 
 
 @lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL | None:
-    """Build (once per source, flags and processor) and load the kernel library; None if it cannot be built."""
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels (the int8 ones too, used from ``int8.py``): built once per source, flags and
+    processor, then loaded; None if they cannot be built."""
     if os.environ.get("SPARSEBERT_NO_CPP"):
         return None
     cxx = _compiler()
@@ -319,7 +320,7 @@ def _library() -> ctypes.CDLL | None:
 
 def cpp_available() -> bool:
     """Whether the compiled kernels can be used on this machine."""
-    return _library() is not None
+    return library() is not None
 
 
 @dataclass
@@ -362,7 +363,8 @@ class CSRMatrix:
         return self.to_torch().to_dense()
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
+def pointer(t: torch.Tensor | None) -> int | None:
+    """A tensor's address for a ctypes call into ``library()`` (None stays a null pointer)."""
     return None if t is None else t.data_ptr()
 
 
@@ -411,7 +413,7 @@ def spmm(
         raise SparseBertError(f"spmm: X must have shape ({k}, tokens), got {tuple(x.shape)}")
     n = x.shape[1]
     x = x.contiguous()
-    lib = _library()
+    lib = library()
     if lib is None:
         y = torch.mm(w.to_torch(), x)
         if bias is not None:
@@ -425,13 +427,13 @@ def spmm(
         m,
         n,
         k,
-        _ptr(w.indptr),
-        _ptr(w.indices),
-        _ptr(w.values),
-        _ptr(x),
-        _ptr(bias),
-        _ptr(residual),
-        _ptr(y),
+        pointer(w.indptr),
+        pointer(w.indices),
+        pointer(w.values),
+        pointer(x),
+        pointer(bias),
+        pointer(residual),
+        pointer(y),
         token_block(k),
         torch.get_num_threads(),
     )
@@ -443,7 +445,7 @@ def layer_norm_fm(
 ) -> torch.Tensor:
     """LayerNorm over dim 0 of a feature-major (features, tokens) tensor; ``out`` may be ``x`` itself (each
     block of tokens is read whole before it is written)."""
-    lib = _library()
+    lib = library()
     if lib is None:
         y = torch.nn.functional.layer_norm(x.t(), (x.shape[0],), weight, bias, eps).t()
         return y.contiguous() if out is None else out.copy_(y)
@@ -455,6 +457,6 @@ def layer_norm_fm(
     if y.shape != x.shape:
         raise SparseBertError(f"layer_norm_fm: out must have shape {tuple(x.shape)}, got {tuple(y.shape)}")
     lib.layer_norm_fm_f32(
-        x.shape[0], x.shape[1], _ptr(x), _ptr(w), _ptr(b), float(eps), _ptr(y), torch.get_num_threads()
+        x.shape[0], x.shape[1], pointer(x), pointer(w), pointer(b), float(eps), pointer(y), torch.get_num_threads()
     )
     return y

@@ -31,14 +31,16 @@ class SparseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.op.kind}"
 
 
-def swap_linears(model: nn.Module, max_density: float = DEFAULT_MAX_DENSITY, backend: str = "auto") -> list[str]:
-    """Replace every prunable projection in place; returns the kernel chosen for each."""
+def swap_linears(
+    model: nn.Module, max_density: float = DEFAULT_MAX_DENSITY, backend: str = "auto"
+) -> list[ProjectionOp]:
+    """Replace every prunable projection in place; returns their projections."""
     from sparsebert.pruning import find_prunable_linears
 
-    kinds = []
+    ops = []
     for target in find_prunable_linears(model):
         parent_name, _, child = target.name.rpartition(".")
         sparse = SparseLinear(target.module, max_density, backend)
         setattr(model.get_submodule(parent_name), child, sparse)
-        kinds.append(sparse.op.kind)
-    return kinds
+        ops.append(sparse.op)
+    return ops

@@ -1,13 +1,22 @@
-"""One projection ``W @ X + b`` on feature-major activations, sparse or dense, chosen per matrix.
+"""One projection ``W @ X + b`` on feature-major activations, with the kernel chosen per matrix.
 
-A CSR kernel only pays off below some density; above it a dense GEMM (MKL) is faster, so each matrix is
-converted only when its measured density is at most ``max_density`` (the default comes from the per-layer
-measurements in BENCHMARKS.md, "Kernel choice").
+Each matrix has a few candidate kernels: the sparse one (CSR fp32, exact) when its density is at most
+``max_density``, and a dense GEMM. Which wins depends on the matrix, the number of tokens and the
+processor (a dense bf16 GEMM on AMX beats fp32 CSR at batch 32; BENCHMARKS.md, "Runtime"), so the
+backends ``auto`` (exact kernels) and ``fastest`` (also the lossy ones: dense bf16 where the CPU runs
+bf16 natively, int8 on 1x4-block matrices) time the candidates on the first call at each size of input
+(rounded to a power of two) and keep the fastest for that size. The others fix one kernel, by density.
+
+A compressed model should stay compressed in memory: a sparse matrix keeps its CSR form as the master
+copy, and a candidate that lost at every size seen so far is dropped (rebuilt from the master when a new
+size is timed).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,57 +25,155 @@ from sparsebert.errors import SparseBertError
 from sparsebert.runtime.int8 import BlockInt8Matrix, int8_available, spmm_int8, suits_int8
 from sparsebert.runtime.kernels import CSRMatrix, cpp_available, spmm
 
-# Above this density the dense GEMM wins on the shapes we measured (BENCHMARKS.md, "Kernel choice").
+# At or below this density a sparse kernel is a candidate; above it a dense GEMM wins on every shape we
+# measured (BENCHMARKS.md, "Kernel choice"), so the fixed backends run dense there and the timed ones do
+# not even try.
 DEFAULT_MAX_DENSITY = 0.3
+TIMED_BACKENDS = ("auto", "fastest")
+TIMING_ROUNDS = 2  # after one warm-up call each; the minimum of the rounds counts
+
+Kernel = Callable[..., torch.Tensor]  # (x, bias, residual, out) -> W @ x + bias (+ residual)
+
+
+def _finish(y: torch.Tensor, bias, residual, out) -> torch.Tensor:
+    """Add what the GEMM left out, into ``out`` when given."""
+    if out is not None and y.data_ptr() != out.data_ptr():
+        y = out.copy_(y)
+    if bias is not None:
+        y += bias[:, None]
+    if residual is not None:
+        y += residual
+    return y
+
+
+@dataclass
+class _Csr:
+    csr: CSRMatrix
+
+    def __call__(self, x, bias, residual, out):
+        return spmm(self.csr, x, bias, residual, out=out)
+
+
+@dataclass
+class _TorchCsr:  # torch's MKL CSR: the path when the compiled kernels cannot be built
+    matrix: torch.Tensor
+
+    def __call__(self, x, bias, residual, out):
+        return _finish(torch.mm(self.matrix, x), bias, residual, out)
+
+
+@dataclass
+class _Dense:
+    weight: torch.Tensor
+
+    def __call__(self, x, bias, residual, out):
+        if bias is None:
+            return _finish(torch.mm(self.weight, x, out=out), None, residual, None)
+        return _finish(torch.addmm(bias[:, None], self.weight, x, out=out), None, residual, None)
+
+
+@dataclass
+class _DenseBf16:  # bf16 operands, fp32 bias/residual/result: the dense path a user would pick on AMX
+    weight: torch.Tensor
+
+    def __call__(self, x, bias, residual, out):
+        return _finish(torch.mm(self.weight, x.to(torch.bfloat16)).float(), bias, residual, out)
+
+
+@dataclass
+class _Int8:
+    matrix: BlockInt8Matrix
+
+    def __call__(self, x, bias, residual, out):
+        return spmm_int8(self.matrix, x, bias, residual, out=out)
+
+
+def _bucket(tokens: int) -> int:
+    return max(1, tokens).bit_length()  # one timing per power of two of tokens
 
 
 @dataclass
 class ProjectionOp:
-    """``W @ X + bias (+ residual)`` for X of shape (in_features, tokens); holds one of CSR or dense W."""
+    """``W @ X + bias (+ residual)`` for X of shape (in_features, tokens).
+
+    ``master`` is the exact weight (CSR when sparse enough, else dense); ``candidates`` the kernel kinds
+    allowed for this matrix; ``plan`` the kind chosen for each size of input timed so far.
+    """
 
     shape: tuple[int, int]
     bias: torch.Tensor | None
-    csr: CSRMatrix | None = None
-    dense: torch.Tensor | None = None
-    torch_csr: torch.Tensor | None = None  # the MKL path when the C++ kernels are unavailable
-    int8: BlockInt8Matrix | None = None  # the VNNI path (backend "int8")
+    master: CSRMatrix | torch.Tensor
+    candidates: tuple[str, ...]
+    plan: dict[int, str] = field(default_factory=dict)
+    _kernels: dict[str, Kernel] = field(default_factory=dict, repr=False)
+    _last: str | None = field(default=None, repr=False)
+
+    @property
+    def nnz(self) -> int:
+        """Stored weights of the exact master copy."""
+        return self.master.nnz if isinstance(self.master, CSRMatrix) else self.master.numel()
 
     @property
     def kind(self) -> str:
-        if self.int8 is not None:
-            return "cpp-int8"
-        if self.csr is None:
-            return "dense"
-        return "torch-csr" if self.torch_csr is not None else "cpp-csr"
+        """The kernel of the last call; before any call, the candidates (``a|b`` when still to be timed)."""
+        if len(self.candidates) == 1:
+            return self.candidates[0]
+        return self._last or "|".join(self.candidates)
+
+    def kind_for(self, tokens: int) -> str | None:
+        """The kernel chosen for inputs of ``tokens`` tokens, None if that size was not timed yet."""
+        return self.candidates[0] if len(self.candidates) == 1 else self.plan.get(_bucket(tokens))
+
+    def _kernel(self, kind: str) -> Kernel:
+        if kind not in self._kernels:
+            self._kernels[kind] = _build(kind, self.master)
+        return self._kernels[kind]
 
     def __call__(
         self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The projection, into ``out`` when given (an (out_features, tokens) buffer the caller reuses)."""
-        if self.int8 is not None:
-            return spmm_int8(self.int8, x, self.bias, residual, out=out)
-        if self.csr is not None and self.torch_csr is None:
-            return spmm(self.csr, x, self.bias, residual, out=out)
-        if self.torch_csr is not None:
-            y = torch.mm(self.torch_csr, x)
-            if self.bias is not None:
-                y += self.bias[:, None]
-            y = y if out is None else out.copy_(y)
-        elif self.bias is not None:
-            y = torch.addmm(self.bias[:, None], self.dense, x, out=out)
-        else:
-            y = torch.mm(self.dense, x, out=out)
-        if residual is not None:
-            y += residual
-        return y
+        kind = self.kind_for(x.shape[1]) or self._choose(x, residual)
+        self._last = kind
+        return self._kernel(kind)(x, self.bias, residual, out)
+
+    def _choose(self, x: torch.Tensor, residual: torch.Tensor | None) -> str:
+        """Time every candidate on this input (into a scratch buffer), interleaved; keep the fastest."""
+        scratch = torch.empty(self.shape[0], x.shape[1], dtype=torch.float32)
+        kernels = {kind: self._kernel(kind) for kind in self.candidates}
+        best = dict.fromkeys(kernels, float("inf"))
+        for round_ in range(TIMING_ROUNDS + 1):
+            for kind, kernel in kernels.items():
+                start = time.perf_counter()
+                kernel(x, self.bias, residual, scratch)
+                if round_:  # the first round warms up (caches, page faults, one-off kernel setup)
+                    best[kind] = min(best[kind], time.perf_counter() - start)
+        chosen = min(best, key=best.__getitem__)
+        self.plan[_bucket(x.shape[1])] = chosen
+        for kind in set(self._kernels) - set(self.plan.values()):
+            del self._kernels[kind]
+        return chosen
+
+
+def _build(kind: str, master: CSRMatrix | torch.Tensor) -> Kernel:
+    if kind == "cpp-csr":
+        return _Csr(master)
+    if kind == "torch-csr":
+        return _TorchCsr(master.to_torch())
+    weight = master.to_dense() if isinstance(master, CSRMatrix) else master
+    if kind == "dense":
+        return _Dense(weight)
+    if kind == "dense-bf16":
+        return _DenseBf16(weight.to(torch.bfloat16))
+    if kind == "cpp-int8":
+        return _Int8(BlockInt8Matrix.from_dense(weight))
+    raise SparseBertError(f"unknown kernel kind {kind!r}")
 
 
 def resolve_backend(backend: str) -> str:
-    """``auto`` means the compiled kernels when they build, else torch's MKL CSR."""
+    """Check that ``backend`` can run here (``auto`` and ``fastest`` always can)."""
     if backend not in SPARSE_BACKENDS:
         raise SparseBertError(f"unknown sparse backend {backend!r}; choose one of {', '.join(SPARSE_BACKENDS)}")
-    if backend == "auto":
-        return "cpp" if cpp_available() else "torch"
     if backend == "cpp" and not cpp_available():
         raise SparseBertError("the C++ sparse kernels could not be built (is g++ installed?); use backend='torch'")
     if backend == "int8" and not int8_available():
@@ -74,20 +181,29 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def _candidates(weight: torch.Tensor, sparse: bool, backend: str, max_density: float) -> tuple[str, ...]:
+    """The kernels a matrix may run; one kind for the fixed backends. Dense bf16 only where the CPU runs
+    it natively: emulated, it is slower than fp32 and would only waste the timing."""
+    from sparsebert.train import native_bf16
+
+    csr = "cpp-csr" if cpp_available() else "torch-csr"
+    int8 = backend in ("int8", "fastest") and int8_available() and suits_int8(weight, max_density)
+    if backend not in TIMED_BACKENDS:
+        fixed = "cpp-int8" if int8 else ("torch-csr" if backend == "torch" else "cpp-csr") if sparse else "dense"
+        return (fixed,)
+    kinds = (["cpp-int8"] if int8 else []) + ([csr] if sparse else []) + ["dense"]
+    if backend == "fastest" and native_bf16("cpu"):
+        kinds.append("dense-bf16")
+    return tuple(kinds)
+
+
 def make_projection(
     weight: torch.Tensor, bias: torch.Tensor | None, max_density: float = DEFAULT_MAX_DENSITY, backend: str = "auto"
 ) -> ProjectionOp:
-    """Convert one weight matrix, falling back to dense when it is not sparse enough to win."""
+    """Convert one weight matrix: CSR as its master copy when sparse enough, dense otherwise."""
     w = weight.detach().to("cpu", torch.float32).contiguous()
     b = None if bias is None else bias.detach().to("cpu", torch.float32).contiguous()
-    shape = (w.shape[0], w.shape[1])
     backend = resolve_backend(backend)
-    if backend == "int8" and suits_int8(w, max_density):
-        return ProjectionOp(shape, b, int8=BlockInt8Matrix.from_dense(w))
-    density = float((w != 0).sum()) / max(1, w.numel())
-    if density > max_density:
-        return ProjectionOp(shape, b, dense=w)
-    csr = CSRMatrix.from_dense(w)
-    if backend == "torch":
-        return ProjectionOp(shape, b, csr=csr, torch_csr=csr.to_torch())
-    return ProjectionOp(shape, b, csr=csr)
+    sparse = float((w != 0).sum()) <= max_density * max(1, w.numel())
+    master = CSRMatrix.from_dense(w) if sparse else w
+    return ProjectionOp((w.shape[0], w.shape[1]), b, master, _candidates(w, sparse, backend, max_density))
