@@ -44,7 +44,7 @@ def bench_sparsity(args: argparse.Namespace, sparsity: float) -> list[dict]:
         mask = torch.ones_like(ids)
         with torch.inference_mode():
             first = {name: first_call_ms(fn, ids, mask) for name, fn in paths.items() if name.startswith("sparse")}
-            calls = [lambda fn=fn: fn(ids, mask) for fn in paths.values()]
+            calls = [lambda fn=fn, i=ids, a=mask: fn(i, a) for fn in paths.values()]
             ms = dict(zip(paths, median_ms(calls, args.warmup, args.reps, args.budget), strict=True))
         tokens = bs * args.seq_len
         kernels = {backend: report.summary(tokens) for backend, report in reports.items()}

@@ -149,8 +149,7 @@ def bench_model(
     model.eval()
     sparsity = sparsity_report(model)["overall"]
     fast = copy.deepcopy(model)
-    kwargs = {} if max_density is None else {"max_density": max_density}
-    report = sparsify(fast, mode=mode, backend=backend, **kwargs)
+    report = sparsify(fast, mode=mode, backend=backend, max_density=max_density)
     dense_paths = build_baselines(model, resolve_baselines(list(baselines)), seq_len, threads)
     return bench_pair(
         model, fast, batch_sizes, seq_len, threads, sparsity, label, report.summary, dense_paths, **timing

@@ -47,7 +47,7 @@ class BenchConfig:
     backend: str = opt("auto", "sparse kernels: auto (per matrix the faster exact one, timed), fastest (also "
                        "dense bf16 where native and int8 on 1x4 blocks: lossy), or fixed: cpp, torch, int8 (VNNI, "
                        "--prune-block 4 models)", choices=SPARSE_BACKENDS, group="bench")  # fmt: skip
-    max_density: float | None = opt(None, "densest matrix still run sparse (default: measured)", group="bench")
+    max_density: float | None = opt(None, "densest matrix run sparse (default 0.3; 0.5 when timed)", group="bench")
     baselines: list[str] = opt(
         help="dense paths timed beside the sparse engine: auto (fp32, bf16 where the CPU has it natively, "
         "ONNX Runtime fp32/int8 where installed) or a list of fp32,bf16,ort-fp32,ort-int8",

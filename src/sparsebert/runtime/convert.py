@@ -2,7 +2,8 @@
 
 ``mode="encoder"`` swaps the whole encoder stack for the feature-major ``SparseEncoder`` (fastest, BERT-style
 blocks only); ``mode="linear"`` swaps each prunable projection (any architecture); ``mode="auto"`` picks the
-encoder when it applies. Matrices that are not sparse enough keep a dense GEMM (the fallback).
+encoder when it applies. Each projection's kernel comes from ``backend`` (``runtime/ops.py``): by default
+the faster of CSR and a dense GEMM for that matrix, timed at the first call at each input size.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from sparsebert.errors import SparseBertError
 from sparsebert.pruning import find_encoder_layers
 from sparsebert.runtime.engine import SparseEncoder, is_bert_style
 from sparsebert.runtime.linear import swap_linears
-from sparsebert.runtime.ops import DEFAULT_MAX_DENSITY, ProjectionOp, resolve_backend
+from sparsebert.runtime.ops import ProjectionOp, resolve_backend
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "encoder", "linear")
@@ -44,9 +45,12 @@ class SparsifyReport:
 
 
 def sparsify(
-    model: nn.Module, mode: str = "auto", max_density: float = DEFAULT_MAX_DENSITY, backend: str = "auto"
+    model: nn.Module, mode: str = "auto", max_density: float | None = None, backend: str = "auto"
 ) -> SparsifyReport:
-    """Replace the pruned projections of ``model`` (put in eval mode) by sparse CPU kernels."""
+    """Replace the pruned projections of ``model`` (put in eval mode) by sparse CPU kernels.
+
+    ``max_density``: the densest matrix still given a sparse kernel (default: the backend's, see
+    ``runtime/ops.py``); ``backend``: one of ``config.SPARSE_BACKENDS``."""
     if mode not in MODES:
         raise SparseBertError(f"unknown sparsify mode {mode!r}; choose one of {', '.join(MODES)}")
     backend = resolve_backend(backend)

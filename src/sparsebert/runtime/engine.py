@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttenti
 
 from sparsebert.errors import SparseBertError
 from sparsebert.runtime.kernels import layer_norm_fm
-from sparsebert.runtime.ops import DEFAULT_MAX_DENSITY, ProjectionOp, make_projection
+from sparsebert.runtime.ops import ProjectionOp, make_projection
 
 
 @dataclass
@@ -73,7 +73,7 @@ def is_bert_style(block: nn.Module) -> bool:
     return all(isinstance(p, nn.Module) for p in parts)
 
 
-def _convert_layer(block: nn.Module, max_density: float, backend: str) -> _Layer:
+def _convert_layer(block: nn.Module, max_density: float | None, backend: str) -> _Layer:
     s = block.attention.self
     qkv_w = torch.cat([s.query.weight, s.key.weight, s.value.weight]).detach()
     qkv_b = torch.cat([s.query.bias, s.key.bias, s.value.bias]).detach()
@@ -97,9 +97,7 @@ class SparseEncoder(nn.Module):
     the HF layout. Dropout is ignored (inference only).
     """
 
-    def __init__(
-        self, layers: nn.ModuleList, config, max_density: float = DEFAULT_MAX_DENSITY, backend: str = "auto"
-    ) -> None:
+    def __init__(self, layers: nn.ModuleList, config, max_density: float | None = None, backend: str = "auto") -> None:
         super().__init__()
         if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
             raise SparseBertError("the sparse encoder supports absolute position embeddings only")

@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsebert.runtime.ops import DEFAULT_MAX_DENSITY, ProjectionOp, make_projection
+from sparsebert.runtime.ops import ProjectionOp, make_projection
 
 
 class SparseLinear(nn.Module):
     """Inference-only stand-in for an ``nn.Linear`` whose weight is mostly zeros."""
 
-    def __init__(self, linear: nn.Linear, max_density: float = DEFAULT_MAX_DENSITY, backend: str = "auto") -> None:
+    def __init__(self, linear: nn.Linear, max_density: float | None = None, backend: str = "auto") -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.op: ProjectionOp = make_projection(linear.weight, linear.bias, max_density, backend)
@@ -31,9 +31,7 @@ class SparseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.op.kind}"
 
 
-def swap_linears(
-    model: nn.Module, max_density: float = DEFAULT_MAX_DENSITY, backend: str = "auto"
-) -> list[ProjectionOp]:
+def swap_linears(model: nn.Module, max_density: float | None = None, backend: str = "auto") -> list[ProjectionOp]:
     """Replace every prunable projection in place; returns their projections."""
     from sparsebert.pruning import find_prunable_linears
 
