@@ -33,6 +33,9 @@ TIMED_MAX_DENSITY = 0.5
 TIMED_BACKENDS = ("auto", "fastest")
 TIMING_ROUNDS = 2  # after one warm-up call each; the minimum of the rounds counts
 CLEAR_LOSS = 2.0  # a candidate this much slower than the best at warm-up is out at once
+# Beyond this many tokens the kernels' cost per token hardly changes (they work in blocks of 64-256), so
+# the timing looks at this many and the first call at batch 32 costs ~2 forwards, not ~5.
+TIMING_TOKENS = 1024
 
 Kernel = Callable[..., torch.Tensor]  # (x, bias, residual, out) -> W @ x + bias (+ residual)
 
@@ -140,20 +143,23 @@ class ProjectionOp:
         return self._kernel(kind)(x, self.bias, residual, out)
 
     def _choose(self, x: torch.Tensor, residual: torch.Tensor | None) -> str:
-        """Time the candidates on this input (into a scratch buffer), interleaved, and keep the fastest.
+        """Time the candidates on this input (its first ``TIMING_TOKENS`` tokens, into a scratch buffer),
+        interleaved, and keep the fastest.
 
         A warm-up call each first (caches, one-off setup); a candidate already ``CLEAR_LOSS`` times slower
         than the best there is not timed further, so a clear choice (CSR against dense at 90% sparsity)
         costs one call of each rather than ``TIMING_ROUNDS + 1``.
         """
-        scratch = torch.empty(self.shape[0], x.shape[1], dtype=torch.float32).fill_(0)  # pages touched once
+        n = min(x.shape[1], TIMING_TOKENS)
+        probe = (x[:, :n].contiguous(), self.bias, None if residual is None else residual[:, :n].contiguous())
+        scratch = torch.empty(self.shape[0], n, dtype=torch.float32).fill_(0)  # its pages touched once
         kernels = {kind: self._kernel(kind) for kind in self.candidates}
-        best = {kind: _seconds(kernel, x, self.bias, residual, scratch) for kind, kernel in kernels.items()}
+        best = {kind: _seconds(kernel, *probe, scratch) for kind, kernel in kernels.items()}
         fastest = min(best.values())
         close = [kind for kind in kernels if best[kind] <= CLEAR_LOSS * fastest]
         for _ in range(TIMING_ROUNDS if len(close) > 1 else 0):
             for kind in close:
-                best[kind] = min(best[kind], _seconds(kernels[kind], x, self.bias, residual, scratch))
+                best[kind] = min(best[kind], _seconds(kernels[kind], *probe, scratch))
         chosen = min(close, key=best.__getitem__)
         self.plan[_bucket(x.shape[1])] = chosen
         for kind in set(self._kernels) - set(self.plan.values()):
