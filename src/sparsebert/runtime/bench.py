@@ -70,17 +70,22 @@ def random_pruned_model(arch: str, sparsity: float, seed: int = 0, block: int = 
 
 
 def median_ms(fns: list[Callable[[], object]], warmup: int, reps: int, budget_s: float) -> list[float]:
-    """Interleaved timing of several callables; fewer reps when one call is slow (but at least 3)."""
+    """Interleaved timing of several callables; fewer reps when one call is slow (but at least 3).
+
+    The order turns by one each round: a path that always ran right after ONNX Runtime read 5-15% slow
+    (same kernels, BENCHMARKS.md, "Runtime", section 9), as if the other's threads still held the cores.
+    """
     for _ in range(warmup):
         for fn in fns:
             fn()
     times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
     for i in range(reps):
-        for fn, bucket in zip(fns, times, strict=True):
+        for j in range(len(fns)):
+            k = (i + j) % len(fns)
             t0 = time.perf_counter()
-            fn()
-            bucket.append(1000.0 * (time.perf_counter() - t0))
+            fns[k]()
+            times[k].append(1000.0 * (time.perf_counter() - t0))
         if i >= 2 and time.perf_counter() - start > budget_s:
             break
     return [statistics.median(t) for t in times]
