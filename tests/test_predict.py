@@ -31,15 +31,17 @@ def _lines(path: Path) -> list[dict]:
 def test_hf_and_compressed_folders_give_the_same_labels(pruned_pair, sst_dir, tmp_path, capsys):
     hf, csr = pruned_pair
     outputs = {}
-    for name, model, engine in (("hf", hf, "dense"), ("csr", csr, "sparse"), ("auto", csr, "auto")):
+    runs = (("hf", hf, "dense", "auto"), ("csr", csr, "sparse", "auto"), ("auto", csr, "auto", "auto"),
+            ("torch", csr, "sparse", "torch"))  # fmt: skip
+    for name, model, engine, backend in runs:
         out = tmp_path / f"{name}.jsonl"
         args = ["predict", "--model", model, "--input", sst_dir / "dev.tsv", "--task", "sst2", "--output", out]
-        assert cli(*args, "--engine", engine, "--batch-size", "7") == 0
+        assert cli(*args, "--engine", engine, "--backend", backend, "--batch-size", "7") == 0
         outputs[name] = _lines(out)
     assert "sentences/s" in capsys.readouterr().out
     assert len(outputs["hf"]) == 64  # one line per input, in input order (ids are line numbers)
     assert [r["id"] for r in outputs["hf"]] == list(range(2, 66))
-    for name in ("csr", "auto"):
+    for name in ("csr", "auto", "torch"):
         assert [r["label"] for r in outputs[name]] == [r["label"] for r in outputs["hf"]]
         for a, b in zip(outputs[name], outputs["hf"], strict=True):
             assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-4)

@@ -299,6 +299,10 @@ class PredictConfig:
     engine: str = opt(
         "auto", "auto: the faster of dense and sparse, timed on the first batch", choices=ENGINES, group="predict"
     )
+    backend: str = opt(
+        "auto", "the sparse engine's kernels: auto (exact, timed per matrix), fastest (also int8 on 1x4 blocks and "
+        "bf16 where native: lossy), cpp, torch, int8", choices=SPARSE_BACKENDS, group="predict",
+    )  # fmt: skip
     threads: int | None = opt(None, "CPU threads (default: PyTorch's)", group="predict")
 
     def __post_init__(self) -> None:

@@ -66,15 +66,16 @@ def _batches(rows, tokenizer, config: PredictConfig) -> list[tuple[list[int], di
     ]
 
 
-def choose_engine(model: nn.Module, batch: dict, engine: str) -> tuple[nn.Module, str]:
-    """The model to run: as loaded (dense), on the sparse CPU engine, or whichever is faster on ``batch``."""
+def choose_engine(model: nn.Module, batch: dict, engine: str, backend: str = "auto") -> tuple[nn.Module, str]:
+    """The model to run: as loaded (dense), on the sparse CPU engine (its kernels from ``backend``), or
+    whichever is faster on ``batch``."""
     if engine == "dense":
         return model, "dense"
     from sparsebert.runtime import sparsify
     from sparsebert.runtime.bench import median_ms
 
     sparse = copy.deepcopy(model) if engine == "auto" else model
-    sparsify(sparse)
+    sparsify(sparse, backend=backend)
     if engine == "sparse":
         return sparse, "sparse"
     # interleaved, after a warm-up (the sparse kernels are built on first use)
@@ -103,7 +104,7 @@ def predict(config: PredictConfig) -> PredictResult:
         raise SparseBertError(f"{config.model} has no task head to predict with")
     batches = _batches(rows, tokenizer, config)
     started = time.perf_counter()
-    model, engine = choose_engine(model, batches[len(batches) // 2][1], config.engine)
+    model, engine = choose_engine(model, batches[len(batches) // 2][1], config.engine, config.backend)
     results: list[dict | None] = [None] * len(rows)
     for positions, batch in tqdm(batches, desc=f"predict ({engine})", unit="batch"):
         logits = model(**batch).logits
