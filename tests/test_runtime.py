@@ -522,3 +522,15 @@ def test_int8_backend_runs_block_pruned_models_and_keeps_the_rest_exact():
     ids = torch.randint(5, 80, (2, 19), generator=torch.Generator().manual_seed(0))
     (h, logits), (h_ref, l_ref) = hidden_and_logits(fast, ids, None), hidden_and_logits(dense, ids, None)
     assert float((h - h_ref).abs().max()) < 0.1 and float((logits - l_ref).abs().max()) < 0.05
+
+
+def test_interleaved_timing_turns_the_order_and_keeps_each_time_with_its_path():
+    """No path always runs right after the same other one (ONNX Runtime's threads slowed whichever did),
+    and each median belongs to its own callable (one of them sleeps 20 ms)."""
+    from sparsebert.runtime.bench import median_ms
+
+    order: list[str] = []
+    fns = [lambda: order.append("a"), lambda: (order.append("b"), time.sleep(0.02)), lambda: order.append("c")]
+    ms = median_ms(fns, warmup=0, reps=3, budget_s=60)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert ms[1] >= 20 and ms[0] < 20 and ms[2] < 20
