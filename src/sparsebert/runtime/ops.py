@@ -31,8 +31,8 @@ from sparsebert.runtime.kernels import CSRMatrix, cpp_available, spmm
 DEFAULT_MAX_DENSITY = 0.3
 TIMED_MAX_DENSITY = 0.5
 TIMED_BACKENDS = ("auto", "fastest")
-TIMING_ROUNDS = 2  # after one warm-up call each; the minimum of the rounds counts
-CLEAR_LOSS = 2.0  # a candidate this much slower than the best at warm-up is out at once
+TIMING_ROUNDS = 2  # timed calls of each close candidate, after an untimed warm-up; the minimum counts
+CLEAR_LOSS = 2.0  # a candidate this much slower than the best at its first timed call is out at once
 # Beyond this many tokens the kernels' cost per token hardly changes (they work in blocks of 64-256), so
 # the timing looks at this many and the first call at batch 32 costs ~2 forwards, not ~5.
 TIMING_TOKENS = 1024
@@ -146,24 +146,28 @@ class ProjectionOp:
         """Time the candidates on this input (its first ``TIMING_TOKENS`` tokens, into a scratch buffer),
         interleaved, and keep the fastest.
 
-        A warm-up call each first (caches, one-off setup); a candidate already ``CLEAR_LOSS`` times slower
-        than the best there is not timed further, so a clear choice (CSR against dense at 90% sparsity)
-        costs one call of each rather than ``TIMING_ROUNDS + 1``.
+        An untimed warm-up call each first: one-off costs land there (oneDNN builds its bf16 kernel at the
+        first call, 10-20 ms here), and counting them once let a slow start knock the fastest kernel out.
+        Then a timed call each; a candidate ``CLEAR_LOSS`` times slower than the best is out at once, so a
+        clear choice (CSR against dense at 90% sparsity) costs two calls of each; the rest get
+        ``TIMING_ROUNDS - 1`` more, and the minimum counts.
         """
         n = min(x.shape[1], TIMING_TOKENS)
         probe = (x[:, :n].contiguous(), self.bias, None if residual is None else residual[:, :n].contiguous())
         scratch = torch.empty(self.shape[0], n, dtype=torch.float32).fill_(0)  # its pages touched once
         kernels = {kind: self._kernel(kind) for kind in self.candidates}
+        for kernel in kernels.values():
+            kernel(*probe, scratch)
         best = {kind: _seconds(kernel, *probe, scratch) for kind, kernel in kernels.items()}
         fastest = min(best.values())
         close = [kind for kind in kernels if best[kind] <= CLEAR_LOSS * fastest]
-        for _ in range(TIMING_ROUNDS if len(close) > 1 else 0):
+        for _ in range(TIMING_ROUNDS - 1 if len(close) > 1 else 0):
             for kind in close:
                 best[kind] = min(best[kind], _seconds(kernels[kind], *probe, scratch))
         chosen = min(close, key=best.__getitem__)
         self.plan[_bucket(x.shape[1])] = chosen
         for kind in set(self._kernels) - set(self.plan.values()):
-            del self._kernels[kind]
+            self._kernels.pop(kind, None)  # another thread may be choosing for another size right now
         return chosen
 
 
