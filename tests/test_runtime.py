@@ -175,6 +175,21 @@ def test_a_close_race_is_timed_over_several_rounds_and_a_slow_start_does_not_cou
     assert op.kind == "dense" and len(calls) == 2 * (1 + ops.TIMING_ROUNDS) + 1
 
 
+def test_a_close_race_of_tiny_products_gets_more_rounds(monkeypatch):
+    """At batch 1 a product takes a fraction of a millisecond: close candidates are timed until one has
+    run ``MIN_TIMING_S`` (at most ``MAX_ROUNDS`` calls each) rather than twice."""
+    from sparsebert.runtime import ops
+
+    calls: list[str] = []
+    _rig_timing(monkeypatch, calls, {"dense": [0.00012, 0.0001]}, others=0.00011)
+    gen = torch.Generator().manual_seed(8)
+    w = random_sparse(48, 32, 0.9, gen)
+    op = make_projection(w, None, backend="auto")
+    x = torch.randn(32, 3, generator=gen)
+    torch.testing.assert_close(op(x), w @ x, rtol=1e-4, atol=1e-4)
+    assert op.kind == "dense" and len(calls) == 2 * (1 + ops.MAX_ROUNDS) + 1
+
+
 def test_dense_matrices_and_fixed_backends_are_not_timed():
     gen = torch.Generator().manual_seed(5)
     dense_w, sparse_w = torch.randn(16, 8, generator=gen), random_sparse(16, 8, 0.9, gen)

@@ -32,6 +32,9 @@ DEFAULT_MAX_DENSITY = 0.3
 TIMED_MAX_DENSITY = 0.5
 TIMED_BACKENDS = ("auto", "fastest")
 TIMING_ROUNDS = 2  # timed calls of each close candidate, after an untimed warm-up; the minimum counts
+# ...or more, until the first of them has run MIN_TIMING_S: at batch 1 a product takes 0.1-0.7 ms, and two
+# calls did not separate int8 from CSR reliably on a noisy machine (BENCHMARKS.md, "Runtime", section 9).
+MIN_TIMING_S, MAX_ROUNDS = 0.005, 10
 CLEAR_LOSS = 2.0  # a candidate this much slower than the best at its first timed call is out at once
 # Beyond this many tokens the kernels' cost per token hardly changes (they work in blocks of 64-256), so
 # the timing looks at this many and the first call at batch 32 costs ~2 forwards, not ~5.
@@ -149,8 +152,8 @@ class ProjectionOp:
         An untimed warm-up call each first: one-off costs land there (oneDNN builds its bf16 kernel at the
         first call, 10-20 ms here), and counting them once let a slow start knock the fastest kernel out.
         Then a timed call each; a candidate ``CLEAR_LOSS`` times slower than the best is out at once, so a
-        clear choice (CSR against dense at 90% sparsity) costs two calls of each; the rest get
-        ``TIMING_ROUNDS - 1`` more, and the minimum counts.
+        clear choice (CSR against dense at 90% sparsity) costs two calls of each; the rest get more (see
+        ``TIMING_ROUNDS``), and the minimum counts.
         """
         n = min(x.shape[1], TIMING_TOKENS)
         probe = (x[:, :n].contiguous(), self.bias, None if residual is None else residual[:, :n].contiguous())
@@ -161,9 +164,13 @@ class ProjectionOp:
         best = {kind: _seconds(kernel, *probe, scratch) for kind, kernel in kernels.items()}
         fastest = min(best.values())
         close = [kind for kind in kernels if best[kind] <= CLEAR_LOSS * fastest]
-        for _ in range(TIMING_ROUNDS - 1 if len(close) > 1 else 0):
+        spent, rounds = best[close[0]], 1
+        while len(close) > 1 and rounds < MAX_ROUNDS and (rounds < TIMING_ROUNDS or spent < MIN_TIMING_S):
             for kind in close:
-                best[kind] = min(best[kind], _seconds(kernels[kind], *probe, scratch))
+                seconds = _seconds(kernels[kind], *probe, scratch)
+                best[kind] = min(best[kind], seconds)
+                spent += seconds if kind == close[0] else 0.0
+            rounds += 1
         chosen = min(close, key=best.__getitem__)
         self.plan[_bucket(x.shape[1])] = chosen
         for kind in set(self._kernels) - set(self.plan.values()):
