@@ -159,35 +159,30 @@ def test_auto_backend_times_each_matrix_and_keeps_the_faster_exact_kernel(monkey
     assert sorted(op.plan) == [4, 7]  # one timing per power of two: 8 to 15 tokens, then 64 to 127
 
 
-def test_a_close_race_is_timed_over_several_rounds_and_a_slow_start_does_not_count(monkeypatch):
-    """Candidates within 2x of each other are timed ``TIMING_ROUNDS`` times each (the minimum counts), and
-    a kernel's first call, where one-off costs land (oneDNN builds its bf16 kernels there), is never
-    timed: here dense takes 100 ms at its first call, then 9-10 ms, against CSR's steady 12 ms."""
+@pytest.mark.parametrize(
+    ("dense_s", "csr_s", "rounds"),
+    [
+        # dense takes 100 ms at its first call (one-off costs land there: oneDNN builds its bf16 kernels
+        # at the first call), then 9-10 ms, against CSR's steady 12 ms: the first call is never timed
+        ([0.1, 0.010, 0.009], 0.012, "TIMING_ROUNDS"),
+        # products of a fraction of a millisecond (batch 1): timed until one has run MIN_TIMING_S, at most
+        # MAX_ROUNDS calls each, rather than twice
+        ([0.00012, 0.0001], 0.00011, "MAX_ROUNDS"),
+    ],
+)
+def test_a_close_race_is_timed_over_several_rounds_without_the_first_call(monkeypatch, dense_s, csr_s, rounds):
+    """Candidates within 2x of each other are timed several times each after an untimed warm-up call, and
+    the minimum counts."""
     from sparsebert.runtime import ops
 
     calls: list[str] = []
-    _rig_timing(monkeypatch, calls, {"dense": [0.1, 0.010, 0.009]}, others=0.012)
+    _rig_timing(monkeypatch, calls, {"dense": dense_s}, others=csr_s)
     gen = torch.Generator().manual_seed(7)
     w = random_sparse(48, 32, 0.9, gen)
     op = make_projection(w, None, backend="auto")
     x = torch.randn(32, 10, generator=gen)
     torch.testing.assert_close(op(x), w @ x, rtol=1e-4, atol=1e-4)
-    assert op.kind == "dense" and len(calls) == 2 * (1 + ops.TIMING_ROUNDS) + 1
-
-
-def test_a_close_race_of_tiny_products_gets_more_rounds(monkeypatch):
-    """At batch 1 a product takes a fraction of a millisecond: close candidates are timed until one has
-    run ``MIN_TIMING_S`` (at most ``MAX_ROUNDS`` calls each) rather than twice."""
-    from sparsebert.runtime import ops
-
-    calls: list[str] = []
-    _rig_timing(monkeypatch, calls, {"dense": [0.00012, 0.0001]}, others=0.00011)
-    gen = torch.Generator().manual_seed(8)
-    w = random_sparse(48, 32, 0.9, gen)
-    op = make_projection(w, None, backend="auto")
-    x = torch.randn(32, 3, generator=gen)
-    torch.testing.assert_close(op(x), w @ x, rtol=1e-4, atol=1e-4)
-    assert op.kind == "dense" and len(calls) == 2 * (1 + ops.MAX_ROUNDS) + 1
+    assert op.kind == "dense" and len(calls) == 2 * (1 + getattr(ops, rounds)) + 1
 
 
 def test_dense_matrices_and_fixed_backends_are_not_timed():
