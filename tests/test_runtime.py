@@ -116,8 +116,8 @@ def _rig_timing(monkeypatch, calls: list[str], seconds: dict[str, list[float]], 
 
     build = ops._build
 
-    def rigged_build(kind, master):
-        kernel = build(kind, master)
+    def rigged_build(kind, master, dense):
+        kernel = build(kind, master, dense)
 
         def run(*args):
             calls.append(kind)

@@ -14,6 +14,7 @@ size is timed).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -132,10 +133,15 @@ class ProjectionOp:
         """The kernel chosen for inputs of ``tokens`` tokens, None if that size was not timed yet."""
         return self.candidates[0] if len(self.candidates) == 1 else self.plan.get(_bucket(tokens))
 
-    def _kernel(self, kind: str) -> Kernel:
+    def _kernel(self, kind: str, dense: Callable[[], torch.Tensor] | None = None) -> Kernel:
+        """The kernel of ``kind``, built from the master copy if it is not held (``dense``: the master as
+        a dense fp32 matrix, shared when several kernels are built at once)."""
         if kind not in self._kernels:
-            self._kernels[kind] = _build(kind, self.master)
+            self._kernels[kind] = _build(kind, self.master, dense or functools.cache(self._dense))
         return self._kernels[kind]
+
+    def _dense(self) -> torch.Tensor:
+        return self.master.to_dense() if isinstance(self.master, CSRMatrix) else self.master
 
     def __call__(
         self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None
@@ -158,7 +164,8 @@ class ProjectionOp:
         n = min(x.shape[1], TIMING_TOKENS)
         probe = (x[:, :n].contiguous(), self.bias, None if residual is None else residual[:, :n].contiguous())
         scratch = torch.empty(self.shape[0], n, dtype=torch.float32).fill_(0)  # its pages touched once
-        kernels = {kind: self._kernel(kind) for kind in self.candidates}
+        dense = functools.cache(self._dense)  # built once for all the candidates that need it
+        kernels = {kind: self._kernel(kind, dense) for kind in self.candidates}
         for kernel in kernels.values():
             kernel(*probe, scratch)
         best = {kind: _seconds(kernel, *probe, scratch) for kind, kernel in kernels.items()}
@@ -184,18 +191,17 @@ def _seconds(kernel: Kernel, *args) -> float:
     return time.perf_counter() - start
 
 
-def _build(kind: str, master: CSRMatrix | torch.Tensor) -> Kernel:
+def _build(kind: str, master: CSRMatrix | torch.Tensor, dense: Callable[[], torch.Tensor]) -> Kernel:
     if kind == "cpp-csr":
         return _Csr(master)
     if kind == "torch-csr":
         return _TorchCsr(master.to_torch())
-    weight = master.to_dense() if isinstance(master, CSRMatrix) else master
     if kind == "dense":
-        return _Dense(weight)
+        return _Dense(dense())
     if kind == "dense-bf16":
-        return _DenseBf16(weight.to(torch.bfloat16))
+        return _DenseBf16(dense().to(torch.bfloat16))
     if kind == "cpp-int8":
-        return _Int8(BlockInt8Matrix.from_dense(weight))
+        return _Int8(BlockInt8Matrix.from_dense(dense()))
     raise SparseBertError(f"unknown kernel kind {kind!r}")
 
 
