@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, DistilB
 
 from sparsebert.errors import SparseBertError
 from sparsebert.pruning import MagnitudePruner
-from sparsebert.runtime import CSRMatrix, SparseEncoder, SparseLinear, layer_norm_fm, sparsify, spmm
+from sparsebert.runtime import CSRMatrix, SparseEncoder, SparseLinear, kernels, layer_norm_fm, sparsify, spmm
 from sparsebert.runtime.commands import register_commands
 from sparsebert.runtime.int8 import BlockInt8Matrix, int8_available, spmm_int8
 from sparsebert.runtime.kernels import cpp_available, token_block
@@ -68,6 +68,17 @@ def test_spmm_packs_wide_inputs_block_by_block(k):
     out = torch.full((48, n), float("nan"))
     y = spmm(CSRMatrix.from_dense(w), x, b, r, out=out)
     assert y.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, w @ x + b[:, None] + r, rtol=1e-4, atol=1e-4)
+
+
+def test_spmm_without_a_compiler_gives_the_same_product(monkeypatch):
+    """Where the kernels cannot be built, spmm falls back on torch's CSR, bias, residual and ``out`` included."""
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    gen = torch.Generator().manual_seed(7)
+    w = random_sparse(30, 20, 0.9, gen)
+    x, b, r = torch.randn(20, 9, generator=gen), torch.randn(30, generator=gen), torch.randn(30, 9, generator=gen)
+    out = torch.full((30, 9), float("nan"))
+    assert spmm(CSRMatrix.from_dense(w), x, b, r, out=out).data_ptr() == out.data_ptr()
     torch.testing.assert_close(out, w @ x + b[:, None] + r, rtol=1e-4, atol=1e-4)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsebert.errors import SparseBertError
-from sparsebert.runtime.kernels import check_operands, library, pointer
+from sparsebert.runtime.kernels import check_operands, feature_major, library, pointer
 
 TOKEN_BLOCK = 128  # tokens per block of 8 accumulators
 _scratch = threading.local()  # per thread: the quantized activations of the product in progress
@@ -93,9 +93,7 @@ def spmm_int8(
     if not int8_available():
         raise SparseBertError("the int8 kernels need a CPU with AVX512-VNNI and the compiled kernels")
     m, k = w.shape
-    if x.dim() != 2 or x.shape[0] != k:
-        raise SparseBertError(f"spmm_int8: X must have shape ({k}, tokens), got {tuple(x.shape)}")
-    x = x.contiguous()
+    x = feature_major("spmm_int8", k, x)
     n = x.shape[1]
     padded = (n + 15) // 16 * 16
     check_operands("spmm_int8", m, n, x, bias, residual, out)

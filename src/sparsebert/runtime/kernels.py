@@ -373,6 +373,24 @@ def _check(x: torch.Tensor, name: str) -> None:
         raise SparseBertError(f"{name} must be a contiguous fp32 CPU tensor, got {x.dtype} on {x.device}")
 
 
+def feature_major(fn: str, k: int, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the products take it: contiguous (k, tokens), feature-major."""
+    if x.dim() != 2 or x.shape[0] != k:
+        raise SparseBertError(f"{fn}: X must have shape ({k}, tokens), got {tuple(x.shape)}")
+    return x.contiguous()
+
+
+def add_bias_residual(y: torch.Tensor, bias, residual, out) -> torch.Tensor:
+    """Add what a plain GEMM leaves out of ``W @ X + bias[:, None] (+ residual)``, into ``out`` when given."""
+    if out is not None and y.data_ptr() != out.data_ptr():
+        y = out.copy_(y)
+    if bias is not None:
+        y += bias[:, None]
+    if residual is not None:
+        y += residual
+    return y
+
+
 def check_operands(fn: str, m: int, n: int, x: torch.Tensor, bias, residual, out) -> None:
     """What a compiled product needs of its operands: contiguous fp32 CPU tensors, and (m, n) for the
     residual and the output buffer."""
@@ -409,18 +427,11 @@ def spmm(
     buffers spares the page faults of a fresh allocation, which cost as much as the product at batch 32.
     """
     m, k = w.shape
-    if x.dim() != 2 or x.shape[0] != k:
-        raise SparseBertError(f"spmm: X must have shape ({k}, tokens), got {tuple(x.shape)}")
+    x = feature_major("spmm", k, x)
     n = x.shape[1]
-    x = x.contiguous()
     lib = library()
-    if lib is None:
-        y = torch.mm(w.to_torch(), x)
-        if bias is not None:
-            y += bias[:, None]
-        if residual is not None:
-            y += residual
-        return y if out is None else out.copy_(y)
+    if lib is None:  # converts at every call: the engine keeps torch's CSR instead (ops._TorchCsr)
+        return add_bias_residual(torch.mm(w.to_torch(), x), bias, residual, out)
     check_operands("spmm", m, n, x, bias, residual, out)
     y = torch.empty((m, n), dtype=torch.float32) if out is None else out
     lib.spmm_csr_f32(

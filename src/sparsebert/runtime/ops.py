@@ -24,7 +24,7 @@ import torch
 from sparsebert.config import SPARSE_BACKENDS
 from sparsebert.errors import SparseBertError
 from sparsebert.runtime.int8 import BlockInt8Matrix, int8_available, spmm_int8, suits_int8
-from sparsebert.runtime.kernels import CSRMatrix, cpp_available, spmm
+from sparsebert.runtime.kernels import CSRMatrix, add_bias_residual, cpp_available, spmm
 
 # The densest matrix a backend runs sparse. Fixed kernels: at density 0.3 CSR still won on every shape we
 # measured, at 0.5 not on all (BENCHMARKS.md, "Kernel choice"). Timed ones try CSR up to 0.5 and keep it
@@ -44,17 +44,6 @@ TIMING_TOKENS = 1024
 Kernel = Callable[..., torch.Tensor]  # (x, bias, residual, out) -> W @ x + bias (+ residual)
 
 
-def _finish(y: torch.Tensor, bias, residual, out) -> torch.Tensor:
-    """Add what the GEMM left out, into ``out`` when given."""
-    if out is not None and y.data_ptr() != out.data_ptr():
-        y = out.copy_(y)
-    if bias is not None:
-        y += bias[:, None]
-    if residual is not None:
-        y += residual
-    return y
-
-
 @dataclass
 class _Csr:
     csr: CSRMatrix
@@ -68,7 +57,7 @@ class _TorchCsr:  # torch's MKL CSR: the path when the compiled kernels cannot b
     matrix: torch.Tensor
 
     def __call__(self, x, bias, residual, out):
-        return _finish(torch.mm(self.matrix, x), bias, residual, out)
+        return add_bias_residual(torch.mm(self.matrix, x), bias, residual, out)
 
 
 @dataclass
@@ -77,8 +66,8 @@ class _Dense:
 
     def __call__(self, x, bias, residual, out):
         if bias is None:
-            return _finish(torch.mm(self.weight, x, out=out), None, residual, None)
-        return _finish(torch.addmm(bias[:, None], self.weight, x, out=out), None, residual, None)
+            return add_bias_residual(torch.mm(self.weight, x, out=out), None, residual, None)
+        return add_bias_residual(torch.addmm(bias[:, None], self.weight, x, out=out), None, residual, None)
 
 
 @dataclass
@@ -86,7 +75,7 @@ class _DenseBf16:  # bf16 operands, fp32 bias/residual/result: the dense path a 
     weight: torch.Tensor
 
     def __call__(self, x, bias, residual, out):
-        return _finish(torch.mm(self.weight, x.to(torch.bfloat16)).float(), bias, residual, out)
+        return add_bias_residual(torch.mm(self.weight, x.to(torch.bfloat16)).float(), bias, residual, out)
 
 
 @dataclass
