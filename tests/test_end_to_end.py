@@ -112,7 +112,10 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "model.safetensors")
 
 
-def test_interrupted_prune_resumes_to_the_same_model(teacher, tiny_model_dir, sst_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("criterion", ["magnitude", "movement"])  # movement: its scores must resume too
+def test_interrupted_prune_resumes_to_the_same_model(
+    criterion, teacher, tiny_model_dir, sst_dir, tmp_path, monkeypatch
+):
     args = [
         "prune",
         "--teacher",
@@ -131,6 +134,8 @@ def test_interrupted_prune_resumes_to_the_same_model(teacher, tiny_model_dir, ss
         "4",
         "--prune-updates",
         "10",
+        "--prune-criterion",
+        criterion,
         *FAST,
     ]
     assert cli(*args, "--output-dir", tmp_path / "straight") == 0

@@ -241,3 +241,62 @@ def test_report_counts_layers_and_whole_model():
     assert r["nonzero"]["model_total"] == total
     assert r["nonzero"]["pruned_layers"] == pytest.approx(r["nonzero"]["pruned_layers_total"] / 2, abs=3)
     assert 0 < r["model"] < r["overall"]
+
+
+def _expected_scores(criterion: str, model) -> dict[str, torch.Tensor]:
+    """What each criterion should rank by after one backward pass (pruner-independent)."""
+    scores = {}
+    for t in find_prunable_linears(model):
+        change = t.module.weight.detach() * t.module.weight.grad
+        scores[t.name] = change.abs() if criterion == "taylor" else -change
+    return scores
+
+
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("criterion", ["taylor", "movement"])
+def test_gradient_criteria_keep_the_weights_the_loss_needs(criterion, block):
+    """The score is read from the backward pass by a hook (no call in the loop): the kept blocks are
+    those with the largest |w * grad| (taylor) or -w * grad (movement), not the largest weights."""
+    model = tiny()
+    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.5, 0, 1, num_updates=1), criterion=criterion, block=block)
+    ids = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+    expected = _expected_scores(criterion, model)
+    magnitude = MagnitudePruner.one_shot(tiny(), 0.5, block=block).masks
+    pruner.step()  # an update step: ranks on the scores seen so far
+    differs = 0
+    for t in pruner.targets:
+        keep = pruner.masks[t.name].view(t.module.weight.shape[0], -1, block)[..., 0]
+        score = expected[t.name].view(keep.shape[0], -1, block).sum(dim=-1)
+        assert keep.sum() == keep.numel() // 2
+        assert score[keep].min() >= score[~keep].max() - 1e-12
+        differs += not torch.equal(pruner.masks[t.name], magnitude[t.name])
+    assert differs == len(pruner.targets)  # not the magnitude ranking in disguise
+
+
+def test_gradient_scores_travel_with_the_state_and_stop_with_the_schedule():
+    model = tiny()
+    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.6, 0, 4, num_updates=2), criterion="taylor")
+    _train_steps(model, pruner, 3)
+    state = pruner.state_dict()
+    restored = MagnitudePruner(tiny(), CubicSparsitySchedule(0.6, 0, 4, num_updates=2), criterion="taylor")
+    restored.load_state_dict(state)
+    assert all(torch.equal(restored.scores[n], s) for n, s in pruner.scores.items())
+    assert any(s.abs().sum() > 0 for s in restored.scores.values())
+    with pytest.raises(SparseBertError, match="ranks by taylor"):
+        MagnitudePruner(tiny(), CubicSparsitySchedule(0.6, 0, 4, num_updates=2)).load_state_dict(state)
+    _train_steps(model, pruner, 1)  # step 4: the last update; the scores are not needed past it
+    frozen = {n: s.clone() for n, s in pruner.scores.items()}
+    _train_steps(model, pruner, 2)
+    assert all(torch.equal(pruner.scores[n], s) for n, s in frozen.items())
+    pruner.remove_hooks()
+    assert not pruner._hooks
+
+
+def test_gradient_criteria_need_a_gradient():
+    from sparsebert.config import PruneConfig
+
+    with pytest.raises(SparseBertError, match="unknown pruning criterion"):
+        MagnitudePruner(tiny(), CubicSparsitySchedule(0.5, 0, 1), criterion="random")
+    with pytest.raises(SparseBertError, match="prunes once, before any gradient"):
+        PruneConfig(task="mrpc", strategy="prune-then-finetune", prune_criterion="taylor")

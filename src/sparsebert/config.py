@@ -39,6 +39,9 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 # --prune-block 4; the rest as cpp).
 SPARSE_BACKENDS = ("auto", "fastest", "cpp", "torch", "int8")
 PRUNE_BLOCKS = (1, 2, 4, 8)  # consecutive input weights pruned together (--prune-block)
+# What ranks the weights for pruning (pruning/pruner.py): magnitude (the paper), or a score from the
+# training loss's gradient, |w * grad| averaged (taylor) or -sum w * grad (movement).
+PRUNE_CRITERIA = ("magnitude", "taylor", "movement")
 
 
 @dataclass
@@ -167,6 +170,10 @@ class PruneOptions:
         1, "prune groups of this many consecutive input weights together (1: unstructured, the paper; 4: the "
         "1x4 pattern int8 VNNI kernels need)", choices=PRUNE_BLOCKS, group="pruning",
     )  # fmt: skip
+    prune_criterion: str = opt(
+        "magnitude", "what ranks the weights: magnitude (the paper), taylor (|w * grad|, averaged) or movement "
+        "(-sum w * grad)", choices=PRUNE_CRITERIA, group="pruning",
+    )  # fmt: skip
     temperature: float = opt(1.0, "softmax temperature of the prediction loss", group="pruning")
     # The paper adds the three terms with equal weights over ~100x our CPU budgets; at a few hundred
     # steps the attention-score MSE (largest in size) crowds out the logits, and 0.1,1,5 kept MiniLM-L6
@@ -197,6 +204,8 @@ class PruneOptions:
         _at_least(self, ("prune_updates",), 1)
         _at_least(self, ("augment",), 0)
         _positive(self, ("temperature",))
+        if self.prune_criterion != "magnitude" and strategies.TABLE[self.strategy].pruning == "one-shot":
+            raise SparseBertError(f"--strategy {self.strategy} prunes once, before any gradient: it ranks by magnitude")
         if self.head_lr is not None:
             _positive(self, ("head_lr",))
         _check_loss_weights(self.loss_weights)

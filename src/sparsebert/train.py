@@ -424,6 +424,8 @@ class Loop:
     def _end(self, p: _Prepared, elapsed: float) -> dict[str, float]:
         """Final checks and evaluation; every process must end with the same weights and masks."""
         acc = self.accelerator
+        if self.pruner is not None:
+            self.pruner.remove_hooks()
         self._check_finite(p.model)
         metrics = evaluate(p.model, p.eval_loaders, self.task, acc)
         digests = gather_object([weights_digest(acc.unwrap_model(p.model), self.pruner, self.extra_modules)])

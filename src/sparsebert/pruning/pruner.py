@@ -12,20 +12,34 @@ Usage inside any training loop (plain PyTorch, Accelerate or an HF Trainer callb
 
 The pruner never touches gradients or optimizer state (SparseBERT's reference does not either); it
 re-applies the masks after every optimizer step, so Adam's momentum cannot revive a pruned weight.
+
+What ranks the weights (``criterion``): their magnitude (the paper), or a score built from the gradient
+of the training loss, read by a hook at every backward pass (so it works in any loop, an HF Trainer
+included, with no extra call): ``taylor`` is the first-order estimate of the loss change when a weight
+is zeroed, |w * dL/dw|, averaged over recent steps (Molchanov et al. 2019; Intel Neural Compressor's
+``snip_momentum``); ``movement`` keeps the weights the task pushes away from zero, -sum_t w * dL/dw
+(Sanh et al. 2020). The gradient criteria look at what the *task* needs, where the magnitudes of a
+pre-trained student only say what pre-training needed.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from sparsebert.config import PRUNE_CRITERIA
 from sparsebert.errors import SparseBertError
 from sparsebert.pruning.layers import PrunableLinear, find_prunable_linears
 from sparsebert.pruning.schedule import CubicSparsitySchedule
 
 SCOPES = ("per_matrix", "global")
+# Weight of the past in the running average of |w * grad| (INC's snip_momentum uses 0.9): long enough
+# to smooth one batch's noise, short enough to follow the weights between two mask updates.
+TAYLOR_MOMENTUM = 0.9
 
 
 class MagnitudePruner:
@@ -35,7 +49,8 @@ class MagnitudePruner:
     reaches the same sparsity; ``scope="global"`` ranks all prunable weights together. ``block=1`` prunes
     single weights (unstructured, the paper); ``block=4`` keeps or prunes groups of 4 consecutive input
     weights of a row together, ranked by their L2 norm — the 1x4 pattern that int8 dot-product
-    instructions (VNNI: 4 bytes per lane) need to skip work on CPUs.
+    instructions (VNNI: 4 bytes per lane) need to skip work on CPUs. ``criterion`` is one of ``config.PRUNE_CRITERIA``
+    (see the module's docstring); a block's gradient score is the sum of its weights' scores.
     """
 
     def __init__(
@@ -45,9 +60,12 @@ class MagnitudePruner:
         scope: str = "per_matrix",
         targets: list[PrunableLinear] | None = None,
         block: int = 1,
+        criterion: str = "magnitude",
     ) -> None:
         if scope not in SCOPES:
             raise SparseBertError(f"unknown pruning scope {scope!r}; choose one of {', '.join(SCOPES)}")
+        if criterion not in PRUNE_CRITERIA:
+            raise SparseBertError(f"unknown pruning criterion {criterion!r}; choose one of {', '.join(PRUNE_CRITERIA)}")
         self.model = model
         self.schedule = schedule
         self.scope = scope
@@ -60,6 +78,14 @@ class MagnitudePruner:
             t.name: torch.ones_like(t.module.weight, dtype=torch.bool) for t in self.targets
         }
         self.last_step = 0
+        self.criterion = criterion
+        self.scores: dict[str, torch.Tensor] = {}
+        self._hooks: list = []
+        if criterion != "magnitude":
+            for t in self.targets:
+                self.scores[t.name] = torch.zeros_like(t.module.weight, dtype=torch.float32)
+                hook = partial(self._observe, self.scores[t.name])
+                self._hooks.append(t.module.weight.register_post_accumulate_grad_hook(hook))
 
     @classmethod
     def one_shot(cls, model: nn.Module, sparsity: float, scope: str = "per_matrix", block: int = 1) -> MagnitudePruner:
@@ -82,6 +108,23 @@ class MagnitudePruner:
         self.apply_masks()
         return updated
 
+    @torch.no_grad()
+    def _observe(self, score: torch.Tensor, weight: nn.Parameter) -> None:
+        """Fold one backward pass's gradient into a matrix's score (a hook on the weight's gradient)."""
+        if weight.grad is None or self.last_step >= self.schedule.end_step:
+            return  # no mask update left: the scores are not needed any more
+        change = weight.detach().float() * weight.grad.float()  # first-order loss change, sign included
+        if self.criterion == "taylor":
+            score.mul_(TAYLOR_MOMENTUM).add_(change.abs_(), alpha=1.0 - TAYLOR_MOMENTUM)
+        else:  # movement: a weight that the loss pushes away from zero scores up
+            score.sub_(change)
+
+    def remove_hooks(self) -> None:
+        """Stop reading gradients (the masks stay enforced by ``step()``)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
     def get_last_sparsity(self) -> float:
         """The target sparsity of the last ``step()`` (like ``torch.ao``'s ``get_last_sl()``)."""
         return self.schedule.sparsity(self.last_step)
@@ -95,25 +138,39 @@ class MagnitudePruner:
         momentum moves pruned weights between ``step()`` calls, before the masks are re-applied), so
         masks only grow.
         """
+        self._sync_scores()
         if self.scope == "per_matrix":
             for t in self.targets:
-                keep = _magnitude_mask(self._survivor_magnitudes(t), sparsity)
+                keep = _top_mask(self._survivor_scores(t), sparsity)
                 self.masks[t.name] = keep.repeat_interleave(self.block, dim=1) & self.masks[t.name]
             return
-        survivors = [self._survivor_magnitudes(t) for t in self.targets]
-        magnitudes = torch.cat([m.flatten() for m in survivors])
-        n_prune = round(sparsity * magnitudes.numel())
-        threshold = -1.0 if n_prune == 0 else torch.kthvalue(magnitudes, n_prune).values.item()
+        survivors = [self._survivor_scores(t) for t in self.targets]
+        scores = torch.cat([m.flatten() for m in survivors])
+        n_prune = round(sparsity * scores.numel())
+        threshold = -torch.inf if n_prune == 0 else torch.kthvalue(scores, n_prune).values.item()
         for t, m in zip(self.targets, survivors, strict=True):
             self.masks[t.name] = (m > threshold).repeat_interleave(self.block, dim=1) & self.masks[t.name]
 
-    def _survivor_magnitudes(self, target: PrunableLinear) -> torch.Tensor:
-        """The L2 norm in fp32 of each surviving block of weights (|w| when ``block`` is 1), -1 for pruned
-        blocks (they rank first for pruning); shape (out_features, in_features / block)."""
+    def _survivor_scores(self, target: PrunableLinear) -> torch.Tensor:
+        """What ranks each block of weights, in fp32: its L2 norm (|w| when ``block`` is 1) or the sum of its
+        gradient scores; -inf for pruned blocks (they rank first for pruning); shape (out, in / block)."""
         weight = target.module.weight.detach().float()
-        magnitudes = weight.reshape(weight.shape[0], -1, self.block).norm(dim=-1)
+        values = self.scores.get(target.name)
+        if values is None:
+            scores = weight.reshape(weight.shape[0], -1, self.block).norm(dim=-1)
+        else:
+            scores = values.to(weight.device).reshape(weight.shape[0], -1, self.block).sum(dim=-1)
         pruned = ~self.masks[target.name].to(weight.device)[:, :: self.block]
-        return magnitudes.masked_fill(pruned, -1.0)
+        return scores.masked_fill(pruned, -torch.inf)
+
+    def _sync_scores(self) -> None:
+        """Average the gradient scores over data-parallel processes, so that every process ranks alike
+        (each saw only its own shard's gradients)."""
+        if not self.scores or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        for score in self.scores.values():
+            dist.all_reduce(score)
+            score.div_(dist.get_world_size())
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -129,8 +186,10 @@ class MagnitudePruner:
             "last_step": self.last_step,
             "scope": self.scope,
             "block": self.block,
+            "criterion": self.criterion,
             "schedule": self.schedule.state_dict(),
             "masks": {name: mask.cpu() for name, mask in self.masks.items()},
+            "scores": {name: score.cpu() for name, score in self.scores.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -142,9 +201,14 @@ class MagnitudePruner:
         block = int(state.get("block", 1))  # checkpoints from before blocks existed pruned single weights
         if block != self.block:
             raise SparseBertError(f"the pruner state prunes blocks of {block}, this pruner blocks of {self.block}")
+        criterion = state.get("criterion", "magnitude")  # states from before the criteria existed
+        if criterion != self.criterion:
+            raise SparseBertError(f"the pruner state ranks by {criterion}, this pruner by {self.criterion}")
         self.schedule.load_state_dict(state["schedule"])
         for name, mask in state["masks"].items():
             self.masks[name] = mask.to(self.masks[name].device, torch.bool)
+        for name, score in state.get("scores", {}).items():
+            self.scores[name].copy_(score)
         self.apply_masks()
 
     # -- reporting ----------------------------------------------------------------------------------
@@ -156,14 +220,14 @@ class MagnitudePruner:
         return sparsity_report(self.model, self.targets)
 
 
-def _magnitude_mask(magnitudes: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Boolean mask keeping the (1 - sparsity) largest of ``magnitudes`` (exact count)."""
-    n_prune = round(sparsity * magnitudes.numel())
-    mask = torch.ones(magnitudes.numel(), dtype=torch.bool, device=magnitudes.device)
+def _top_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Boolean mask keeping the (1 - sparsity) largest of ``scores`` (exact count)."""
+    n_prune = round(sparsity * scores.numel())
+    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if n_prune > 0:
-        smallest = torch.topk(magnitudes.flatten(), n_prune, largest=False, sorted=False).indices
+        smallest = torch.topk(scores.flatten(), n_prune, largest=False, sorted=False).indices
         mask[smallest] = False
-    return mask.view_as(magnitudes)
+    return mask.view_as(scores)
 
 
 def sparsity_report(model: nn.Module, targets: list[PrunableLinear] | None = None) -> dict:
