@@ -112,7 +112,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "model.safetensors")
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "movement"])  # movement: its scores must resume too
+@pytest.mark.parametrize("criterion", ["magnitude", "taylor"])  # taylor: its scores must resume too
 def test_interrupted_prune_resumes_to_the_same_model(
     criterion, teacher, tiny_model_dir, sst_dir, tmp_path, monkeypatch
 ):

@@ -39,9 +39,9 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 # --prune-block 4; the rest as cpp).
 SPARSE_BACKENDS = ("auto", "fastest", "cpp", "torch", "int8")
 PRUNE_BLOCKS = (1, 2, 4, 8)  # consecutive input weights pruned together (--prune-block)
-# What ranks the weights for pruning (pruning/pruner.py): magnitude (the paper), or a score from the
-# training loss's gradient, |w * grad| averaged (taylor) or -sum w * grad (movement).
-PRUNE_CRITERIA = ("magnitude", "taylor", "movement")
+# What ranks the weights for pruning (pruning/pruner.py): magnitude (the paper), or the first-order loss
+# change of zeroing each weight, |w * grad| averaged over recent steps (taylor).
+PRUNE_CRITERIA = ("magnitude", "taylor")
 
 
 @dataclass
@@ -171,8 +171,8 @@ class PruneOptions:
         "1x4 pattern int8 VNNI kernels need)", choices=PRUNE_BLOCKS, group="pruning",
     )  # fmt: skip
     prune_criterion: str = opt(
-        "magnitude", "what ranks the weights: magnitude (the paper), taylor (|w * grad|, averaged) or movement "
-        "(-sum w * grad)", choices=PRUNE_CRITERIA, group="pruning",
+        "magnitude", "what ranks the weights: magnitude (the paper) or taylor (|w * grad|, averaged over recent steps)",
+        choices=PRUNE_CRITERIA, group="pruning",
     )  # fmt: skip
     temperature: float = opt(1.0, "softmax temperature of the prediction loss", group="pruning")
     # The paper adds the three terms with equal weights over ~100x our CPU budgets; at a few hundred

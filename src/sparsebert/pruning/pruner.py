@@ -13,13 +13,14 @@ Usage inside any training loop (plain PyTorch, Accelerate or an HF Trainer callb
 The pruner never touches gradients or optimizer state (SparseBERT's reference does not either); it
 re-applies the masks after every optimizer step, so Adam's momentum cannot revive a pruned weight.
 
-What ranks the weights (``criterion``): their magnitude (the paper), or a score built from the gradient
-of the training loss, read by a hook at every backward pass (so it works in any loop, an HF Trainer
-included, with no extra call): ``taylor`` is the first-order estimate of the loss change when a weight
-is zeroed, |w * dL/dw|, averaged over recent steps (Molchanov et al. 2019; Intel Neural Compressor's
-``snip_momentum``); ``movement`` keeps the weights the task pushes away from zero, -sum_t w * dL/dw
-(Sanh et al. 2020). The gradient criteria look at what the *task* needs, where the magnitudes of a
-pre-trained student only say what pre-training needed.
+What ranks the weights (``criterion``): their magnitude (the paper), or ``taylor``, the first-order
+estimate of the loss change when a weight is zeroed, |w * dL/dw|, averaged over recent steps (Molchanov
+et al. 2019; Intel Neural Compressor's ``snip_momentum``), read from the gradient by a hook at every
+backward pass (so it works in any loop, an HF Trainer included, with no extra call). It looks at what the
+*task* needs (the distillation loss), where a pre-trained student's magnitudes only say what pre-training
+needed. (Hard movement pruning, -sum w * dL/dw, was tried and is not offered: its scores grow with |w| in
+both signs, so its first updates removed large pre-trained weights and the student fell to chance at 6%
+sparsity; BENCHMARKS.md, "Pruning criterion".)
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class MagnitudePruner:
     single weights (unstructured, the paper); ``block=4`` keeps or prunes groups of 4 consecutive input
     weights of a row together, ranked by their L2 norm — the 1x4 pattern that int8 dot-product
     instructions (VNNI: 4 bytes per lane) need to skip work on CPUs. ``criterion`` is one of ``config.PRUNE_CRITERIA``
-    (see the module's docstring); a block's gradient score is the sum of its weights' scores.
+    (see the module's docstring); a block's taylor score is the sum of its weights' scores.
     """
 
     def __init__(
@@ -113,11 +114,8 @@ class MagnitudePruner:
         """Fold one backward pass's gradient into a matrix's score (a hook on the weight's gradient)."""
         if weight.grad is None or self.last_step >= self.schedule.end_step:
             return  # no mask update left: the scores are not needed any more
-        change = weight.detach().float() * weight.grad.float()  # first-order loss change, sign included
-        if self.criterion == "taylor":
-            score.mul_(TAYLOR_MOMENTUM).add_(change.abs_(), alpha=1.0 - TAYLOR_MOMENTUM)
-        else:  # movement: a weight that the loss pushes away from zero scores up
-            score.sub_(change)
+        change = (weight.detach().float() * weight.grad.float()).abs_()  # first-order loss change of zeroing
+        score.mul_(TAYLOR_MOMENTUM).add_(change, alpha=1.0 - TAYLOR_MOMENTUM)
 
     def remove_hooks(self) -> None:
         """Stop reading gradients (the masks stay enforced by ``step()``)."""
