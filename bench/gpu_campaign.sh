@@ -4,8 +4,8 @@
 #
 #   here:  .venv/bin/python bench/gpu_pack.py pack gpu_pack          (git-ignored, < 60 MiB)
 #   there: bash bench/gpu_campaign.sh       (device tool: carry ["gpu_pack"], timeout_s 600)
-#   the next lease: TASKS="mrpc rating" STEPS=4000 BUDGET=500 bash bench/gpu_campaign.sh
-#   (after the students: the int8 sparse engine's dev metrics on the 1x4 students, if this CPU has VNNI)
+#   the next lease: TASKS="mrpc rating" STEPS=4000 BUDGET=520 bash bench/gpu_campaign.sh
+#   (after the students: the int8 sparse engine's dev metrics on any 1x4 students, if this CPU has VNNI)
 #   here, at tiny size on CPU (tests/test_gpu_campaign.py runs this so it cannot rot):
 #          PYTHON=.venv/bin/python SCALE=tiny bash bench/gpu_campaign.sh
 #
@@ -13,8 +13,8 @@
 #   teachers (the final checkpoint of each run, the best on dev kept): MRPC lr {5e-5, 1e-4} x {3, 5}
 #   epochs; SST-2 (all 67,349 sentences, 1 epoch) and movie-rating (3 epochs) at lr {5e-5, 1e-4};
 #   then students (bf16 by --mixed-precision auto on the GPU), cubic pruning over the first 70% of the
-#   steps, linear LR decay, 90% with seeds 42, 43, 44 on each task; MRPC (--augment 20) once per recipe
-#   variant in $VARIANTS ("name:options;name:options"), so that variants compare seed for seed.
+#   steps, linear LR decay, 90% (MRPC with --augment 20), seeds 42, 43, 44, once per recipe variant in
+#   $VARIANTS ("name:options;name:options") on each task, so that variants compare seed for seed.
 #   $TASKS picks the chains (default: all three). Each student's step count is $STEPS when set, else
 #   planned from its teacher's measured speed, the number of students sharing the device and the time
 #   left (at most 20,000), so that it reaches its target sparsity and its LR decays in time.
@@ -32,7 +32,7 @@ BUDGET=${BUDGET:-540}  # seconds for the whole campaign
 SEEDS=(42 43 44)
 TASKS=${TASKS:-mrpc sst2 rating}
 STEPS=${STEPS:-}
-VARIANTS=${VARIANTS:-per-matrix:;global:--prune-scope global;block4:--prune-block 4}
+VARIANTS=${VARIANTS:-magnitude:--prune-criterion magnitude;taylor:--prune-criterion taylor}
 START=$SECONDS
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SPARSEBERT_CACHE=$RUNS/cache
 export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -48,11 +48,8 @@ else
   AUGMENT=20
 fi
 IFS=';' read -r -a VARIANT_LIST <<<"$VARIANTS"
-STUDENT_JOBS=0
-for task in $TASKS; do
-  [ "$task" = mrpc ] && STUDENT_JOBS=$((STUDENT_JOBS + ${#SEEDS[@]} * ${#VARIANT_LIST[@]})) ||
-    STUDENT_JOBS=$((STUDENT_JOBS + ${#SEEDS[@]}))
-done
+read -r -a TASK_LIST <<<"$TASKS"
+STUDENT_JOBS=$((${#TASK_LIST[@]} * ${#SEEDS[@]} * ${#VARIANT_LIST[@]}))
 mkdir -p "$RUNS" "$OUT"
 echo "campaign: scale $SCALE, budget ${BUDGET}s, runs in $RUNS, results in $OUT/results.json"
 "$PY" - <<'PYEOF'
@@ -130,16 +127,18 @@ mrpc() {
   done
   chain mrpc accuracy teacher-mrpc mrpc_students
 }
-mrpc_students() {
-  local seed variant options
+students() {  # students NAME DATA sparsebert-options...: one 90% student per recipe variant and seed
+  local name=$1 data=$2 seed variant options
+  shift 2
   for variant in "${VARIANT_LIST[@]}"; do
     read -r -a options <<<"${variant#*:}"
     for seed in "${SEEDS[@]}"; do
-      run "student-mrpc-90-aug-${variant%%:*}-s$seed" "${common[@]}" --data-dir "$DATA/MRPC" --sparsity 0.9 \
-        --augment $AUGMENT --seed $seed "${options[@]}"
+      run "student-$name-${variant%%:*}-s$seed" "${common[@]}" --data-dir "$DATA/$data" --sparsity 0.9 \
+        --seed $seed "$@" "${options[@]}"
     done
   done
 }
+mrpc_students() { students mrpc-90-aug MRPC --augment $AUGMENT; }
 
 sst2() {
   PIDS=()
@@ -149,12 +148,7 @@ sst2() {
   done
   chain sst2 accuracy teacher-sst2 sst2_students
 }
-sst2_students() {
-  local seed
-  for seed in "${SEEDS[@]}"; do
-    run "student-sst2-90-s$seed" "${common[@]}" --data-dir "$DATA/SST-2" --sparsity 0.9 --max-seq-length 64 --seed $seed
-  done
-}
+sst2_students() { students sst2-90 SST-2 --max-seq-length 64; }
 
 rating() {
   PIDS=()
@@ -164,13 +158,7 @@ rating() {
   done
   chain movie-rating pearson teacher-rating rating_students
 }
-rating_students() {
-  local seed
-  for seed in "${SEEDS[@]}"; do
-    run "student-rating-90-s$seed" "${common[@]}" --data-dir "$DATA/movie-rating" --sparsity 0.9 --max-seq-length 64 \
-      --seed $seed
-  done
-}
+rating_students() { students rating-90 movie-rating --max-seq-length 64; }
 
 progress() {  # rewrite results.json every 30 s until the campaign ends
   local n=0
@@ -187,8 +175,8 @@ int8_accuracy() {  # the int8 sparse engine's dev metrics on the 1x4 students, w
   "$PY" -c "from sparsebert.runtime.int8 import int8_available as ok; raise SystemExit(not ok())" 2>/dev/null ||
     { echo "int8 accuracy: skipped (no AVX512-VNNI or no C++ compiler here)"; return 0; }
   local model
-  for model in "$RUNS"/student-mrpc-90-aug-block4-s*/; do
-    [ -f "$model/metrics.json" ] || continue
+  for model in "$RUNS"/student-mrpc-90-aug-*-s*/; do
+    [ -f "$model/metrics.json" ] && grep -q '^prune_block: 4' "$model/config.yaml" || continue
     "$PY" bench/engine_accuracy.py --model "$model" --task mrpc --data-dir "$DATA/MRPC" --max-seq-length 128 \
       --backends auto,int8 --paths fp32 --threads 4 --json "$OUT/accuracy-$(basename "$model").json" \
       >"$RUNS/accuracy-$(basename "$model").out" 2>&1 || echo "int8 accuracy failed: $(basename "$model")"

@@ -55,6 +55,7 @@ def test_campaign_runs_end_to_end_at_tiny_size(tmp_path):
         "RUNS": str(runs),
         "OUT": str(out),
         "OMP_NUM_THREADS": "1",
+        "VARIANTS": "magnitude:;taylor-block4:--prune-criterion taylor --prune-block 4",
     }
     done = subprocess.run(
         ["bash", "bench/gpu_campaign.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
@@ -70,17 +71,18 @@ def test_campaign_runs_end_to_end_at_tiny_size(tmp_path):
 
     result = json.loads((out / "results.json").read_text())
     students = {n: r for n, r in result["runs"].items() if n.startswith("student-")}
-    assert len(result["runs"]) == 13 and len(students) == 5
+    assert len(result["runs"]) == 14 and len(students) == 6  # 8 teachers; 3 tasks x 2 variants x 1 seed
     assert all(r["finished"] for r in result["runs"].values())
     assert set(result["teachers"]) == {"teacher-mrpc", "teacher-sst2", "teacher-rating"}
     assert all(r["sparsity"] == pytest.approx(0.9, abs=1e-3) for r in students.values())
-    variants = {"per-matrix": ("per_matrix", 1), "global": ("global", 1), "block4": ("per_matrix", 4)}
-    for variant, (scope, block) in variants.items():  # MRPC once per variant and seed
-        config = yaml.safe_load((runs / f"student-mrpc-90-aug-{variant}-s42" / "config.yaml").read_text())
-        assert (config["prune_scope"], config["prune_block"]) == (scope, block)
-        assert config["augment"] == 1 and config["seed"] == 42
+    variants = {"magnitude": ("magnitude", 1), "taylor-block4": ("taylor", 4)}
+    for task in ("mrpc-90-aug", "sst2-90", "rating-90"):  # every task once per variant and seed
+        for variant, (criterion, block) in variants.items():
+            config = yaml.safe_load((runs / f"student-{task}-{variant}-s42" / "config.yaml").read_text())
+            assert (config["prune_criterion"], config["prune_block"], config["seed"]) == (criterion, block, 42)
+            assert config["augment"] == (task == "mrpc-90-aug")
     if int8_available():  # the int8 engine's dev metrics on the 1x4 student, beside fp32
-        accuracy = json.loads((out / "accuracy-student-mrpc-90-aug-block4-s42.json").read_text())
+        accuracy = json.loads((out / "accuracy-student-mrpc-90-aug-taylor-block4-s42.json").read_text())
         assert {"fp32", "sparse", "sparse-int8"} <= set(accuracy["paths"])
         assert accuracy["sparse_kernels"]["int8"].count("cpp-int8") > 0
     for run in students.values():
