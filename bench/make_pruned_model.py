@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transformers import AutoModel, AutoTokenizer
 
-from sparsebert.pruning import MagnitudePruner, sparsity_report
+from sparsebert.pruning import Pruner, sparsity_report
 from sparsebert.runtime.bench import random_pruned_model
 from sparsebert.sources import resolve_model
 
@@ -34,7 +34,7 @@ def main() -> None:
     else:
         source = resolve_model("minilm-l6")
         model = AutoModel.from_pretrained(source).eval()
-        MagnitudePruner.one_shot(model, args.sparsity)
+        Pruner.one_shot(model, args.sparsity)
         AutoTokenizer.from_pretrained(source).save_pretrained(out)
     model.save_pretrained(out)
     print(f"{args.model} pruned to {100 * sparsity_report(model)['overall']:.2f}% -> {out}")

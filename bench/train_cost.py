@@ -34,7 +34,7 @@ from sparsebert.api import _distillation_step
 from sparsebert.data import DataSource, encode, load_task_data, make_loader
 from sparsebert.distill import DistillationLoss, LossWeights
 from sparsebert.models import load_model, load_tokenizer
-from sparsebert.pruning import CubicSparsitySchedule, MagnitudePruner
+from sparsebert.pruning import CubicSparsitySchedule, Pruner
 from sparsebert.tasks import get_task
 from sparsebert.train import param_groups, resolve_mixed_precision
 
@@ -107,7 +107,7 @@ def main() -> None:
             student = copy.deepcopy(base)
             pruner = None
             if kind == "distill":  # the masks a 90% run holds at its end
-                pruner = MagnitudePruner(student, CubicSparsitySchedule(0.9, 0, args.run_steps, args.updates))
+                pruner = Pruner(student, CubicSparsitySchedule(0.9, 0, args.run_steps, args.updates))
                 pruner.update_masks(0.9)
                 pruner.apply_masks()
             steps[kind, name] = build_step(kind, student, teacher, fused, precision[name], pruner)
@@ -120,7 +120,7 @@ def main() -> None:
             if i:
                 seconds[key].append(time.perf_counter() - start)
 
-    pruner = MagnitudePruner(copy.deepcopy(base), CubicSparsitySchedule(0.9, 0, args.run_steps, args.updates))
+    pruner = Pruner(copy.deepcopy(base), CubicSparsitySchedule(0.9, 0, args.run_steps, args.updates))
     update = statistics.median(_timed(lambda: pruner.update_masks(0.9)) for _ in range(5))
     apply = statistics.median(_timed(pruner.apply_masks) for _ in range(5))
     bookkeeping = (args.updates * update + args.run_steps * apply) / args.run_steps

@@ -12,14 +12,14 @@ from transformers import AutoModelForSequenceClassification, BertConfig, DistilB
 
 from sparsebert.errors import SparseBertError
 from sparsebert.export import MANIFEST, export_compressed, load
-from sparsebert.pruning import MagnitudePruner, find_prunable_linears
+from sparsebert.pruning import Pruner, find_prunable_linears
 from sparsebert.runtime.commands import register_commands
 
 
 def pruned(config, sparsity: float, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(config).eval()
-    MagnitudePruner.one_shot(model, sparsity)
+    Pruner.one_shot(model, sparsity)
     return model
 
 

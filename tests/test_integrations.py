@@ -9,7 +9,7 @@ from transformers import AutoModelForSequenceClassification, Trainer, TrainingAr
 
 from sparsebert.distill import AttentionScoreRecorder, DistillationLoss
 from sparsebert.integrations import PrunerCallback
-from sparsebert.pruning import CubicSparsitySchedule, MagnitudePruner
+from sparsebert.pruning import CubicSparsitySchedule, Pruner
 
 
 def _dataset(model_dir) -> list[dict]:
@@ -28,7 +28,7 @@ def _dataset(model_dir) -> list[dict]:
 def test_hf_trainer_with_pruner_callback(tiny_model_dir, tmp_path):
     data = _dataset(tiny_model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
-    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.8, start_step=0, end_step=8, num_updates=4))
+    pruner = Pruner(model, CubicSparsitySchedule(0.8, start_step=0, end_step=8, num_updates=4))
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=12,
@@ -50,7 +50,7 @@ def test_pruner_state_travels_with_the_trainers_checkpoints(tiny_model_dir, tmp_
     def run(out, max_steps, resume=None):
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
-        pruner = MagnitudePruner(model, CubicSparsitySchedule(0.8, start_step=0, end_step=8, num_updates=8))
+        pruner = Pruner(model, CubicSparsitySchedule(0.8, start_step=0, end_step=8, num_updates=8))
         args = TrainingArguments(
             output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=8, report_to=[],
             save_strategy="steps", save_steps=4, use_cpu=True, learning_rate=1e-3, seed=0,
@@ -75,7 +75,7 @@ def test_own_loop_with_distillation_loss_alone(tiny_model_dir):
     student.load_state_dict(teacher.state_dict())  # identical start: attention and hidden terms are 0
     loss_fn = DistillationLoss(student.config, teacher.config)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    pruner = MagnitudePruner(student, CubicSparsitySchedule(0.5, 0, 5, num_updates=5))
+    pruner = Pruner(student, CubicSparsitySchedule(0.5, 0, 5, num_updates=5))
     ids = torch.randint(5, 20, (4, 9))
     mask = torch.ones_like(ids)
     s_rec, t_rec = AttentionScoreRecorder(student), AttentionScoreRecorder(teacher)

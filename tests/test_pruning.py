@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from sparsebert.errors import SparseBertError
-from sparsebert.pruning import ROLES, CubicSparsitySchedule, MagnitudePruner, find_prunable_linears
+from sparsebert.pruning import ROLES, CubicSparsitySchedule, Pruner, find_prunable_linears
 
 CONFIGS = {
     "bert": BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=40),
@@ -126,7 +126,7 @@ def _train_steps(model, pruner, steps, lr=1e-2, opt=None, seed=0):
 @pytest.mark.parametrize("scope", ["per_matrix", "global"])
 def test_reaches_exact_target_and_pruned_weights_stay_zero_under_adam(scope):
     model = tiny()
-    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.9, 0, 10, num_updates=5), scope=scope)
+    pruner = Pruner(model, CubicSparsitySchedule(0.9, 0, 10, num_updates=5), scope=scope)
     _train_steps(model, pruner, 10)
     report = pruner.sparsity_report()
     assert report["overall"] == pytest.approx(0.9, abs=1e-3)
@@ -146,7 +146,7 @@ def test_reaches_exact_target_and_pruned_weights_stay_zero_under_adam(scope):
 def test_masks_only_grow_and_rank_among_survivors(scope, block):
     """Adam's momentum moves pruned weights between steps; they must not outrank survivors."""
     model = tiny()
-    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.8, 0, 20, num_updates=4), scope=scope, block=block)
+    pruner = Pruner(model, CubicSparsitySchedule(0.8, 0, 20, num_updates=4), scope=scope, block=block)
     previous = None
     for step in range(20):
         # A fresh AdamW each step moves every weight by about lr, pruned ones included: past the
@@ -165,7 +165,7 @@ def test_mask_update_ranks_a_pruned_weight_as_zero(scope, block):
     """The case above without an optimizer's numerics: a pruned weight pushed far above every
     survivor before an update step stays pruned (the ranking must not see its new value)."""
     model = tiny()
-    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.5, 0, 2, num_updates=2), scope=scope, block=block)
+    pruner = Pruner(model, CubicSparsitySchedule(0.5, 0, 2, num_updates=2), scope=scope, block=block)
     pruner.step()  # step 1: masks at the first target
     pruned = {t.name: ~pruner.masks[t.name].clone() for t in pruner.targets}
     assert all(p.any() for p in pruned.values())
@@ -185,7 +185,7 @@ def test_blocks_prune_whole_groups_ranked_by_their_norm(scope):
     the largest L2 norms kept — per matrix to the exact group count, or under one global threshold."""
     model = tiny()
     before = {t.name: t.module.weight.detach().clone() for t in find_prunable_linears(model)}
-    pruner = MagnitudePruner.one_shot(model, 0.75, scope, block=4)
+    pruner = Pruner.one_shot(model, 0.75, scope, block=4)
     kept_norms, pruned_norms = [], []
     for t in pruner.targets:
         groups = pruner.masks[t.name].view(t.module.weight.shape[0], -1, 4)
@@ -202,18 +202,18 @@ def test_blocks_prune_whole_groups_ranked_by_their_norm(scope):
     assert pruned_all.numel() == round(0.75 * (kept_all.numel() + pruned_all.numel())) or scope == "per_matrix"
     if scope == "global":
         assert kept_all.min() >= pruned_all.max()
-    restored = MagnitudePruner(tiny(), CubicSparsitySchedule(0.75, 0, 0, 1), block=4)
+    restored = Pruner(tiny(), CubicSparsitySchedule(0.75, 0, 0, 1), block=4)
     restored.load_state_dict(pruner.state_dict())
     assert all(torch.equal(restored.masks[n], m) for n, m in pruner.masks.items())
     with pytest.raises(SparseBertError, match="blocks of 4"):  # a resumed run cannot change the pattern
-        MagnitudePruner(tiny(), CubicSparsitySchedule(0.75, 0, 0, 1)).load_state_dict(pruner.state_dict())
+        Pruner(tiny(), CubicSparsitySchedule(0.75, 0, 0, 1)).load_state_dict(pruner.state_dict())
     with pytest.raises(SparseBertError, match="does not divide"):
-        MagnitudePruner(tiny(), CubicSparsitySchedule(0.5, 0, 2), block=3)  # 16 and 40 input features
+        Pruner(tiny(), CubicSparsitySchedule(0.5, 0, 2), block=3)  # 16 and 40 input features
 
 
 def test_state_dict_round_trip_restores_masks_and_position():
     model = tiny()
-    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.7, 0, 8, num_updates=4))
+    pruner = Pruner(model, CubicSparsitySchedule(0.7, 0, 8, num_updates=4))
     _train_steps(model, pruner, 5)
     state = pruner.state_dict()
 
@@ -222,7 +222,7 @@ def test_state_dict_round_trip_restores_masks_and_position():
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.01)  # masks must be re-applied on load, whatever the weights hold
-    restored = MagnitudePruner(other, CubicSparsitySchedule(0.7, 0, 8, num_updates=4))
+    restored = Pruner(other, CubicSparsitySchedule(0.7, 0, 8, num_updates=4))
     restored.load_state_dict(state)
     assert restored.last_step == 5
     for t in restored.targets:
@@ -232,7 +232,7 @@ def test_state_dict_round_trip_restores_masks_and_position():
 
 def test_report_counts_layers_and_whole_model():
     model = tiny()
-    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.5, 0, 1, num_updates=1))
+    pruner = Pruner(model, CubicSparsitySchedule(0.5, 0, 1, num_updates=1))
     pruner.step()
     r = pruner.sparsity_report()
     assert set(r["layers"]) == {"0", "1", "2"}
@@ -248,11 +248,11 @@ def test_taylor_keeps_the_weights_the_loss_needs(block):
     """The score is read from the backward pass by a hook (no call in the loop): the kept blocks are
     those with the largest |w * grad|, not the largest weights."""
     model = tiny()
-    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.5, 0, 1, num_updates=1), criterion="taylor", block=block)
+    pruner = Pruner(model, CubicSparsitySchedule(0.5, 0, 1, num_updates=1), criterion="taylor", block=block)
     ids = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
     expected = {t.name: (t.module.weight.detach() * t.module.weight.grad).abs() for t in pruner.targets}
-    magnitude = MagnitudePruner.one_shot(tiny(), 0.5, block=block).masks
+    magnitude = Pruner.one_shot(tiny(), 0.5, block=block).masks
     pruner.step()  # an update step: ranks on the scores seen so far
     differs = 0
     for t in pruner.targets:
@@ -266,15 +266,15 @@ def test_taylor_keeps_the_weights_the_loss_needs(block):
 
 def test_taylor_scores_travel_with_the_state_and_stop_with_the_schedule():
     model = tiny()
-    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.6, 0, 4, num_updates=2), criterion="taylor")
+    pruner = Pruner(model, CubicSparsitySchedule(0.6, 0, 4, num_updates=2), criterion="taylor")
     _train_steps(model, pruner, 3)
     state = pruner.state_dict()
-    restored = MagnitudePruner(tiny(), CubicSparsitySchedule(0.6, 0, 4, num_updates=2), criterion="taylor")
+    restored = Pruner(tiny(), CubicSparsitySchedule(0.6, 0, 4, num_updates=2), criterion="taylor")
     restored.load_state_dict(state)
     assert all(torch.equal(restored.scores[n], s) for n, s in pruner.scores.items())
     assert any(s.abs().sum() > 0 for s in restored.scores.values())
     with pytest.raises(SparseBertError, match="ranks by taylor"):
-        MagnitudePruner(tiny(), CubicSparsitySchedule(0.6, 0, 4, num_updates=2)).load_state_dict(state)
+        Pruner(tiny(), CubicSparsitySchedule(0.6, 0, 4, num_updates=2)).load_state_dict(state)
     _train_steps(model, pruner, 1)  # step 4: the last update; the scores are not needed past it
     frozen = {n: s.clone() for n, s in pruner.scores.items()}
     _train_steps(model, pruner, 2)
@@ -286,7 +286,11 @@ def test_taylor_scores_travel_with_the_state_and_stop_with_the_schedule():
 def test_taylor_needs_a_gradient():
     from sparsebert.config import PruneConfig
 
+    pruner = Pruner(tiny(), CubicSparsitySchedule(0.5, 0, 1), criterion="taylor")
+    with pytest.raises(SparseBertError, match="no backward pass was seen"):  # not a ranking by memory order
+        pruner.step()
+
     with pytest.raises(SparseBertError, match="unknown pruning criterion"):
-        MagnitudePruner(tiny(), CubicSparsitySchedule(0.5, 0, 1), criterion="random")
+        Pruner(tiny(), CubicSparsitySchedule(0.5, 0, 1), criterion="random")
     with pytest.raises(SparseBertError, match="prunes once, before any gradient"):
         PruneConfig(task="mrpc", strategy="prune-then-finetune", prune_criterion="taylor")

@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertTok
 from sparsebert import api
 from sparsebert.errors import SparseBertError
 from sparsebert.export import export_compressed, load
-from sparsebert.pruning import MagnitudePruner
+from sparsebert.pruning import Pruner
 
 FAST = ["--max-seq-length", "16", "--batch-size", "16", "--eval-batch-size", "32", "--log-every", "2"]
 
@@ -207,7 +207,7 @@ def _export(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     model = AutoModelForSequenceClassification.from_config(config).eval()
-    MagnitudePruner.one_shot(model, 0.9)
+    Pruner.one_shot(model, 0.9)
     export_compressed(model, tmp_path / "csr")
     return tmp_path / "csr"
 

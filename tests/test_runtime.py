@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig, RobertaConfig
 
 from sparsebert.errors import SparseBertError
-from sparsebert.pruning import MagnitudePruner
+from sparsebert.pruning import Pruner
 from sparsebert.runtime import CSRMatrix, SparseEncoder, SparseLinear, kernels, layer_norm_fm, sparsify, spmm
 from sparsebert.runtime.commands import register_commands
 from sparsebert.runtime.int8 import BlockInt8Matrix, int8_available, spmm_int8
@@ -227,7 +227,7 @@ def test_fastest_backend_offers_dense_bf16_where_native_and_stays_close(monkeypa
 def pruned_model(config, sparsity: float, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(config).eval()
-    MagnitudePruner.one_shot(model, sparsity)
+    Pruner.one_shot(model, sparsity)
     return model
 
 
@@ -517,7 +517,7 @@ def test_fastest_backend_offers_int8_on_block_pruned_matrices():
     """backend="fastest": a matrix pruned in 1x4 blocks may also run the (lossy) int8 kernel, an
     unstructured one only the exact ones; whatever the timing picks, the model stays close."""
     dense = AutoModelForSequenceClassification.from_config(small(BertConfig)).eval()
-    MagnitudePruner.one_shot(dense, 0.9, block=4)
+    Pruner.one_shot(dense, 0.9, block=4)
     with torch.no_grad():
         w = dense.bert.encoder.layer[1].attention.output.dense.weight
         w.normal_(generator=torch.Generator().manual_seed(2)).mul_(torch.rand(w.shape) > 0.95)
@@ -534,7 +534,7 @@ def test_int8_backend_runs_block_pruned_models_and_keeps_the_rest_exact():
     """backend="int8": matrices pruned in 1x4 blocks run the VNNI kernel, an unstructured or dense one keeps
     its exact kernel; the model stays close to the dense one (int8 is lossy)."""
     dense = AutoModelForSequenceClassification.from_config(small(BertConfig)).eval()
-    MagnitudePruner.one_shot(dense, 0.9, block=4)
+    Pruner.one_shot(dense, 0.9, block=4)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         layer = dense.bert.encoder.layer[1]

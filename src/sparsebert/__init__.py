@@ -8,7 +8,7 @@ from sparsebert.config import CompressConfig, EvaluateConfig, FinetuneConfig, Pr
 from sparsebert.distill import AttentionScoreRecorder, DistillationLoss, LossWeights
 from sparsebert.errors import SparseBertError
 from sparsebert.export import export_compressed, load
-from sparsebert.pruning import CubicSparsitySchedule, MagnitudePruner, find_prunable_linears, sparsity_report
+from sparsebert.pruning import CubicSparsitySchedule, Pruner, find_prunable_linears, sparsity_report
 
 __all__ = [
     "AttentionScoreRecorder",
@@ -18,8 +18,8 @@ __all__ = [
     "EvaluateConfig",
     "FinetuneConfig",
     "LossWeights",
-    "MagnitudePruner",
     "PruneConfig",
+    "Pruner",
     "SparseBertError",
     "build_config",
     "compress",

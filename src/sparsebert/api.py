@@ -50,7 +50,7 @@ from sparsebert.io import (
     publish_dir,
 )
 from sparsebert.models import load_model, load_tokenizer
-from sparsebert.pruning import CubicSparsitySchedule, MagnitudePruner, sparsity_report
+from sparsebert.pruning import CubicSparsitySchedule, Pruner, sparsity_report
 from sparsebert.sources import resolve_model
 from sparsebert.strategies import TABLE
 from sparsebert.students import fit_dense_student
@@ -318,18 +318,18 @@ def _distillation_step(teacher: nn.Module, student: nn.Module, loss_fn: Distilla
     return step_fn
 
 
-def _pruner_factory(config: PruneConfig) -> Callable[[nn.Module, int], MagnitudePruner] | None:
+def _pruner_factory(config: PruneConfig) -> Callable[[nn.Module, int], Pruner] | None:
     """How the strategy prunes, built once the run's length is known (the schedule is in steps)."""
     pruning = TABLE[config.strategy].pruning
     if pruning == "none":
         return None
 
-    def make_pruner(model: nn.Module, n_steps: int) -> MagnitudePruner:
+    def make_pruner(model: nn.Module, n_steps: int) -> Pruner:
         if pruning == "one-shot":  # on the starting magnitudes, then fixed
-            return MagnitudePruner.one_shot(model, config.sparsity, config.prune_scope, config.prune_block)
+            return Pruner.one_shot(model, config.sparsity, config.prune_scope, config.prune_block)
         start, end = _resolve_step(config.prune_start, n_steps), _resolve_step(config.prune_end, n_steps)
         schedule = CubicSparsitySchedule(config.sparsity, start, min(max(end, start), n_steps), config.prune_updates)
-        return MagnitudePruner(model, schedule, config.prune_scope, block=config.prune_block,
+        return Pruner(model, schedule, config.prune_scope, block=config.prune_block,
                                criterion=config.prune_criterion)  # fmt: skip
 
     return make_pruner

@@ -1,6 +1,6 @@
 """Using the pruning engine inside Hugging Face's ``Trainer`` (no sparsebert training loop involved).
 
-    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.9, start_step=0, end_step=num_steps))
+    pruner = Pruner(model, CubicSparsitySchedule(0.9, start_step=0, end_step=num_steps))
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[PrunerCallback(pruner)])
     trainer.train()
 
@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sparsebert.errors import SparseBertError
-from sparsebert.pruning import MagnitudePruner
+from sparsebert.pruning import Pruner
 
 PRUNER_STATE = "sparsebert_pruner.pt"
 
@@ -31,7 +31,7 @@ class PrunerCallback(TrainerCallback):
     ``resume_from``. A resume without the pruner's state is refused rather than pruned from scratch.
     """
 
-    def __init__(self, pruner: MagnitudePruner, resume_from: str | Path | None = None) -> None:
+    def __init__(self, pruner: Pruner, resume_from: str | Path | None = None) -> None:
         self.pruner = pruner
         self.resume_from = Path(resume_from) if resume_from else None
 

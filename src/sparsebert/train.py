@@ -34,7 +34,7 @@ from sparsebert.config import TrainConfig
 from sparsebert.errors import SparseBertError
 from sparsebert.io import JsonlLog
 from sparsebert.metrics import compute_metrics, predictions_from_logits
-from sparsebert.pruning import MagnitudePruner
+from sparsebert.pruning import Pruner
 from sparsebert.tasks import TaskSpec
 
 StepFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]  # (prepared model, batch)
@@ -160,7 +160,7 @@ def evaluate(
     return results
 
 
-def weights_digest(model: nn.Module, pruner: MagnitudePruner | None = None, extra: list[nn.Module] = ()) -> str:
+def weights_digest(model: nn.Module, pruner: Pruner | None = None, extra: list[nn.Module] = ()) -> str:
     """SHA-256 of every parameter (and mask, and extra module such as a distillation projection):
     equal digests on all ranks prove they stayed in sync."""
     h = hashlib.sha256()
@@ -242,11 +242,11 @@ class Loop:
     output_dir: Path
     log: JsonlLog
     # Builds the pruner once the run's length is known (the schedule is set in steps).
-    pruner_factory: Callable[[nn.Module, int], MagnitudePruner] | None = None
+    pruner_factory: Callable[[nn.Module, int], Pruner] | None = None
     extra_modules: list[nn.Module] = field(default_factory=list)  # e.g. a distillation projection
     head_lr: float | None = None
     state: LoopState = field(default_factory=LoopState)
-    pruner: MagnitudePruner | None = None
+    pruner: Pruner | None = None
     _losses: list[torch.Tensor] = field(default_factory=list)  # since the last log record, on the device
     _parts: dict[str, torch.Tensor] = field(default_factory=dict)
 

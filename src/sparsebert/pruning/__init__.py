@@ -1,14 +1,14 @@
-"""The pruning engine: independent of any training loop (see ``MagnitudePruner``)."""
+"""The pruning engine: independent of any training loop (see ``Pruner``)."""
 
 from sparsebert.pruning.layers import ROLES, PrunableLinear, find_encoder_layers, find_prunable_linears
-from sparsebert.pruning.pruner import MagnitudePruner, sparsity_report
+from sparsebert.pruning.pruner import Pruner, sparsity_report
 from sparsebert.pruning.schedule import CubicSparsitySchedule
 
 __all__ = [
     "ROLES",
     "CubicSparsitySchedule",
-    "MagnitudePruner",
     "PrunableLinear",
+    "Pruner",
     "find_encoder_layers",
     "find_prunable_linears",
     "sparsity_report",

@@ -1,8 +1,8 @@
-"""Magnitude pruner: keeps one mask per prunable matrix and enforces it, like an optimizer step.
+"""The pruner: keeps one mask per prunable matrix and enforces it, like an optimizer step.
 
 Usage inside any training loop (plain PyTorch, Accelerate or an HF Trainer callback)::
 
-    pruner = MagnitudePruner(model, CubicSparsitySchedule(0.9, start_step=0, end_step=1000))
+    pruner = Pruner(model, CubicSparsitySchedule(0.9, start_step=0, end_step=1000))
     for batch in loader:
         loss = model(**batch).loss
         loss.backward()
@@ -43,15 +43,16 @@ SCOPES = ("per_matrix", "global")
 TAYLOR_MOMENTUM = 0.9
 
 
-class MagnitudePruner:
-    """Magnitude pruning of the encoder's linear projections.
+class Pruner:
+    """Gradual pruning of the encoder's linear projections, ranked by ``criterion``.
 
     ``scope="per_matrix"`` (the paper's default) gives every matrix its own threshold, so every matrix
     reaches the same sparsity; ``scope="global"`` ranks all prunable weights together. ``block=1`` prunes
     single weights (unstructured, the paper); ``block=4`` keeps or prunes groups of 4 consecutive input
     weights of a row together, ranked by their L2 norm — the 1x4 pattern that int8 dot-product
-    instructions (VNNI: 4 bytes per lane) need to skip work on CPUs. ``criterion`` is one of ``config.PRUNE_CRITERIA``
-    (see the module's docstring); a block's taylor score is the sum of its weights' scores.
+    instructions (VNNI: 4 bytes per lane) need to skip work on CPUs. ``criterion`` is one of
+    ``config.PRUNE_CRITERIA`` (see the module's docstring); a block's taylor score is the sum of its
+    weights' scores.
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class MagnitudePruner:
         self.last_step = 0
         self.criterion = criterion
         self.scores: dict[str, torch.Tensor] = {}
+        self.observed = 0  # gradients folded into the scores (one per matrix and backward pass)
         self._hooks: list = []
         if criterion != "magnitude":
             for t in self.targets:
@@ -89,9 +91,10 @@ class MagnitudePruner:
                 self._hooks.append(t.module.weight.register_post_accumulate_grad_hook(hook))
 
     @classmethod
-    def one_shot(cls, model: nn.Module, sparsity: float, scope: str = "per_matrix", block: int = 1) -> MagnitudePruner:
-        """Prune ``model`` to ``sparsity`` at once; the returned pruner keeps those masks fixed."""
-        pruner = cls(model, CubicSparsitySchedule(sparsity, 0, 0, 1), scope, block=block)
+    def one_shot(cls, model: nn.Module, sparsity: float, scope: str = "per_matrix", block: int = 1) -> Pruner:
+        """Prune ``model`` to ``sparsity`` at once, by magnitude (there is no gradient yet); the returned
+        pruner keeps those masks fixed."""
+        pruner = cls(model, CubicSparsitySchedule(sparsity, 0, 0, 1), scope, block=block, criterion="magnitude")
         pruner.update_masks(sparsity)
         pruner.apply_masks()
         return pruner
@@ -116,6 +119,7 @@ class MagnitudePruner:
             return  # no mask update left: the scores are not needed any more
         change = (weight.detach().float() * weight.grad.float()).abs_()  # first-order loss change of zeroing
         score.mul_(TAYLOR_MOMENTUM).add_(change, alpha=1.0 - TAYLOR_MOMENTUM)
+        self.observed += 1
 
     def remove_hooks(self) -> None:
         """Stop reading gradients (the masks stay enforced by ``step()``)."""
@@ -136,6 +140,11 @@ class MagnitudePruner:
         momentum moves pruned weights between ``step()`` calls, before the masks are re-applied), so
         masks only grow.
         """
+        if self.scores and not self.observed:  # all-zero scores would prune in memory order, silently
+            raise SparseBertError(
+                "the taylor criterion ranks by gradients, and no backward pass was seen: call loss.backward() "
+                "before pruner.step(), or use criterion='magnitude'"
+            )
         self._sync_scores()
         if self.scope == "per_matrix":
             for t in self.targets:
@@ -188,6 +197,7 @@ class MagnitudePruner:
             "schedule": self.schedule.state_dict(),
             "masks": {name: mask.cpu() for name, mask in self.masks.items()},
             "scores": {name: score.cpu() for name, score in self.scores.items()},
+            "observed": self.observed,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -207,6 +217,7 @@ class MagnitudePruner:
             self.masks[name] = mask.to(self.masks[name].device, torch.bool)
         for name, score in state.get("scores", {}).items():
             self.scores[name].copy_(score)
+        self.observed = int(state.get("observed", 0))
         self.apply_masks()
 
     # -- reporting ----------------------------------------------------------------------------------

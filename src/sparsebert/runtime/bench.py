@@ -20,7 +20,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from sparsebert.errors import SparseBertError
-from sparsebert.pruning import MagnitudePruner, sparsity_report
+from sparsebert.pruning import Pruner, sparsity_report
 from sparsebert.report import pyplot
 from sparsebert.runtime.baselines import Forward, build_baselines, first_output, resolve_baselines
 from sparsebert.runtime.convert import sparsify
@@ -65,7 +65,7 @@ def random_pruned_model(arch: str, sparsity: float, seed: int = 0, block: int = 
     torch.manual_seed(seed)
     model = BertModel(BertConfig(**ARCHS[arch])).eval()
     if sparsity > 0:
-        MagnitudePruner.one_shot(model, sparsity, block=block)
+        Pruner.one_shot(model, sparsity, block=block)
     return model
 
 
