@@ -13,7 +13,8 @@ for both a plain fine-tuning step (forward, backward, clipping, AdamW) and a pru
 (teacher forward, student forward with hidden states and attention scores, three losses, backward,
 clipping, AdamW, mask re-application). Steps per hour come from the mean over the same number of
 consecutive batches of each variant's first epoch; the mean padded length of each variant's whole
-epoch says how representative that sample is. Pruning bookkeeping is timed on its own.
+epoch says how representative that sample is. Pruning bookkeeping (and the taylor criterion's score
+update at every backward pass) is timed on its own.
 
     .venv/bin/python bench/train_cost.py --data-dir ../shared/data/glue/MRPC --task mrpc --steps 30
 """
@@ -107,9 +108,7 @@ def main() -> None:
             student = copy.deepcopy(base)
             pruner = None
             if kind == "distill":  # the masks a 90% run holds at its end
-                pruner = Pruner(student, CubicSparsitySchedule(0.9, 0, args.run_steps, args.updates))
-                pruner.update_masks(0.9)
-                pruner.apply_masks()
+                pruner = Pruner.one_shot(student, 0.9)
             steps[kind, name] = build_step(kind, student, teacher, fused, precision[name], pruner)
 
     seconds: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
@@ -120,10 +119,20 @@ def main() -> None:
             if i:
                 seconds[key].append(time.perf_counter() - start)
 
-    pruner = Pruner(copy.deepcopy(base), CubicSparsitySchedule(0.9, 0, args.run_steps, args.updates))
+    schedule = CubicSparsitySchedule(0.9, 0, args.run_steps, args.updates)
+    pruner = Pruner(copy.deepcopy(base), schedule, criterion="magnitude")
     update = statistics.median(_timed(lambda: pruner.update_masks(0.9)) for _ in range(5))
     apply = statistics.median(_timed(pruner.apply_masks) for _ in range(5))
     bookkeeping = (args.updates * update + args.run_steps * apply) / args.run_steps
+    # --prune-criterion taylor adds, at every backward pass of the pruning window, |w * grad| folded into a
+    # running average per matrix (the hook's own work, timed on gradients of the weights' shape)
+    taylor = Pruner(copy.deepcopy(base), schedule, criterion="taylor")
+    for t in taylor.targets:
+        t.module.weight.grad = torch.randn_like(t.module.weight)
+    observe = statistics.median(
+        _timed(lambda: [taylor._observe(taylor.scores[t.name], t.module.weight) for t in taylor.targets])
+        for _ in range(5)
+    )
 
     result = {
         "model": args.model,
@@ -148,6 +157,7 @@ def main() -> None:
         "mask_update_seconds": update,
         "mask_apply_seconds": apply,
         "bookkeeping_per_step_seconds": bookkeeping,
+        "taylor_scores_per_step_seconds": observe,
     }
     _report(result, names, args)
     if args.json:
@@ -184,6 +194,8 @@ def _report(result: dict, names: list[str], args: argparse.Namespace) -> None:
         f"mask update {result['mask_update_seconds'] * 1e3:.1f} ms, re-application "
         f"{result['mask_apply_seconds'] * 1e3:.2f} ms: bookkeeping {100 * share:.2f}% of a new distill step"
     )
+    taylor = result["taylor_scores_per_step_seconds"]
+    print(f"taylor scores {taylor * 1e3:.1f} ms per step: {100 * taylor / v['new']['distill_seconds']:.2f}% of it")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def test_campaign_runs_end_to_end_at_tiny_size(tmp_path):
         "RUNS": str(runs),
         "OUT": str(out),
         "OMP_NUM_THREADS": "1",
-        "VARIANTS": "magnitude:;taylor-block4:--prune-criterion taylor --prune-block 4",
+        "VARIANTS": "magnitude:--prune-criterion magnitude;taylor-block4:--prune-block 4",
     }
     done = subprocess.run(
         ["bash", "bench/gpu_campaign.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900

@@ -126,7 +126,9 @@ def _train_steps(model, pruner, steps, lr=1e-2, opt=None, seed=0):
 @pytest.mark.parametrize("scope", ["per_matrix", "global"])
 def test_reaches_exact_target_and_pruned_weights_stay_zero_under_adam(scope):
     model = tiny()
-    pruner = Pruner(model, CubicSparsitySchedule(0.9, 0, 10, num_updates=5), scope=scope)
+    # magnitude: global taylor may empty a matrix of this random model (its gradients are ~0), and the
+    # last assertion wants survivors in every matrix
+    pruner = Pruner(model, CubicSparsitySchedule(0.9, 0, 10, num_updates=5), scope=scope, criterion="magnitude")
     _train_steps(model, pruner, 10)
     report = pruner.sparsity_report()
     assert report["overall"] == pytest.approx(0.9, abs=1e-3)
@@ -165,7 +167,8 @@ def test_mask_update_ranks_a_pruned_weight_as_zero(scope, block):
     """The case above without an optimizer's numerics: a pruned weight pushed far above every
     survivor before an update step stays pruned (the ranking must not see its new value)."""
     model = tiny()
-    pruner = Pruner(model, CubicSparsitySchedule(0.5, 0, 2, num_updates=2), scope=scope, block=block)
+    schedule = CubicSparsitySchedule(0.5, 0, 2, num_updates=2)
+    pruner = Pruner(model, schedule, scope=scope, block=block, criterion="magnitude")
     pruner.step()  # step 1: masks at the first target
     pruned = {t.name: ~pruner.masks[t.name].clone() for t in pruner.targets}
     assert all(p.any() for p in pruned.values())
@@ -202,11 +205,11 @@ def test_blocks_prune_whole_groups_ranked_by_their_norm(scope):
     assert pruned_all.numel() == round(0.75 * (kept_all.numel() + pruned_all.numel())) or scope == "per_matrix"
     if scope == "global":
         assert kept_all.min() >= pruned_all.max()
-    restored = Pruner(tiny(), CubicSparsitySchedule(0.75, 0, 0, 1), block=4)
+    restored = Pruner(tiny(), CubicSparsitySchedule(0.75, 0, 0, 1), block=4, criterion="magnitude")
     restored.load_state_dict(pruner.state_dict())
     assert all(torch.equal(restored.masks[n], m) for n, m in pruner.masks.items())
     with pytest.raises(SparseBertError, match="blocks of 4"):  # a resumed run cannot change the pattern
-        Pruner(tiny(), CubicSparsitySchedule(0.75, 0, 0, 1)).load_state_dict(pruner.state_dict())
+        Pruner(tiny(), CubicSparsitySchedule(0.75, 0, 0, 1), criterion="magnitude").load_state_dict(pruner.state_dict())
     with pytest.raises(SparseBertError, match="does not divide"):
         Pruner(tiny(), CubicSparsitySchedule(0.5, 0, 2), block=3)  # 16 and 40 input features
 
@@ -232,7 +235,7 @@ def test_state_dict_round_trip_restores_masks_and_position():
 
 def test_report_counts_layers_and_whole_model():
     model = tiny()
-    pruner = Pruner(model, CubicSparsitySchedule(0.5, 0, 1, num_updates=1))
+    pruner = Pruner(model, CubicSparsitySchedule(0.5, 0, 1, num_updates=1), criterion="magnitude")
     pruner.step()
     r = pruner.sparsity_report()
     assert set(r["layers"]) == {"0", "1", "2"}
@@ -274,7 +277,7 @@ def test_taylor_scores_travel_with_the_state_and_stop_with_the_schedule():
     assert all(torch.equal(restored.scores[n], s) for n, s in pruner.scores.items())
     assert any(s.abs().sum() > 0 for s in restored.scores.values())
     with pytest.raises(SparseBertError, match="ranks by taylor"):
-        Pruner(tiny(), CubicSparsitySchedule(0.6, 0, 4, num_updates=2)).load_state_dict(state)
+        Pruner(tiny(), CubicSparsitySchedule(0.6, 0, 4, num_updates=2), criterion="magnitude").load_state_dict(state)
     _train_steps(model, pruner, 1)  # step 4: the last update; the scores are not needed past it
     frozen = {n: s.clone() for n, s in pruner.scores.items()}
     _train_steps(model, pruner, 2)
@@ -284,13 +287,9 @@ def test_taylor_scores_travel_with_the_state_and_stop_with_the_schedule():
 
 
 def test_taylor_needs_a_gradient():
-    from sparsebert.config import PruneConfig
-
     pruner = Pruner(tiny(), CubicSparsitySchedule(0.5, 0, 1), criterion="taylor")
     with pytest.raises(SparseBertError, match="no backward pass was seen"):  # not a ranking by memory order
         pruner.step()
 
     with pytest.raises(SparseBertError, match="unknown pruning criterion"):
         Pruner(tiny(), CubicSparsitySchedule(0.5, 0, 1), criterion="random")
-    with pytest.raises(SparseBertError, match="prunes once, before any gradient"):
-        PruneConfig(task="mrpc", strategy="prune-then-finetune", prune_criterion="taylor")

@@ -14,7 +14,7 @@ class Strategy:
     name: str
     student_from: str  # "pretrained" | "teacher" (the fine-tuned weights) | "pretrained-cut" (a small dense copy)
     distills: bool  # trained on the teacher's attention, hidden states and logits; else on the labels
-    pruning: str  # "gradual" (cubic schedule while training) | "one-shot" (then fixed) | "none"
+    pruning: str  # "gradual" (cubic schedule while training) | "one-shot" (by magnitude, then fixed) | "none"
 
 
 TABLE: dict[str, Strategy] = {

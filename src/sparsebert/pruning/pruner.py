@@ -62,7 +62,7 @@ class Pruner:
         scope: str = "per_matrix",
         targets: list[PrunableLinear] | None = None,
         block: int = 1,
-        criterion: str = "magnitude",
+        criterion: str = "taylor",
     ) -> None:
         if scope not in SCOPES:
             raise SparseBertError(f"unknown pruning scope {scope!r}; choose one of {', '.join(SCOPES)}")
