@@ -329,8 +329,7 @@ def _pruner_factory(config: PruneConfig) -> Callable[[nn.Module, int], Pruner] |
             return Pruner.one_shot(model, config.sparsity, config.prune_scope, config.prune_block)
         start, end = _resolve_step(config.prune_start, n_steps), _resolve_step(config.prune_end, n_steps)
         schedule = CubicSparsitySchedule(config.sparsity, start, min(max(end, start), n_steps), config.prune_updates)
-        return Pruner(model, schedule, config.prune_scope, block=config.prune_block,
-                               criterion=config.prune_criterion)  # fmt: skip
+        return Pruner(model, schedule, config.prune_scope, block=config.prune_block, criterion=config.prune_criterion)
 
     return make_pruner
 
