@@ -426,7 +426,7 @@ def test_compare_runs_every_strategy_and_skips_finished_runs(tiny_model_dir, sst
     assert cli(*args) == 0
     results = json.loads((out / "results.json").read_text())
     runs = {(r["strategy"], r["sparsity"]): r for r in results["runs"]}
-    strategies = {"sparsebert", "prune-then-finetune", "finetune-then-prune", "distill-dense"}
+    strategies = {"sparsebert", "prune-then-finetune", "finetune-then-prune", "finetune-then-prune-kd", "distill-dense"}
     assert set(runs) == {(s, p) for s in strategies for p in (0.5, 0.9)}
     total = runs[("sparsebert", 0.5)]["nonzero_params"] * 2  # half of the prunable weights remain at 50%
     for (strategy, sparsity), run in runs.items():
@@ -441,7 +441,7 @@ def test_compare_runs_every_strategy_and_skips_finished_runs(tiny_model_dir, sst
             layers, hidden, _, ffn = dense_shape(AutoConfig.from_pretrained(tiny_model_dir), sparsity)
             assert run["nonzero_params"] == layers * (4 * hidden**2 + 2 * hidden * ffn)
     assert (out / "metric_vs_sparsity.png").stat().st_size > 0 and (out / "train_loss.png").stat().st_size > 0
-    assert (out / "results.csv").read_text().count("\n") == 1 + 1 + 8
+    assert (out / "results.csv").read_text().count("\n") == 1 + 1 + 10
     # a restart skips what is finished: nothing is retrained
     stamp = (out / "sparsebert-0.9" / "model.safetensors").stat().st_mtime
     assert cli(*args) == 0

@@ -252,7 +252,7 @@ def _resolve_step(value: float, n_steps: int) -> int:
 def _initial_student(config: PruneConfig, teacher: nn.Module | None, tokenizer, task) -> nn.Module:
     """Where each strategy's student starts.
 
-    sparsebert / prune-then-finetune: the pre-trained weights; finetune-then-prune: the teacher's;
+    sparsebert / prune-then-finetune: the pre-trained weights; finetune-then-prune(-kd): the teacher's;
     distill-dense: the student model (by default the pre-trained model itself) cut down to as many
     encoder weights as the sparse model keeps (layers dropped, then narrowed).
     """

@@ -1,6 +1,6 @@
 """``sparsebert compare``: the paper's knowledge analysis on the user's own task.
 
-Every strategy (SparseBERT, prune-then-finetune, finetune-then-prune, a small dense student) at every
+Every strategy of ``strategies.TABLE`` (SparseBERT, the paper's other orders, a small dense student) at every
 sparsity, from one shared teacher. Finished runs are skipped on restart, so a long sweep can be
 stopped and continued. Writes results.json, results.csv and two plots: dev metric vs sparsity per
 strategy (the paper's Figure 4) and training loss on the labels vs step (its Figure 5, "fitting

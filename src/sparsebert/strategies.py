@@ -22,6 +22,9 @@ TABLE: dict[str, Strategy] = {
     for s in (
         Strategy("sparsebert", student_from="pretrained", distills=True, pruning="gradual"),
         Strategy("finetune-then-prune", student_from="teacher", distills=False, pruning="gradual"),
+        # Not in the paper: (c) with the teacher as the signal instead of the labels, which is how
+        # SparseML, nn_pruning and oBERT prune; it separates "where the student starts" from "what it learns from".
+        Strategy("finetune-then-prune-kd", student_from="teacher", distills=True, pruning="gradual"),
         Strategy("prune-then-finetune", student_from="pretrained", distills=False, pruning="one-shot"),
         Strategy("distill-dense", student_from="pretrained-cut", distills=True, pruning="none"),
     )
