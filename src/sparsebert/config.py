@@ -163,8 +163,8 @@ class PruneOptions:
     prune_end: float = opt(0.7, "step where the target is reached, or a fraction of the run when <= 1", group="pruning")
     prune_updates: int = opt(100, "mask updates in the pruning window (the paper: ~100)", group="pruning")
     prune_scope: str = opt(
-        "per_matrix", "one threshold per matrix (the paper) or one for all", choices=("per_matrix", "global"),
-        group="pruning",
+        "per_matrix", "one threshold per matrix (the paper) or one for all (no matrix beyond 98%)",
+        choices=("per_matrix", "global"), group="pruning",
     )  # fmt: skip
     prune_block: int = opt(
         1, "prune groups of this many consecutive input weights together (1: unstructured, the paper; 4: the "

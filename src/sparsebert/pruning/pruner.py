@@ -41,13 +41,17 @@ SCOPES = ("per_matrix", "global")
 # Weight of the past in the running average of |w * grad| (INC's snip_momentum uses 0.9): long enough
 # to smooth one batch's noise, short enough to follow the weights between two mask updates.
 TAYLOR_MOMENTUM = 0.9
+# The most a global ranking may prune of any one matrix (Intel Neural Compressor's max_sparsity_ratio_per_op):
+# first-order scores add up badly over a whole matrix, and an emptied projection silently cuts its layer.
+MAX_MATRIX_SPARSITY = 0.98
 
 
 class Pruner:
     """Gradual pruning of the encoder's linear projections, ranked by ``criterion``.
 
     ``scope="per_matrix"`` (the paper's default) gives every matrix its own threshold, so every matrix
-    reaches the same sparsity; ``scope="global"`` ranks all prunable weights together. ``block=1`` prunes
+    reaches the same sparsity; ``scope="global"`` ranks all prunable weights together (no matrix beyond
+    ``MAX_MATRIX_SPARSITY``, or the target when it is higher). ``block=1`` prunes
     single weights (unstructured, the paper); ``block=4`` keeps or prunes groups of 4 consecutive input
     weights of a row together, ranked by their L2 norm — the 1x4 pattern that int8 dot-product
     instructions (VNNI: 4 bytes per lane) need to skip work on CPUs. ``criterion`` is one of
@@ -152,11 +156,8 @@ class Pruner:
                 self.masks[t.name] = keep.repeat_interleave(self.block, dim=1) & self.masks[t.name]
             return
         survivors = [self._survivor_scores(t) for t in self.targets]
-        scores = torch.cat([m.flatten() for m in survivors])
-        n_prune = round(sparsity * scores.numel())
-        threshold = -torch.inf if n_prune == 0 else torch.kthvalue(scores, n_prune).values.item()
-        for t, m in zip(self.targets, survivors, strict=True):
-            self.masks[t.name] = (m > threshold).repeat_interleave(self.block, dim=1) & self.masks[t.name]
+        for t, keep in zip(self.targets, _global_keep(survivors, sparsity), strict=True):
+            self.masks[t.name] = keep.repeat_interleave(self.block, dim=1) & self.masks[t.name]
 
     def _survivor_scores(self, target: PrunableLinear) -> torch.Tensor:
         """What ranks each block of weights, in fp32: its L2 norm (|w| when ``block`` is 1) or the sum of its
@@ -227,6 +228,25 @@ class Pruner:
         Counts actual zeros in the weights, so it is true whatever produced them.
         """
         return sparsity_report(self.model, self.targets)
+
+
+def _global_keep(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """Keep masks for one threshold over all ``scores`` that prunes ``sparsity`` of them, except that no
+    matrix is pruned beyond ``max(MAX_MATRIX_SPARSITY, sparsity)``: those keep their own top weights and
+    the others share the rest of the budget under a threshold of their own (so the total stays exact)."""
+    cap = max(MAX_MATRIX_SPARSITY, sparsity)
+    n_prune = round(sparsity * sum(m.numel() for m in scores))
+    capped: set[int] = set()
+    while True:
+        free = [i for i in range(len(scores)) if i not in capped]
+        budget = n_prune - sum(round(cap * scores[i].numel()) for i in capped)
+        pool = torch.cat([scores[i].flatten() for i in free]) if free else torch.empty(0)
+        threshold = torch.kthvalue(pool, budget).values.item() if budget > 0 else -torch.inf
+        over = {i for i in free if int((scores[i] <= threshold).sum()) > round(cap * scores[i].numel())}
+        if not over:
+            break
+        capped |= over
+    return [_top_mask(m, cap) if i in capped else m > threshold for i, m in enumerate(scores)]
 
 
 def _top_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
