@@ -239,9 +239,10 @@ def _global_keep(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tens
     capped: set[int] = set()
     while True:
         free = [i for i in range(len(scores)) if i not in capped]
-        budget = n_prune - sum(round(cap * scores[i].numel()) for i in capped)
-        pool = torch.cat([scores[i].flatten() for i in free]) if free else torch.empty(0)
-        threshold = torch.kthvalue(pool, budget).values.item() if budget > 0 else -torch.inf
+        budget = n_prune - sum(round(cap * scores[i].numel()) for i in capped)  # <= 0 once all are capped
+        threshold = -torch.inf
+        if budget > 0:
+            threshold = torch.kthvalue(torch.cat([scores[i].flatten() for i in free]), budget).values.item()
         over = {i for i in free if int((scores[i] <= threshold).sum()) > round(cap * scores[i].numel())}
         if not over:
             break
