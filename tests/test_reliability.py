@@ -3,6 +3,7 @@ diverged runs refused, every bad input a one-line error before anything is writt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -100,9 +101,13 @@ def test_overwrite_deletes_only_what_sparsebert_wrote(tiny_model_dir, sst_dir, t
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
-    code = cli(*_finetune(tiny_model_dir, sst_dir, mine, "--max-steps", "1", "--overwrite"))
-    _one_line_error(capsys, code, "holds files that sparsebert did not write")
+    for name in ("config.yaml", "log.jsonl"):  # names a run folder has too: not proof that sparsebert wrote it
+        (mine / name).write_text("mine")
+    for flags in (["--overwrite"], ["--resume"], ["--resume", "--overwrite"]):
+        code = cli(*_finetune(tiny_model_dir, sst_dir, mine, "--max-steps", "1", *flags))
+        _one_line_error(capsys, code, "holds files that sparsebert did not write")
     assert (mine / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in mine.iterdir()) == [".sparsebert.lock", "config.yaml", "log.jsonl", "thesis.tex"]
     run = tmp_path / "run"
     assert cli(*_finetune(tiny_model_dir, sst_dir, run, "--max-steps", "1")) == 0
     assert cli(*_finetune(tiny_model_dir, sst_dir, run, "--max-steps", "2", "--overwrite")) == 0  # a run of ours
@@ -265,8 +270,8 @@ def dying_save_state(self, output_dir=None, **kwargs):  # power lost in the midd
 
 
 def dying_rename(self, target):  # power lost between moving the old checkpoint away and the new one in
-    result = rename(self, target)
-    if Path(target).name == "checkpoint.old":
+    result = rename(self, target)  # ("swap"), or after the new one is in, before the old one is deleted
+    if Path(target).name == {"swap": "checkpoint.old", "swapped": "checkpoint"}[where]:
         calls["n"] += 1
         if calls["n"] == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -281,7 +286,7 @@ main(sys.argv[3:])
 """
 
 
-@pytest.mark.parametrize(("where", "choices"), [("write", [2, 3]), ("swap", [1, 2])])
+@pytest.mark.parametrize(("where", "choices"), [("write", [2, 3]), ("swap", [1, 2]), ("swapped", [2])])
 def test_kill_9_during_a_checkpoint_then_resume_gives_the_same_weights(where, choices, teacher_dir, sst_dir, tmp_path):
     import random
 
@@ -298,16 +303,63 @@ def test_kill_9_during_a_checkpoint_then_resume_gives_the_same_weights(where, ch
     assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
     assert not (out / "metrics.json").exists()
     assert cli(*args, "--output-dir", out, "--resume") == 0
-    # it went on from the last complete checkpoint: the one before the write that died, or the old one
-    # that the swap had moved aside (put back by the recovery)
+    # it went on from the last complete checkpoint: the one before the write that died, the old one that
+    # the swap had moved aside (put back by the recovery), or the new one (the stale old one deleted:
+    # left there, it made every later save fail)
     expected = 2 * (kill_at - 1) if where == "write" else 2 * kill_at
-    resumes = [
-        r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r.get("event") == "resume"
-    ]
-    assert resumes == ([expected] if expected else [])
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("event") == "resume"] == ([expected] if expected else [])
+    logged = [r["step"] for r in records if "loss" in r]
+    assert logged == sorted(set(logged)), logged  # the steps run again after the resume are logged once
     straight, resumed = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
     for name in straight:
         assert torch.allclose(straight[name], resumed[name], atol=1e-6), name
+
+
+def test_an_interrupt_in_the_final_evaluation_loses_no_training(teacher_dir, sst_dir, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    from sparsebert import train
+
+    args = ["prune", "--teacher", teacher_dir, "--student", teacher_dir, "--task", "sst2", "--data-dir", sst_dir]
+    args += ["--sparsity", "0.6", "--max-steps", "6", "--save-every", "4", "--eval-every", "0", *FAST]
+    assert cli(*args, "--output-dir", tmp_path / "straight") == 0
+    evaluate = train.evaluate
+
+    def ctrl_c(*a, **k):  # the run's only evaluation is the final one
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "evaluate", ctrl_c)
+    out = tmp_path / "run"
+    assert cli(*args, "--output-dir", out) == 130
+    assert "if one was written" in capsys.readouterr().err  # no claim of a checkpoint it did not write now
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    assert cli(*args, "--output-dir", out, "--resume") == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("event") == "resume"] == [6]  # the last step was saved
+    straight, resumed = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+    assert not (out / "checkpoint").exists()  # a finished run keeps no checkpoint
+
+
+def test_a_finished_stage_is_reused_only_with_its_own_options(teacher_dir):
+    import yaml
+
+    from sparsebert.config import FinetuneConfig
+
+    saved = yaml.safe_load((teacher_dir / "config.yaml").read_text())
+    same = FinetuneConfig(**saved)
+    assert api.run_stage(same, lambda config: pytest.fail("a finished stage ran again")) is False
+    changed = dataclasses.replace(same, lr=2 * same.lr)
+    with pytest.raises(SparseBertError, match=r"holds a finished run with other options .*--lr"):
+        api.run_stage(changed, lambda config: pytest.fail("ran"))
+
+
+def test_a_pruning_window_that_ends_at_step_0_still_prunes(teacher_dir, sst_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["prune", "--teacher", teacher_dir, "--student", teacher_dir, "--task", "sst2", "--data-dir", sst_dir]
+    assert cli(*args, "--sparsity", "0.6", "--max-steps", "3", "--prune-end", "0.001", *FAST, "--output-dir", out) == 0
+    assert json.loads((out / "sparsity.json").read_text())["overall"] == pytest.approx(0.6, abs=0.01)
 
 
 def test_evaluate_on_a_damaged_export_and_an_unwritable_output_are_one_line_errors(

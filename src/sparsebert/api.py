@@ -142,12 +142,17 @@ def _check_resume(config: TrainConfig, out: Path) -> None:
         if (out / "metrics.json").exists():
             raise SparseBertError(f"{out} holds a finished run; nothing to resume (use --overwrite to redo it)")
         return
+    changed = _changed_options(config, out)
+    if changed:
+        raise SparseBertError(f"--resume with changed options ({changed}); resume with the checkpoint's options")
+
+
+def _changed_options(config: TrainConfig, out: Path) -> str:
+    """The options that differ from the run saved in ``out`` and change its result ('' if none)."""
     saved = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").exists() else {}
     now = dataclasses.asdict(config)
     changed = [k for k in now if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
-    if changed:
-        diffs = ", ".join(f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in changed)
-        raise SparseBertError(f"--resume with changed options ({diffs}); resume with the checkpoint's options")
+    return ", ".join(f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in changed)
 
 
 @contextmanager
@@ -160,6 +165,8 @@ def _run_dir(config: TrainConfig, accelerator: Accelerator) -> Iterator[tuple[Pa
             if config.resume:
                 recover_checkpoint(out)
                 _check_resume(config, out)
+                if not (out / CHECKPOINT).exists():  # nothing to continue: a fresh start, a fresh log
+                    (out / "log.jsonl").unlink(missing_ok=True)
             atomic_write_text(out / "config.yaml", to_yaml(config))
         accelerator.wait_for_everyone()
         yield out, JsonlLog(out / "log.jsonl", enabled=main)
@@ -328,7 +335,8 @@ def _pruner_factory(config: PruneConfig) -> Callable[[nn.Module, int], Pruner] |
         if pruning == "one-shot":  # on the starting magnitudes, then fixed
             return Pruner.one_shot(model, config.sparsity, config.prune_scope, config.prune_block)
         start, end = _resolve_step(config.prune_start, n_steps), _resolve_step(config.prune_end, n_steps)
-        schedule = CubicSparsitySchedule(config.sparsity, start, min(max(end, start), n_steps), config.prune_updates)
+        # masks are updated after an optimizer step: a window ending at step 0 would never prune
+        schedule = CubicSparsitySchedule(config.sparsity, start, min(max(end, start, 1), n_steps), config.prune_updates)
         return Pruner(model, schedule, config.prune_scope, block=config.prune_block, criterion=config.prune_criterion)
 
     return make_pruner
@@ -444,9 +452,18 @@ def stage_configs(config: CompressConfig, out: Path) -> tuple[FinetuneConfig, Pr
 
 
 def run_stage(config: TrainConfig, fn) -> bool:
-    """Run one stage unless it already finished; continue it if a checkpoint is there. True if it ran."""
+    """Run one stage unless it already finished; continue it if a checkpoint is there. True if it ran.
+
+    A finished stage is reused only if it was run with the same options (else its results would be
+    reported as those of the options asked for).
+    """
     stage_dir = Path(config.output_dir)
     if (stage_dir / "metrics.json").exists():
+        changed = _changed_options(config, stage_dir)
+        if changed:
+            raise SparseBertError(
+                f"{stage_dir} holds a finished run with other options ({changed}); use --overwrite to redo it"
+            )
         return False
     if stage_dir.is_dir():
         recover_checkpoint(stage_dir)

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from sparsebert.errors import SparseBertError
+from sparsebert.errors import SparseBertError, StoppedAtCheckpoint
 from sparsebert.runtime.commands import register_commands
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -126,8 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     except SparseBertError as exc:
         print(f"sparsebert: error: {exc}", file=sys.stderr)
         code = EXIT_USAGE
-    except KeyboardInterrupt:
+    except StoppedAtCheckpoint:
         print("sparsebert: interrupted; a checkpoint was saved, continue with --resume", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("sparsebert: interrupted; --resume continues from the last checkpoint, if one was written",
+              file=sys.stderr)  # fmt: skip
         code = EXIT_INTERRUPTED
     sys.exit(code)
 

@@ -123,7 +123,8 @@ def compare(config: CompareConfig) -> RunResult:
     if unknown:
         raise SparseBertError(f"unknown strategies: {', '.join(sorted(unknown))}")
     out, started = Path(config.output_dir), time.perf_counter()
-    with claimed_by_main_process(out, overwrite=config.overwrite, resume=True):
+    # finished runs are reused (and checked) unless --overwrite, which starts the sweep afresh
+    with claimed_by_main_process(out, overwrite=config.overwrite, resume=not config.overwrite):
         teacher_cfg, template = stage_configs(config, out)
         run_stage(teacher_cfg, finetune)
         for strategy in config.strategies:

@@ -85,14 +85,9 @@ def check_not_an_input(out: Path | str, inputs: list[Path | str | None]) -> None
 
 
 def is_sparsebert_output(path: Path) -> bool:
-    """Whether a folder was written by sparsebert: the marker, or (from before the marker) a run folder,
-    or a compress / compare folder, which always holds its teacher's run folder."""
-    run_folder = (path / "config.yaml").exists() and (path / "log.jsonl").exists()
-    return (
-        (path / MARKER).exists()
-        or run_folder
-        or ((path / "teacher").is_dir() and is_sparsebert_output(path / "teacher"))
-    )
+    """Whether sparsebert wrote this folder: only its marker counts (file names such as ``config.yaml``
+    and ``log.jsonl`` are common enough that a user's own folder may hold them)."""
+    return (path / MARKER).exists()
 
 
 @contextmanager
@@ -101,7 +96,8 @@ def claimed_output_dir(path: Path | str, *, overwrite: bool, resume: bool) -> It
 
     A second run on the same folder is refused while the first holds the lock (naming its PID).
     ``overwrite`` deletes only what an earlier sparsebert run wrote there; a non-empty folder without
-    sparsebert's marker is refused, never emptied.
+    sparsebert's marker is refused, never emptied nor resumed into (the marker is written only after
+    this check, so a refused folder stays unmarked).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -122,11 +118,12 @@ def claimed_output_dir(path: Path | str, *, overwrite: bool, resume: bool) -> It
             raise SparseBertError(
                 f"output directory {path} is not empty; pass --overwrite to replace it or --resume to continue"
             )
+        if contents and not is_sparsebert_output(path):
+            verb = "continue in it" if resume else "delete them"
+            raise SparseBertError(
+                f"output directory {path} holds files that sparsebert did not write; refusing to {verb}"
+            )
         if contents and overwrite and not resume:
-            if not is_sparsebert_output(path):
-                raise SparseBertError(
-                    f"output directory {path} holds files that sparsebert did not write; refusing to delete them"
-                )
             for item in contents:
                 shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
         (path / MARKER).touch()
@@ -160,3 +157,17 @@ class JsonlLog:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def rewind(self, step: int) -> None:
+        """On resuming from the checkpoint of ``step``: drop what the interrupted attempt logged about
+        later steps (they run again), so that every step is logged once. A line torn by a kill goes too."""
+        if not self.path.exists():
+            return
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        kept = [r for r in records if r.get("step") is None or r["step"] <= step]
+        atomic_write_text(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))

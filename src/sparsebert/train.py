@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from sparsebert.config import TrainConfig
-from sparsebert.errors import SparseBertError
+from sparsebert.errors import SparseBertError, StoppedAtCheckpoint
 from sparsebert.io import JsonlLog
 from sparsebert.metrics import compute_metrics, predictions_from_logits
 from sparsebert.pruning import Pruner
@@ -180,10 +180,16 @@ def recover_checkpoint(output_dir: Path) -> None:
 
     ``_save_checkpoint`` writes ``checkpoint.tmp``, renames ``checkpoint`` to ``checkpoint.old``, renames
     the new one into place, then deletes the old one. Killed between the two renames, only
-    ``checkpoint.old`` is complete (``.tmp`` may be too, but nothing says so): it is put back.
+    ``checkpoint.old`` is complete (``.tmp`` may be too, but nothing says so): it is put back. Killed
+    after the second rename, ``checkpoint`` is the new, complete one and the old one is stale: it goes
+    (left there, it would make the next save's rename fail).
     """
     final, old = output_dir / CHECKPOINT, output_dir / (CHECKPOINT + ".old")
-    if not final.exists() and old.exists():
+    if not old.exists():
+        return
+    if final.exists():
+        shutil.rmtree(old)
+    else:
         old.rename(final)
 
 
@@ -298,6 +304,7 @@ class Loop:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
+            recover_checkpoint(self.output_dir)  # a stale .old of an earlier, interrupted swap
             old = self.output_dir / (CHECKPOINT + ".old")
             if final.exists():
                 final.rename(old)
@@ -305,6 +312,7 @@ class Loop:
             if old.exists():
                 shutil.rmtree(old)
         acc.wait_for_everyone()
+        self._log({"event": "checkpoint", "step": self.state.step})
 
     def _should_stop(self, stop: StopRequest) -> bool:
         """Whether any process was asked to stop (all processes must agree, or a barrier hangs)."""
@@ -367,6 +375,8 @@ class Loop:
             acc.register_for_checkpointing(self.pruner)
         if cfg.resume and (self.output_dir / CHECKPOINT).exists():
             acc.load_state(str(self.output_dir / CHECKPOINT))
+            if acc.is_main_process:
+                self.log.rewind(self.state.step)  # the steps after the checkpoint run again
             self._log({"event": "resume", "step": self.state.step})
         self._log({"event": "start", "total_steps": n_steps, "steps_per_epoch": len(train_loader),
                    "processes": acc.num_processes, "mixed_precision": cfg.mixed_precision,
@@ -416,8 +426,9 @@ class Loop:
             bar.close()
             self._save_checkpoint()
             self._log({"event": "interrupted", "step": step})
-            raise KeyboardInterrupt
-        if cfg.save_every and step % cfg.save_every == 0 and step < p.n_steps:
+            raise StoppedAtCheckpoint
+        # The last step is saved too: an interrupt in the final evaluation or save then loses nothing.
+        if cfg.save_every and (step % cfg.save_every == 0 or step >= p.n_steps):
             self._save_checkpoint()
         return step >= p.n_steps
 
