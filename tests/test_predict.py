@@ -71,3 +71,25 @@ def test_cola_layout_and_own_files(pruned_pair, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "own.jsonl:2: missing field(s) text" in err and "Traceback" not in err
+
+
+def test_predict_truncates_as_in_training_and_never_replaces_what_it_reads(pruned_pair, tmp_path, capsys):
+    from sparsebert.models import load_tokenizer
+
+    hf, csr = pruned_pair
+    assert load_tokenizer(hf).model_max_length == load_tokenizer(csr).model_max_length == 16  # the training length
+    rows = [[" ".join(text for text, _ in sentiment_rows(12, seed))] for seed in range(6)]  # ~50 tokens each
+    inputs = write_tsv(tmp_path / "long.tsv", ["text"], rows)
+    probabilities = {}
+    for length in ([], ["--max-seq-length", "16"], ["--max-seq-length", "64"]):
+        out = tmp_path / f"p{length}.jsonl"
+        assert cli("predict", "--model", hf, "--input", inputs, "--text-columns", "text", "--output", out, *length) == 0
+        probabilities[tuple(length)] = [r["probabilities"] for r in _lines(out)]
+    assert probabilities[()] == probabilities[("--max-seq-length", "16")]
+    assert probabilities[()] != probabilities[("--max-seq-length", "64")]  # the length matters on these inputs
+    before = inputs.read_text()
+    code = cli("predict", "--model", hf, "--input", inputs, "--text-columns", "text", "--output", inputs)
+    assert code == 2 and "would replace the input" in capsys.readouterr().err
+    assert inputs.read_text() == before
+    code = cli("predict", "--model", hf, "--input", inputs, "--text-columns", "text", "--output", hf / "config.json")
+    assert code == 2 and "would replace the input" in capsys.readouterr().err

@@ -124,6 +124,7 @@ def test_overwrite_deletes_only_what_sparsebert_wrote(tiny_model_dir, sst_dir, t
         (["--lr", "nan"], None, "--lr must be a positive number"),
         (["--max-steps", "0"], None, "--max-steps must be >= 1"),
         (["--max-seq-length", "1000"], None, "over the model's 64 positions"),
+        (["--text-columns", "a,b,c"], None, "--text-columns takes one or two columns"),
         ([], 'overwrite: "no"\n', "option overwrite: expected true or false"),
         ([], "max_steps: 2.7\n", "option max_steps: expected a whole number"),
         ([], "batch_size: four\n", "option batch_size: expected a whole number"),
@@ -382,3 +383,36 @@ def test_logs_and_json_files_are_strict_json(tmp_path):
     strict = {"parse_constant": pytest.fail}
     assert json.loads((tmp_path / "log.jsonl").read_text(), **strict) == {"pearson": None, "loss": [1.0, None]}
     assert json.loads((tmp_path / "m.json").read_text(), **strict) == {"metrics": {"pearson": None}}
+
+
+@pytest.mark.parametrize(
+    ("names", "refused"),
+    [
+        (["entailment", "neutral", "contradiction"], True),  # the task's labels in another order
+        (["contradiction", "entailment", "neutral"], False),
+        (["LABEL_0", "LABEL_1", "LABEL_2"], False),  # nothing to check
+    ],
+)
+def test_a_head_with_the_task_labels_in_another_order_is_refused(tiny_model_dir, tmp_path, names, refused):
+    from sparsebert.models import load_model
+    from sparsebert.tasks import get_task
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=3, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
+    )
+    model.save_pretrained(tmp_path / "head")
+    if refused:
+        with pytest.raises(SparseBertError, match=r"entailment, neutral, contradiction \(in this order\)"):
+            load_model(tmp_path / "head", get_task("mnli"))
+    else:
+        assert load_model(tmp_path / "head", get_task("mnli")).config.id2label[0] == "contradiction"
+
+
+def test_compress_checks_its_inputs_before_emptying_its_folder(tiny_model_dir, tmp_path, capsys):
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    (previous / ".sparsebert").touch()  # an earlier run's folder
+    (previous / "report.md").write_text("hours of results")
+    args = ["compress", "--model", tiny_model_dir, "--task", "sst2", "--data-dir", tmp_path / "typo"]
+    _one_line_error(capsys, cli(*args, "--output-dir", previous, "--overwrite"), "typo")
+    assert (previous / "report.md").read_text() == "hours of results"

@@ -46,10 +46,11 @@ from sparsebert.io import (
     atomic_write_json,
     atomic_write_text,
     check_not_an_input,
+    check_output_file,
     claimed_output_dir,
     publish_dir,
 )
-from sparsebert.models import load_model, load_tokenizer
+from sparsebert.models import inference_length, load_model, load_tokenizer
 from sparsebert.pruning import CubicSparsitySchedule, Pruner, sparsity_report
 from sparsebert.sources import resolve_model
 from sparsebert.strategies import TABLE
@@ -136,6 +137,13 @@ def check_paths(config: object) -> None:
     check_not_an_input(config.output_dir, [getattr(config, name, None) for name in inputs])
 
 
+def check_inputs(config: CompressConfig) -> None:
+    """Read the data and the model's tokenizer once before a multi-stage job claims (and with
+    --overwrite empties) its folder: a typo in a path must not cost the previous results."""
+    _load_data(config)
+    load_tokenizer(config.model)
+
+
 def _check_resume(config: TrainConfig, out: Path) -> None:
     """A resumed run must be the run that was interrupted: refuse options that change its result."""
     if not (out / CHECKPOINT).exists():
@@ -180,6 +188,7 @@ def _finish(
     accelerator: Accelerator,
     model: nn.Module,
     tokenizer,
+    max_length: int,
     out: Path,
     files: dict[str, dict],
     log: JsonlLog,
@@ -193,6 +202,7 @@ def _finish(
     if accelerator.is_main_process:
         staging = out / ".staging"
         accelerator.unwrap_model(model).save_pretrained(staging, safe_serialization=True)
+        tokenizer.model_max_length = max_length  # what evaluate and predict truncate to by default
         tokenizer.save_pretrained(staging)
         publish_dir(staging, out)
         for name, obj in files.items():
@@ -225,7 +235,8 @@ def finetune(config: FinetuneConfig) -> RunResult:
         loop = Loop(accelerator, config, model, _classification_step, train, dev, data.task, out, log)
         metrics = loop.run()
         files = {"metrics.json": _metrics_record(data, metrics)}
-        return RunResult(out, metrics, _finish(accelerator, loop.model, tokenizer, out, files, log, started))
+        seconds = _finish(accelerator, loop.model, tokenizer, config.max_seq_length, out, files, log, started)
+        return RunResult(out, metrics, seconds)
 
 
 def _check_length(config: TrainConfig, model: nn.Module) -> None:
@@ -401,18 +412,21 @@ def prune(config: PruneConfig) -> RunResult:
         metrics = loop.run()
         report = sparsity_report(accelerator.unwrap_model(loop.model))
         files = {"sparsity.json": report, "metrics.json": _metrics_record(data, metrics)}
-        seconds = _finish(accelerator, loop.model, tokenizer, out, files, log, started)
+        seconds = _finish(accelerator, loop.model, tokenizer, config.max_seq_length, out, files, log, started)
         return RunResult(out, metrics, seconds, report)
 
 
 def evaluate(config: EvaluateConfig) -> RunResult:
     """Dev metrics of a saved model; the metrics.json record in ``details`` (written to --output if given)."""
     require(config, "model", "task")
+    if config.output:
+        check_output_file(config.output, [config.model, config.data_dir, config.dev_file])
     started = time.perf_counter()
     accelerator = new_accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision))
     data = _load_data(config, need_train=False)
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, data.task)
+    config = dataclasses.replace(config, max_seq_length=inference_length(config.max_seq_length, tokenizer, model))
     loaders = _eval_loaders(data, tokenizer, config)
     prepared = accelerator.prepare(model, *loaders.values())
     metrics = evaluate_loaders(prepared[0], dict(zip(loaders, prepared[1:], strict=True)), data.task, accelerator)
@@ -483,6 +497,7 @@ def compress(config: CompressConfig) -> RunResult:
 
     require(config, "model", "task", "output_dir")
     check_paths(config)
+    check_inputs(config)
     out, started = Path(config.output_dir), time.perf_counter()
     with claimed_by_main_process(out, overwrite=config.overwrite, resume=config.resume):
         teacher_cfg, student_cfg = stage_configs(config, out)

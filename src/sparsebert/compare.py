@@ -19,6 +19,7 @@ from accelerate import PartialState
 
 from sparsebert.api import (
     RunResult,
+    check_inputs,
     check_paths,
     claimed_by_main_process,
     finetune,
@@ -122,6 +123,7 @@ def compare(config: CompareConfig) -> RunResult:
     unknown = set(config.strategies) - set(STRATEGIES)
     if unknown:
         raise SparseBertError(f"unknown strategies: {', '.join(sorted(unknown))}")
+    check_inputs(config)
     out, started = Path(config.output_dir), time.perf_counter()
     # finished runs are reused (and checked) unless --overwrite, which starts the sweep afresh
     with claimed_by_main_process(out, overwrite=config.overwrite, resume=not config.overwrite):

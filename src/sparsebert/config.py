@@ -66,7 +66,9 @@ class DataOptions:
     def __post_init__(self) -> None:
         """Check every value on construction: errors come before any model is loaded or file written."""
         _at_least(self, ("eval_batch_size",), 1)
-        _at_least(self, ("max_seq_length",), 2)
+        if self.max_seq_length is not None:
+            _at_least(self, ("max_seq_length",), 2)
+        _check_text_columns(self)
         _check_choices(self)
 
 
@@ -119,6 +121,13 @@ class TrainConfig(DataOptions):
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _check_text_columns(config: object) -> None:
+    """One text, or a pair: what BERT-family encoders take (a third column would be silently dropped)."""
+    if config.text_columns and len(config.text_columns) > 2:
+        count = len(config.text_columns)
+        raise SparseBertError(f"--text-columns takes one or two columns (a text or a pair), got {count}")
 
 
 def _at_least(config: object, names: tuple[str, ...], low: int) -> None:
@@ -281,6 +290,9 @@ class CompareConfig(CompressConfig):
                 raise SparseBertError(f"--sparsities must lie in [0, 1), got {sparsity}")
 
 
+TRAINED_LENGTH = "truncate inputs to N tokens (default: the length the model was trained at, else 128)"
+
+
 @dataclass
 class EvaluateConfig(DataOptions):
     """``sparsebert evaluate``: dev metrics of a saved model."""
@@ -288,6 +300,7 @@ class EvaluateConfig(DataOptions):
     model: str | None = opt(None, "model folder (ordinary or compressed) or name", group="model")
     output: str | None = opt(None, "write metrics.json here", group="run")
     mixed_precision: str = opt("no", "no (default): fp32, exact; auto: bf16 where native", choices=PRECISIONS)
+    max_seq_length: int | None = opt(None, TRAINED_LENGTH, group="data")
 
 
 ENGINES = ("auto", "dense", "sparse")
@@ -305,7 +318,7 @@ class PredictConfig:
     )
     text_columns: list[str] | None = opt(None, "comma-separated text column(s) of --input", group="predict")
     batch_size: int = opt(32, "inputs per batch", group="predict")
-    max_seq_length: int = opt(128, "truncate inputs to N tokens", group="predict")
+    max_seq_length: int | None = opt(None, TRAINED_LENGTH, group="predict")
     engine: str = opt(
         "auto", "auto: the faster of dense and sparse, timed on the first batch", choices=ENGINES, group="predict"
     )
@@ -317,7 +330,9 @@ class PredictConfig:
 
     def __post_init__(self) -> None:
         _at_least(self, ("batch_size",), 1)
-        _at_least(self, ("max_seq_length",), 2)
+        if self.max_seq_length is not None:
+            _at_least(self, ("max_seq_length",), 2)
+        _check_text_columns(self)
         if self.threads is not None:
             _at_least(self, ("threads",), 1)
         _check_choices(self)

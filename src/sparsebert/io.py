@@ -84,6 +84,18 @@ def check_not_an_input(out: Path | str, inputs: list[Path | str | None]) -> None
             raise SparseBertError(f"output directory {out} overlaps the input {given}; choose another --output-dir")
 
 
+def check_output_file(out: Path | str, inputs: list[Path | str | None]) -> None:
+    """Refuse an output file that is an input file, or would replace a file inside an input folder
+    (a new file beside a model, e.g. its predictions, is fine)."""
+    out_path = Path(out).expanduser().resolve()
+    for given in inputs:
+        if not given or not Path(given).expanduser().exists():
+            continue
+        path = Path(given).expanduser().resolve()
+        if out_path == path or (out_path.exists() and path in out_path.parents):
+            raise SparseBertError(f"output {out} would replace the input {given}; choose another --output")
+
+
 def is_sparsebert_output(path: Path) -> bool:
     """Whether sparsebert wrote this folder: only its marker counts (file names such as ``config.yaml``
     and ``log.jsonl`` are common enough that a user's own folder may hold them)."""

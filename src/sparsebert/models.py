@@ -35,7 +35,7 @@ def load_model(name: str | os.PathLike, task: TaskSpec) -> nn.Module:
     resolved = resolve_model(name)
     if is_compressed(Path(resolved)):
         model = load(resolved)
-        _check_head(name, [type(model).__name__], model.config.num_labels, task)
+        _check_head(name, [type(model).__name__], model.config, task)
         return model
     config = read_pretrained(AutoConfig.from_pretrained, resolved)
     kwargs: dict = {"num_labels": task.num_labels}
@@ -45,14 +45,48 @@ def load_model(name: str | os.PathLike, task: TaskSpec) -> nn.Module:
         kwargs["id2label"] = dict(enumerate(task.labels))
         kwargs["label2id"] = {label: i for i, label in enumerate(task.labels)}
         kwargs["problem_type"] = "single_label_classification"
-    _check_head(name, config.architectures, getattr(config, "num_labels", None), task)
+    _check_head(name, config.architectures, config, task)
     return read_pretrained(AutoModelForSequenceClassification.from_pretrained, resolved, **kwargs)
 
 
-def _check_head(name: str | os.PathLike, architectures: list[str] | None, num_labels: int | None, task: TaskSpec):
-    """A saved task head must have the task's number of outputs (a model without a head gets a fresh one)."""
-    has_head = architectures and any("SequenceClassification" in a for a in architectures)
-    if has_head and num_labels not in (None, task.num_labels):
+def _check_head(name: str | os.PathLike, architectures: list[str] | None, config, task: TaskSpec) -> None:
+    """A saved task head must be the task's: as many outputs, and its labels not in another order.
+
+    Loading overwrites the saved label names with the task's, so a head that names the task's labels in
+    another order (a hub MNLI model's contradiction/neutral/entailment) would be scored and saved under
+    wrong names. Names that are not the task's (``LABEL_0``, ``POSITIVE`` for SST-2's ``1``) cannot be
+    checked and pass.
+    """
+    if not (architectures and any("SequenceClassification" in a for a in architectures)):
+        return  # no head: a fresh one is made
+    num_labels = getattr(config, "num_labels", None)
+    if num_labels not in (None, task.num_labels):
         raise SparseBertError(
             f"model {name} has a head for {num_labels} labels but task {task.name} has {task.num_labels}"
         )
+    if task.is_regression or not getattr(config, "id2label", None):
+        return
+    saved = [str(config.id2label[i]).lower() for i in sorted(config.id2label)]
+    if sorted(saved) != sorted(t.lower() for t in task.labels) or saved == [t.lower() for t in task.labels]:
+        return
+    raise SparseBertError(
+        f"model {name} has a head for the labels {', '.join(saved)} (in this order) but task {task.name} has "
+        f"{', '.join(map(str, task.labels))}; fine-tune a head for the task instead"
+    )
+
+
+DEFAULT_LENGTH = 128
+
+
+def inference_length(given: int | None, tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> int:
+    """Tokens to truncate to at inference: ``given``, else the length the model was trained at.
+
+    sparsebert saves that length as the tokenizer's ``model_max_length`` (so it travels with the model,
+    exported folders included); other tokenizers carry their architecture's limit or a huge sentinel,
+    bounded here by the model's positions and, for the sentinel, by 128.
+    """
+    if given is not None:
+        return given
+    saved = tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else DEFAULT_LENGTH
+    positions = getattr(model.config, "max_position_embeddings", None) or saved
+    return min(saved, positions)

@@ -10,6 +10,7 @@ sparse engine on the first batch and keeps the faster, so it never runs slower t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ from sparsebert.config import PredictConfig
 from sparsebert.data import read_labelled_file
 from sparsebert.errors import SparseBertError
 from sparsebert.export import load
-from sparsebert.io import atomic_write_text
-from sparsebert.models import load_tokenizer
+from sparsebert.io import atomic_write_text, check_output_file
+from sparsebert.models import inference_length, load_tokenizer
 from sparsebert.tasks import get_task
 
 
@@ -56,7 +57,7 @@ def read_inputs(config: PredictConfig) -> list[tuple[int, tuple[str, ...]]]:
 def _batches(rows, tokenizer, config: PredictConfig) -> list[tuple[list[int], dict]]:
     """Padded batches of row positions, in order of length."""
     columns = list(zip(*(texts for _, texts in rows), strict=True))
-    encoded = tokenizer(*columns[:2], truncation=True, max_length=config.max_seq_length)
+    encoded = tokenizer(*columns, truncation=True, max_length=config.max_seq_length)
     features = [{k: v[i] for k, v in encoded.items()} for i in range(len(rows))]
     order = sorted(range(len(rows)), key=lambda i: len(features[i]["input_ids"]))
     collate = DataCollatorWithPadding(tokenizer)
@@ -97,11 +98,13 @@ def predict(config: PredictConfig) -> PredictResult:
     """Label ``config.input`` into ``config.output`` (JSON lines, input order)."""
     if config.threads:
         torch.set_num_threads(config.threads)
+    check_output_file(config.output, [config.input, config.model])  # never written over what it reads
     rows = read_inputs(config)
     tokenizer = load_tokenizer(config.model)
     model = load(config.model).eval()
     if not hasattr(model, "num_labels"):
         raise SparseBertError(f"{config.model} has no task head to predict with")
+    config = dataclasses.replace(config, max_seq_length=inference_length(config.max_seq_length, tokenizer, model))
     batches = _batches(rows, tokenizer, config)
     started = time.perf_counter()
     model, engine = choose_engine(model, batches[len(batches) // 2][1], config.engine, config.backend)
