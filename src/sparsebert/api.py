@@ -159,6 +159,7 @@ def _changed_options(config: TrainConfig, out: Path) -> str:
     """The options that differ from the run saved in ``out`` and change its result ('' if none)."""
     saved = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").exists() else {}
     now = dataclasses.asdict(config)
+    now["mixed_precision"] = resolve_mixed_precision(config.mixed_precision)  # saved resolved (``auto``: what ran)
     changed = [k for k in now if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
     return ", ".join(f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in changed)
 
