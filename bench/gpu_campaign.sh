@@ -32,7 +32,7 @@ BUDGET=${BUDGET:-540}  # seconds for the whole campaign
 SEEDS=(42 43 44)
 TASKS=${TASKS:-mrpc sst2 rating}
 STEPS=${STEPS:-}
-VARIANTS=${VARIANTS:-magnitude:--prune-criterion magnitude;taylor:--prune-criterion taylor}
+VARIANTS=${VARIANTS:-taylor:--lr 1e-4;lr3e4:--lr 3e-4}  # taylor (the default criterion) at two peak LRs
 START=$SECONDS
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SPARSEBERT_CACHE=$RUNS/cache
 export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
