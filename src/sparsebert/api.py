@@ -138,10 +138,12 @@ def check_paths(config: object) -> None:
 
 
 def check_inputs(config: CompressConfig) -> None:
-    """Read the data and the model's tokenizer once before a multi-stage job claims (and with
-    --overwrite empties) its folder: a typo in a path must not cost the previous results."""
-    _load_data(config)
-    load_tokenizer(config.model)
+    """With --overwrite, read the data and the model's tokenizer before a multi-stage job empties its
+    folder: a typo in a path must not cost the previous results. (Without it nothing is deleted, and
+    the stages report bad inputs themselves.)"""
+    if config.overwrite:
+        _load_data(config)
+        load_tokenizer(config.model)
 
 
 def _check_resume(config: TrainConfig, out: Path) -> None:

@@ -42,6 +42,7 @@ PRUNE_BLOCKS = (1, 2, 4, 8)  # consecutive input weights pruned together (--prun
 # What ranks the weights for pruning (pruning/pruner.py): magnitude (the paper), or the first-order loss
 # change of zeroing each weight, |w * grad| averaged over recent steps (taylor).
 PRUNE_CRITERIA = ("magnitude", "taylor")
+DEFAULT_LENGTH = 128  # tokens, when neither the options nor the model say otherwise
 
 
 @dataclass
@@ -61,7 +62,7 @@ class DataOptions:
     label_column: str | None = opt(None, "label column of your files", group="data")
     max_eval_examples: int | None = opt(None, "a fixed random sample of N dev examples", group="data")
     eval_batch_size: int = opt(64, "dev batch size", group="data")
-    max_seq_length: int = opt(128, "truncate inputs to N tokens", group="data")
+    max_seq_length: int = opt(DEFAULT_LENGTH, "truncate inputs to N tokens", group="data")
 
     def __post_init__(self) -> None:
         """Check every value on construction: errors come before any model is loaded or file written."""
@@ -290,7 +291,7 @@ class CompareConfig(CompressConfig):
                 raise SparseBertError(f"--sparsities must lie in [0, 1), got {sparsity}")
 
 
-TRAINED_LENGTH = "truncate inputs to N tokens (default: the length the model was trained at, else 128)"
+TRAINED_LENGTH = f"truncate inputs to N tokens (default: the length the model was trained at, else {DEFAULT_LENGTH})"
 
 
 @dataclass

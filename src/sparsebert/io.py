@@ -76,22 +76,24 @@ def check_not_an_input(out: Path | str, inputs: list[Path | str | None]) -> None
     delete them, and a run writing inside its inputs mixes outputs with them.
     """
     out_path = Path(out).expanduser().resolve()
-    for given in inputs:
-        if not given or not Path(given).expanduser().exists():
-            continue  # a hub id or a model alias: nothing on disk to protect
-        path = Path(given).expanduser().resolve()
+    for given, path in _on_disk(inputs):
         if out_path == path or out_path in path.parents or path in out_path.parents:
             raise SparseBertError(f"output directory {out} overlaps the input {given}; choose another --output-dir")
+
+
+def _on_disk(inputs: list[Path | str | None]) -> Iterator[tuple[Path | str, Path]]:
+    """(as given, resolved) for each input that exists on disk (a hub id or a model alias has nothing
+    on disk to protect)."""
+    for given in inputs:
+        if given and Path(given).expanduser().exists():
+            yield given, Path(given).expanduser().resolve()
 
 
 def check_output_file(out: Path | str, inputs: list[Path | str | None]) -> None:
     """Refuse an output file that is an input file, or would replace a file inside an input folder
     (a new file beside a model, e.g. its predictions, is fine)."""
     out_path = Path(out).expanduser().resolve()
-    for given in inputs:
-        if not given or not Path(given).expanduser().exists():
-            continue
-        path = Path(given).expanduser().resolve()
+    for given, path in _on_disk(inputs):
         if out_path == path or (out_path.exists() and path in out_path.parents):
             raise SparseBertError(f"output {out} would replace the input {given}; choose another --output")
 

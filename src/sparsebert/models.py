@@ -17,6 +17,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from sparsebert.config import DEFAULT_LENGTH
 from sparsebert.errors import SparseBertError
 from sparsebert.export import is_compressed, load  # the compressed format is accepted everywhere
 from sparsebert.sources import read_pretrained, resolve_model
@@ -73,9 +74,6 @@ def _check_head(name: str | os.PathLike, architectures: list[str] | None, config
         f"model {name} has a head for the labels {', '.join(saved)} (in this order) but task {task.name} has "
         f"{', '.join(map(str, task.labels))}; fine-tune a head for the task instead"
     )
-
-
-DEFAULT_LENGTH = 128
 
 
 def inference_length(given: int | None, tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> int:

@@ -304,7 +304,6 @@ class Loop:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            recover_checkpoint(self.output_dir)  # a stale .old of an earlier, interrupted swap
             old = self.output_dir / (CHECKPOINT + ".old")
             if final.exists():
                 final.rename(old)
@@ -312,7 +311,6 @@ class Loop:
             if old.exists():
                 shutil.rmtree(old)
         acc.wait_for_everyone()
-        self._log({"event": "checkpoint", "step": self.state.step})
 
     def _should_stop(self, stop: StopRequest) -> bool:
         """Whether any process was asked to stop (all processes must agree, or a barrier hangs)."""
