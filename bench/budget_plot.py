@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 from pathlib import Path
 
 from sparsebert.report import pyplot
@@ -20,6 +22,7 @@ TASKS = {
     "mrpc": ("mrpc", "accuracy", 279 / 408),
     "sst2": ("sst2", "accuracy", 444 / 872),
     "movie-rating": ("rating", "pearson", None),
+    "movie-sentiment": ("sent", "accuracy", 509 / 1007),
 }
 
 
@@ -34,17 +37,37 @@ def _runs(paths: list[Path]) -> tuple[dict[str, dict], dict[str, dict]]:
     return runs, teachers
 
 
+def seed_groups(runs: dict[str, dict]) -> dict[str, list[dict]]:
+    """Runs that differ only in their seed (names ending ``-sNN``) under one name, in seed order."""
+    groups: dict[str, list[dict]] = {}
+    for name, run in sorted(runs.items()):
+        groups.setdefault(re.sub(r"-s\d+$", "", name), []).append(run)
+    return groups
+
+
+def mean_curve(group: list[dict], metric: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Steps every run of the group evaluated at, with the mean, lowest and highest dev metric there."""
+    by_step = [{p["step"]: p[metric] for p in run["curve"]} for run in group]
+    steps = sorted(set.intersection(*(set(curve) for curve in by_step)))
+    values = [[curve[step] for curve in by_step] for step in steps]
+    return steps, [statistics.fmean(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
 def plot_task(task: str, runs: dict[str, dict], teachers: dict[str, dict], out: Path) -> Path | None:
+    """Every student group's mean curve, its seeds' range shaded; the teacher, target and majority lines."""
     prefix, metric, majority = TASKS[task]
     students = {n: r for n, r in runs.items() if not n.startswith("teacher") and f"-{prefix}-" in f"-{n}-"}
     if not students:
         return None
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, run in sorted(students.items()):
-        steps = [p["step"] for p in run["curve"]]
-        label = f"{name} ({run['total_steps']} steps, {run.get('sparsity', 0):.0%})"
-        ax.plot(steps, [p[metric] for p in run["curve"]], marker=".", label=label)
+    for name, group in seed_groups(students).items():
+        steps, mean, low, high = mean_curve(group, metric)
+        seeds = f", mean of {len(group)} seeds" if len(group) > 1 else ""
+        label = f"{name} ({group[0]['total_steps']} steps, {group[0].get('sparsity', 0):.0%}{seeds})"
+        (line,) = ax.plot(steps, mean, marker=".", label=label)
+        if len(group) > 1:
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
     chosen = teachers.get(f"teacher-{prefix}")
     if chosen:
         ax.axhline(chosen[metric], color="black", linestyle="--", label=f"teacher {chosen[metric]:.3f}")

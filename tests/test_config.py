@@ -47,3 +47,17 @@ def test_flags_override_the_recipe_and_lists_take_commas(tmp_path):
     options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet")}
     config = configs.build_config(configs.CompareConfig, args.config, **options)
     assert (config.lr, config.sparsities, config.group_by_length) == (0.001, [0.8, 0.9], False)
+
+
+def test_the_student_schedule_is_prunes_own_and_the_teacher_keeps_fine_tunings(tmp_path):
+    """A student is pruned at a higher LR than a fine-tuning (BENCHMARKS.md, "A higher learning rate"); in
+    ``compress`` ``--lr``/``--warmup-ratio``/``--lr-schedule`` are the student's, the teacher has its own."""
+    from sparsebert.api import stage_configs
+
+    fine, prune = configs.FinetuneConfig(), configs.PruneConfig()
+    assert (fine.lr, fine.warmup_ratio, fine.lr_schedule) == (5e-5, 0.1, "linear")
+    assert (prune.lr, prune.warmup_ratio, prune.lr_schedule) == (3e-4, 0.02, "linear")
+    config = configs.CompressConfig(warmup_ratio=0.05, lr_schedule="constant", teacher_lr=2e-5)
+    teacher, student = stage_configs(config, tmp_path)
+    assert (teacher.lr, teacher.warmup_ratio, teacher.lr_schedule) == (2e-5, 0.1, "linear")
+    assert (student.lr, student.warmup_ratio, student.lr_schedule) == (3e-4, 0.05, "constant")

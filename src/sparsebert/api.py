@@ -453,6 +453,7 @@ def stage_configs(config: CompressConfig, out: Path) -> tuple[FinetuneConfig, Pr
             "max_steps": config.teacher_max_steps,
             "lr": config.teacher_lr,
             "lr_schedule": "linear",
+            "warmup_ratio": FinetuneConfig.warmup_ratio,  # --warmup-ratio is the student's (StudentSchedule)
         }
     )
     prune_options = {f.name: getattr(config, f.name) for f in dataclasses.fields(PruneOptions)}
