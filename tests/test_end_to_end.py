@@ -336,6 +336,7 @@ def test_compress_runs_both_stages_and_reports(tiny_model_dir, sst_dir, tmp_path
     # a finished compress is not redone with --resume: both stages are skipped
     teacher_mtime = (out / "teacher" / "model.safetensors").stat().st_mtime
     assert cli(*args, "--resume") == 0
+    assert cli("compress", "--output-dir", out, "--resume") == 0  # the options not given come from the run
     assert (out / "teacher" / "model.safetensors").stat().st_mtime == teacher_mtime
 
 

@@ -504,6 +504,8 @@ def compress(config: CompressConfig) -> RunResult:
     check_inputs(config)
     out, started = Path(config.output_dir), time.perf_counter()
     with claimed_by_main_process(out, overwrite=config.overwrite, resume=config.resume):
+        if PartialState().is_main_process and not (config.resume and (out / "config.yaml").exists()):
+            atomic_write_text(out / "config.yaml", to_yaml(config))  # what `compress --resume` starts from
         teacher_cfg, student_cfg = stage_configs(config, out)
         run_stage(teacher_cfg, finetune)
         run_stage(student_cfg, prune)
