@@ -243,7 +243,8 @@ class StudentSchedule:
     masks move for 70% of the run and the larger steps taken while they move are what bring the student
     back: a 3e-4 peak, decayed linearly after a 2% warm-up, kept MiniLM-L6 at 90% 2.2-3.7 points (MRPC)
     and 0.016-0.027 Pearson (movie-rating) closer to its teacher than a 1e-4 peak, on each of three paired
-    seeds (BENCHMARKS.md, "A higher learning rate").
+    seeds, and 0.8-1.4 points on movie-sentiment's two (BENCHMARKS.md, "A higher learning rate", "The new
+    defaults").
     """
 
     lr: float = opt(3e-4, "the student's peak learning rate (AdamW; the paper: 3e-5 over ~100x more steps)")
