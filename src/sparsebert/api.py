@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from accelerate import Accelerator, PartialState
 from torch import nn
 
@@ -36,6 +35,7 @@ from sparsebert.config import (
     PruneOptions,
     TrainConfig,
     require,
+    saved_options,
     to_yaml,
 )
 from sparsebert.data import DataSource, TaskData, encode, load_task_data, make_loader
@@ -159,7 +159,7 @@ def _check_resume(config: TrainConfig, out: Path) -> None:
 
 def _changed_options(config: TrainConfig, out: Path) -> str:
     """The options that differ from the run saved in ``out`` and change its result ('' if none)."""
-    saved = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").exists() else {}
+    saved = saved_options(out)
     now = dataclasses.asdict(config)
     now["mixed_precision"] = resolve_mixed_precision(config.mixed_precision)  # saved resolved (``auto``: what ran)
     changed = [k for k in now if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]

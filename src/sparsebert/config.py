@@ -18,7 +18,7 @@ import yaml
 
 from sparsebert import strategies
 from sparsebert.errors import SparseBertError
-from sparsebert.io import MARKER
+from sparsebert.io import is_sparsebert_output
 
 
 def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, group: str = "training", factory=None):
@@ -368,15 +368,20 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
     return build_config(cls, args.config, base=saved, **flags) if saved else config
 
 
+def saved_options(folder: Path) -> dict[str, Any]:
+    """The options a run in ``folder`` was started with (its ``config.yaml``; {} if it has none)."""
+    path = folder / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
 def resumed_options(config: object) -> dict[str, Any]:
-    """The options saved by the run that ``--resume`` continues ({} if none): its ``config.yaml``, read
-    only from a folder that sparsebert wrote, less the options that say where and how to start."""
+    """The options saved by the run that ``--resume`` continues ({} if none), read only from a folder that
+    sparsebert wrote, less the options that say where and how to start."""
     folder = Path(config.output_dir) if getattr(config, "resume", False) and config.output_dir else None
-    if folder is None or not (folder / MARKER).exists() or not (folder / "config.yaml").is_file():
+    if folder is None or not is_sparsebert_output(folder):
         return {}
-    saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
     names = {f.name for f in dataclasses.fields(config)} - {"output_dir", "overwrite", "resume"}
-    return {key: value for key, value in saved.items() if key in names}
+    return {key: value for key, value in saved_options(folder).items() if key in names}
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
