@@ -16,6 +16,7 @@ from conftest import cli, outputs_of
 from safetensors.torch import load_file
 
 from sparsebert.io import JsonlLog
+from sparsebert.report import _dev_curves, plot_run
 
 FAST = ["--max-seq-length", "16", "--batch-size", "16", "--eval-batch-size", "32", "--log-every", "2"]
 
@@ -112,10 +113,15 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "model.safetensors")
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "taylor"])  # taylor: its scores must resume too
-def test_interrupted_prune_resumes_to_the_same_model(
-    criterion, teacher, tiny_model_dir, sst_dir, tmp_path, monkeypatch
-):
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--prune-criterion", "magnitude"],
+        ["--prune-criterion", "taylor"],  # its scores must resume too
+        ["--average-weights", "--prune-end", "0.4"],  # stopped at step 11 of the average's steps 8-20
+    ],
+)
+def test_interrupted_prune_resumes_to_the_same_model(extra, teacher, tiny_model_dir, sst_dir, tmp_path, monkeypatch):
     args = [
         "prune",
         "--teacher",
@@ -134,8 +140,7 @@ def test_interrupted_prune_resumes_to_the_same_model(
         "4",
         "--prune-updates",
         "10",
-        "--prune-criterion",
-        criterion,
+        *extra,
         *FAST,
     ]
     assert cli(*args, "--output-dir", tmp_path / "straight") == 0
@@ -164,6 +169,32 @@ def test_interrupted_prune_resumes_to_the_same_model(
         r for r in log if r.get("event") == "interrupted"
     ).items()
     assert any(r.get("event") == "resume" for r in log)
+
+
+def test_averaged_weights_are_the_same_run_s_mean_with_its_masks(teacher, tiny_model_dir, sst_dir, tmp_path):
+    """The average is a shadow: training (and so the masks and the last weights) is the run without it."""
+    args = ["prune", "--teacher", teacher, "--student", tiny_model_dir, "--task", "sst2", "--data-dir", sst_dir,
+            "--sparsity", "0.8", "--max-steps", "24", "--prune-end", "0.5", "--prune-updates", "6",
+            "--eval-every", "8", "--lr", "3e-3", *FAST]  # fmt: skip
+    assert cli(*args, "--output-dir", tmp_path / "last") == 0
+    assert cli(*args, "--output-dir", tmp_path / "mean", "--average-weights") == 0
+    last, mean = _weights(tmp_path / "last"), _weights(tmp_path / "mean")
+    matrices = json.loads((tmp_path / "mean" / "sparsity.json").read_text())["matrices"]
+    assert json.loads((tmp_path / "last" / "sparsity.json").read_text())["matrices"] == matrices
+    for name in matrices:
+        assert torch.equal(last[name + ".weight"] == 0, mean[name + ".weight"] == 0), name
+    assert any(not torch.allclose(last[k], mean[k]) for k in last)
+    log = [json.loads(line) for line in (tmp_path / "mean" / "log.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in log if r.get("event") == "eval"}
+    assert "metrics_average" not in evals[8] and "metrics_average" in evals[16]  # from step 12 on
+    end = next(r for r in log if r.get("event") == "eval_last_weights")
+    assert end["averaged_steps"] == 13  # steps 12..24
+    assert end["metrics"] == json.loads((tmp_path / "last" / "metrics.json").read_text())["metrics"]
+    assert evals[24]["metrics"] == json.loads((tmp_path / "mean" / "metrics.json").read_text())["metrics"]
+    (last_curve, average_curve) = [curve for _, _, curve in _dev_curves(log)]  # the plot: one line each
+    assert [s for s, _ in last_curve] == [8, 16, 24] and last_curve[-1][1] == end["metrics"]
+    assert [s for s, _ in average_curve] == [16, 24] and average_curve[-1][1] == evals[24]["metrics"]
+    assert (tmp_path / "mean" / "dev.png") in plot_run(tmp_path / "mean")
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,7 @@ from sparsebert.io import (
     publish_dir,
 )
 from sparsebert.models import inference_length, load_model, load_tokenizer
-from sparsebert.pruning import CubicSparsitySchedule, Pruner, sparsity_report
+from sparsebert.pruning import CubicSparsitySchedule, Pruner, resolve_step, sparsity_report
 from sparsebert.sources import resolve_model
 from sparsebert.strategies import TABLE
 from sparsebert.students import fit_dense_student
@@ -265,11 +265,6 @@ def copy_head(teacher: nn.Module, student: nn.Module) -> list[str]:
     return copied
 
 
-def _resolve_step(value: float, n_steps: int) -> int:
-    """A prune window bound: a fraction of the run when <= 1 (0.7 = 70%), else an absolute step."""
-    return round(value * n_steps) if value <= 1 else int(value)
-
-
 def _initial_student(config: PruneConfig, teacher: nn.Module | None, tokenizer, task) -> nn.Module:
     """Where each strategy's student starts.
 
@@ -348,7 +343,7 @@ def _pruner_factory(config: PruneConfig) -> Callable[[nn.Module, int], Pruner] |
     def make_pruner(model: nn.Module, n_steps: int) -> Pruner:
         if pruning == "one-shot":  # on the starting magnitudes, then fixed
             return Pruner.one_shot(model, config.sparsity, config.prune_scope, config.prune_block)
-        start, end = _resolve_step(config.prune_start, n_steps), _resolve_step(config.prune_end, n_steps)
+        start, end = resolve_step(config.prune_start, n_steps), resolve_step(config.prune_end, n_steps)
         # masks are updated after an optimizer step: a window ending at step 0 would never prune
         schedule = CubicSparsitySchedule(config.sparsity, start, min(max(end, start, 1), n_steps), config.prune_updates)
         return Pruner(model, schedule, config.prune_scope, block=config.prune_block, criterion=config.prune_criterion)
@@ -411,7 +406,8 @@ def prune(config: PruneConfig) -> RunResult:
         head_lr = config.head_lr if config.head_lr and config.head_lr != config.lr else None
         train, dev = _train_loader(data, tokenizer, config), _eval_loaders(data, tokenizer, config)
         loop = Loop(accelerator, config, student, step_fn, train, dev, data.task, out, log,
-                    pruner_factory=_pruner_factory(config), extra_modules=extra, head_lr=head_lr)  # fmt: skip
+                    pruner_factory=_pruner_factory(config), extra_modules=extra, head_lr=head_lr,
+                    average_from=config.prune_end if config.average_weights else None)  # fmt: skip
         metrics = loop.run()
         report = sparsity_report(accelerator.unwrap_model(loop.model))
         files = {"sparsity.json": report, "metrics.json": _metrics_record(data, metrics)}

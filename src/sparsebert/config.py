@@ -208,6 +208,10 @@ class PruneOptions:
     augment: int = opt(
         0, "augmented copies of each training example, labelled by the teacher (TinyBERT: 20)", group="pruning"
     )
+    average_weights: bool = opt(
+        False, "keep the mean of the student's weights over the steps after --prune-end (masks fixed) instead of "
+        "the last ones", group="pruning",
+    )  # fmt: skip
 
     def validate_pruning(self) -> None:
         """Check the pruning options before any model is loaded (errors come before slow work)."""

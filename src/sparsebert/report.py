@@ -39,6 +39,17 @@ def pyplot():
     return plt
 
 
+def _dev_curves(log: list[dict]) -> list[tuple[str, str, list[tuple[int, dict]]]]:
+    """(label suffix, line style, [(step, metrics)]) of the last weights and, where the run averaged
+    them, of the average (the final evaluation is the average's; its last weights are logged apart)."""
+    curve = [(r["step"], r["metrics"]) for r in log if r.get("event") == "eval"]
+    last = next((r for r in log if r.get("event") == "eval_last_weights"), None)
+    if last is None:
+        return [("", "o-", curve)]
+    average = [(r["step"], r["metrics_average"]) for r in log if "metrics_average" in r] + curve[-1:]
+    return [("", "o-", [*curve[:-1], (last["step"], last["metrics"])]), (" (weights averaged)", "s--", average)]
+
+
 def plot_run(run_dir: Path, sparsity: dict | None = None) -> list[Path]:
     """PNG plots of a run: training loss and dev metrics (with the target sparsity) vs step; sparsity per layer."""
     plt = pyplot()
@@ -71,8 +82,9 @@ def plot_run(run_dir: Path, sparsity: dict | None = None) -> list[Path]:
         save(fig, "loss.png")
     if len(evals) > 1:  # dev metrics during training: where pruning hurt and how far the run recovered
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        for name in evals[-1]["metrics"]:
-            ax.plot([r["step"] for r in evals], [100 * r["metrics"][name] for r in evals], "o-", label=name)
+        for label, style, curve in _dev_curves(log):
+            for name in curve[-1][1]:
+                ax.plot([s for s, _ in curve], [100 * m[name] for _, m in curve], style, label=name + label)
         ax.set_xlabel("step")
         ax.set_ylabel("dev metric (%)")
         ax.legend(fontsize=8)

@@ -30,11 +30,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
+from sparsebert.averaging import WeightAverage
 from sparsebert.config import TrainConfig
 from sparsebert.errors import SparseBertError, StoppedAtCheckpoint
 from sparsebert.io import JsonlLog
 from sparsebert.metrics import compute_metrics, predictions_from_logits
-from sparsebert.pruning import Pruner
+from sparsebert.pruning import Pruner, resolve_step
 from sparsebert.tasks import TaskSpec
 
 StepFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]  # (prepared model, batch)
@@ -251,8 +252,11 @@ class Loop:
     pruner_factory: Callable[[nn.Module, int], Pruner] | None = None
     extra_modules: list[nn.Module] = field(default_factory=list)  # e.g. a distillation projection
     head_lr: float | None = None
+    # Average the weights from this step (a fraction of the run when <= 1) to the end; None: keep the last.
+    average_from: float | None = None
     state: LoopState = field(default_factory=LoopState)
     pruner: Pruner | None = None
+    average: WeightAverage | None = None
     _losses: list[torch.Tensor] = field(default_factory=list)  # since the last log record, on the device
     _parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -371,6 +375,9 @@ class Loop:
         acc.register_for_checkpointing(self.state, *self.extra_modules)
         if self.pruner is not None:
             acc.register_for_checkpointing(self.pruner)
+        if self.average_from is not None:
+            self.average = WeightAverage(acc.unwrap_model(model), resolve_step(self.average_from, n_steps))
+            acc.register_for_checkpointing(self.average)
         if cfg.resume and (self.output_dir / CHECKPOINT).exists():
             acc.load_state(str(self.output_dir / CHECKPOINT))
             if acc.is_main_process:
@@ -398,6 +405,8 @@ class Loop:
             self.pruner.step()
         self.state.step += 1
         self.state.batch_in_epoch += 1
+        if self.average is not None:
+            self.average.update(self.state.step)
         self._losses.append(loss.detach())
         for k, v in parts.items():
             self._parts[k] = self._parts.get(k, 0) + v
@@ -418,8 +427,7 @@ class Loop:
         if step % cfg.log_every == 0 or step == p.n_steps:
             self._log_window(p.scheduler.get_last_lr()[0], bar)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < p.n_steps:
-            metrics = evaluate(p.model, p.eval_loaders, self.task, self.accelerator)
-            self._log({"step": step, "event": "eval", "metrics": metrics})
+            self._evaluate(p, step)
         if self._should_stop(stop):
             bar.close()
             self._save_checkpoint()
@@ -430,12 +438,28 @@ class Loop:
             self._save_checkpoint()
         return step >= p.n_steps
 
+    def _evaluate(self, p: _Prepared, step: int) -> None:
+        """Dev metrics of the weights as they are and, once averaging has begun, of their average."""
+        acc = self.accelerator
+        record = {"step": step, "event": "eval", "metrics": evaluate(p.model, p.eval_loaders, self.task, acc)}
+        if self.average is not None and self.average.count:
+            with self.average.applied():
+                record["metrics_average"] = evaluate(p.model, p.eval_loaders, self.task, acc)
+        self._log(record)
+
     def _end(self, p: _Prepared, elapsed: float) -> dict[str, float]:
         """Final checks and evaluation; every process must end with the same weights and masks."""
         acc = self.accelerator
         if self.pruner is not None:
             self.pruner.remove_hooks()
         self._check_finite(p.model)
+        if self.average is not None and self.average.count:
+            last = evaluate(p.model, p.eval_loaders, self.task, acc)
+            self._log({"step": self.state.step, "event": "eval_last_weights", "metrics": last,
+                       "averaged_steps": self.average.count})  # fmt: skip
+            self.average.copy_to()
+            if self.pruner is not None:
+                self.pruner.apply_masks()  # the mean of masked weights is masked; this keeps it exact
         metrics = evaluate(p.model, p.eval_loaders, self.task, acc)
         digests = gather_object([weights_digest(acc.unwrap_model(p.model), self.pruner, self.extra_modules)])
         self._log({"step": self.state.step, "event": "eval", "metrics": metrics})

@@ -2,7 +2,7 @@
 
 from sparsebert.pruning.layers import ROLES, PrunableLinear, find_encoder_layers, find_prunable_linears
 from sparsebert.pruning.pruner import Pruner, sparsity_report
-from sparsebert.pruning.schedule import CubicSparsitySchedule
+from sparsebert.pruning.schedule import CubicSparsitySchedule, resolve_step
 
 __all__ = [
     "ROLES",
@@ -11,5 +11,6 @@ __all__ = [
     "Pruner",
     "find_encoder_layers",
     "find_prunable_linears",
+    "resolve_step",
     "sparsity_report",
 ]

@@ -12,6 +12,11 @@ from dataclasses import asdict, dataclass
 from sparsebert.errors import SparseBertError
 
 
+def resolve_step(value: float, n_steps: int) -> int:
+    """A step given as a fraction of the run when <= 1 (0.7 = 70%), else as an absolute step."""
+    return round(value * n_steps) if value <= 1 else int(value)
+
+
 @dataclass
 class CubicSparsitySchedule:
     """Target sparsity as a function of the optimizer step.
