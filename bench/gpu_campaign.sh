@@ -13,7 +13,8 @@
 #   teachers (the final checkpoint of each run, the best on dev kept): MRPC lr {5e-5, 1e-4} x {3, 5}
 #   epochs; SST-2 (all 67,349 sentences, 1 epoch) and movie-rating (3 epochs) at lr {5e-5, 1e-4};
 #   then students (bf16 by --mixed-precision auto on the GPU), cubic pruning over the first 70% of the
-#   steps, linear LR decay, 90% (MRPC with --augment 20), seeds 42, 43, 44, once per recipe variant in
+#   steps, linear LR decay, the weights' mean over the last 30% saved beside the dev metrics of the last
+#   ones (--average-weights), 90% (MRPC with --augment 20), seeds 42, 43, 44, once per recipe variant in
 #   $VARIANTS ("name:options;name:options") on each task, so that variants compare seed for seed.
 #   $TASKS picks the chains (default: all three). Each student's step count is $STEPS when set, else
 #   planned from its teacher's measured speed, the number of students sharing the device and the time
@@ -112,7 +113,7 @@ chain() {  # chain TASK METRIC PREFIX: its teachers, the best one, then its stud
   [ ${#plan[@]} -eq 4 ] || return 1
   echo "$task: teacher $(basename "$teacher"), students ${plan[*]} (after $((SECONDS - START)) s)"
   local common=(prune --student "$MODEL" --teacher "$teacher" --task "$task" --lr 1e-4 --lr-schedule linear
-    --warmup-ratio 0.02 --prune-end 0.7 "${plan[@]}" "${STUDENT[@]}")
+    --warmup-ratio 0.02 --prune-end 0.7 --average-weights "${plan[@]}" "${STUDENT[@]}")
   "$@"
   wait_all
 }

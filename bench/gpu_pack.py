@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from sparsebert.io import atomic_write_json
+from sparsebert.report import dev_curves
 
 LIMIT_MB = 60
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -88,9 +89,10 @@ def summarize_run(folder: Path) -> dict:
         "total_steps": start.get("total_steps"),
         "mixed_precision": start.get("mixed_precision"),
         "last_step": steps[-1]["step"] if steps else 0,
-        "curve": [{"step": r["step"], **r["metrics"]} for r in log if r.get("event") == "eval"],
         "finished": (folder / "metrics.json").exists(),
     }
+    for kind, curve in dev_curves(log).items():  # "curve": the last weights; "curve_average": their mean
+        run["curve" if kind == "last" else "curve_average"] = [{"step": step, **m} for step, m in curve]
     if len(steps) > 1:
         first, last = steps[0], steps[-1]
         run["steps_per_second"] = round((last["step"] - first["step"]) / max(last["time"] - first["time"], 1e-9), 2)

@@ -16,7 +16,7 @@ from conftest import cli, outputs_of
 from safetensors.torch import load_file
 
 from sparsebert.io import JsonlLog
-from sparsebert.report import _dev_curves, plot_run
+from sparsebert.report import dev_curves, plot_run
 
 FAST = ["--max-seq-length", "16", "--batch-size", "16", "--eval-batch-size", "32", "--log-every", "2"]
 
@@ -191,7 +191,8 @@ def test_averaged_weights_are_the_same_run_s_mean_with_its_masks(teacher, tiny_m
     assert end["averaged_steps"] == 13  # steps 12..24
     assert end["metrics"] == json.loads((tmp_path / "last" / "metrics.json").read_text())["metrics"]
     assert evals[24]["metrics"] == json.loads((tmp_path / "mean" / "metrics.json").read_text())["metrics"]
-    (last_curve, average_curve) = [curve for _, _, curve in _dev_curves(log)]  # the plot: one line each
+    curves = dev_curves(log)  # the plot: one line each
+    last_curve, average_curve = curves["last"], curves["average"]
     assert [s for s, _ in last_curve] == [8, 16, 24] and last_curve[-1][1] == end["metrics"]
     assert [s for s, _ in average_curve] == [16, 24] and average_curve[-1][1] == evals[24]["metrics"]
     assert (tmp_path / "mean" / "dev.png") in plot_run(tmp_path / "mean")

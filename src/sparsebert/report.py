@@ -39,15 +39,16 @@ def pyplot():
     return plt
 
 
-def _dev_curves(log: list[dict]) -> list[tuple[str, str, list[tuple[int, dict]]]]:
-    """(label suffix, line style, [(step, metrics)]) of the last weights and, where the run averaged
-    them, of the average (the final evaluation is the average's; its last weights are logged apart)."""
+def dev_curves(log: list[dict]) -> dict[str, list[tuple[int, dict]]]:
+    """[(step, dev metrics)] of the last weights at every evaluation ("last") and, in a run that averaged
+    its weights (``--average-weights``), of the average from where it began ("average"): the final
+    evaluation is the average's (the saved model), its last weights are logged apart."""
     curve = [(r["step"], r["metrics"]) for r in log if r.get("event") == "eval"]
     last = next((r for r in log if r.get("event") == "eval_last_weights"), None)
     if last is None:
-        return [("", "o-", curve)]
-    average = [(r["step"], r["metrics_average"]) for r in log if "metrics_average" in r] + curve[-1:]
-    return [("", "o-", [*curve[:-1], (last["step"], last["metrics"])]), (" (weights averaged)", "s--", average)]
+        return {"last": curve}
+    average = [(r["step"], r["metrics_average"]) for r in log if "metrics_average" in r]
+    return {"last": [*curve[:-1], (last["step"], last["metrics"])], "average": average + curve[-1:]}
 
 
 def plot_run(run_dir: Path, sparsity: dict | None = None) -> list[Path]:
@@ -82,7 +83,8 @@ def plot_run(run_dir: Path, sparsity: dict | None = None) -> list[Path]:
         save(fig, "loss.png")
     if len(evals) > 1:  # dev metrics during training: where pruning hurt and how far the run recovered
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        for label, style, curve in _dev_curves(log):
+        for kind, curve in dev_curves(log).items():
+            style, label = ("o-", "") if kind == "last" else ("s--", " (weights averaged)")
             for name in curve[-1][1]:
                 ax.plot([s for s, _ in curve], [100 * m[name] for _, m in curve], style, label=name + label)
         ax.set_xlabel("step")
