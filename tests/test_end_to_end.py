@@ -196,6 +196,8 @@ def test_averaged_weights_are_the_same_run_s_mean_with_its_masks(teacher, tiny_m
     assert [s for s, _ in last_curve] == [8, 16, 24] and last_curve[-1][1] == end["metrics"]
     assert [s for s, _ in average_curve] == [16, 24] and average_curve[-1][1] == evals[24]["metrics"]
     assert (tmp_path / "mean" / "dev.png") in plot_run(tmp_path / "mean")
+    stopped = dev_curves(log[: log.index(evals[24])])  # stopped before the average's own evaluation
+    assert stopped["last"] == last_curve and stopped["average"] == average_curve[:-1]
 
 
 @pytest.mark.parametrize(

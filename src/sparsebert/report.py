@@ -41,14 +41,19 @@ def pyplot():
 
 def dev_curves(log: list[dict]) -> dict[str, list[tuple[int, dict]]]:
     """[(step, dev metrics)] of the last weights at every evaluation ("last") and, in a run that averaged
-    its weights (``--average-weights``), of the average from where it began ("average"): the final
-    evaluation is the average's (the saved model), its last weights are logged apart."""
-    curve = [(r["step"], r["metrics"]) for r in log if r.get("event") == "eval"]
-    last = next((r for r in log if r.get("event") == "eval_last_weights"), None)
-    if last is None:
-        return {"last": curve}
-    average = [(r["step"], r["metrics_average"]) for r in log if "metrics_average" in r]
-    return {"last": [*curve[:-1], (last["step"], last["metrics"])], "average": average + curve[-1:]}
+    its weights (``--average-weights``), of the average from where it began ("average"): the evaluation
+    after the last weights' own (``eval_last_weights``) is the average's, the saved model."""
+    curves: dict[str, list[tuple[int, dict]]] = {"last": [], "average": []}
+    final_is_average = False
+    for r in log:
+        if r.get("event") == "eval_last_weights":
+            curves["last"].append((r["step"], r["metrics"]))
+            final_is_average = True
+        elif r.get("event") == "eval":
+            curves["average" if final_is_average else "last"].append((r["step"], r["metrics"]))
+            if "metrics_average" in r:
+                curves["average"].append((r["step"], r["metrics_average"]))
+    return curves if curves["average"] else {"last": curves["last"]}
 
 
 def plot_run(run_dir: Path, sparsity: dict | None = None) -> list[Path]:
