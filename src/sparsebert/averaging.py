@@ -1,10 +1,12 @@
 """The average of the student's weights over the end of its run (a tail average, as in SWA / Polyak).
 
-At a CPU budget the student's dev metric moves by one to two points between two evaluations 100 steps
-apart while the masks are already fixed (BENCHMARKS.md, "Averaging the recovery"): where the run
-happens to stop decides a good part of the result. The mean of the weights over the steps after the
-target sparsity is reached is one model, as sparse as each of them (the masks no longer change there,
-so every averaged weight that was pruned is zero), at no training cost.
+The student's dev metric moves by one to two points between two evaluations 100 steps apart while the
+masks are already fixed, so where a run happens to stop decides a part of its result. The mean of the
+weights over the steps after the target sparsity is reached is one model, as sparse as each of them (the
+masks no longer change there, so every averaged weight that was pruned is zero), at no training cost.
+Off by default: on MRPC at 90% and 600 steps it was no better than the last weights, whose LR has
+decayed to zero (BENCHMARKS.md, "The dense ceiling, the average of the recovery"); runs that use it
+log both.
 
 Used like the pruner, beside the optimizer::
 
