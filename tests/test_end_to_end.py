@@ -200,6 +200,17 @@ def test_averaged_weights_are_the_same_run_s_mean_with_its_masks(teacher, tiny_m
     assert stopped["last"] == last_curve and stopped["average"] == average_curve[:-1]
 
 
+def test_the_average_waits_for_the_masks_to_be_final(teacher, tiny_model_dir, sst_dir, tmp_path):
+    """--prune-end before --prune-start: the schedule ends at the start (step 6), and so does the average."""
+    out = tmp_path / "run"
+    assert cli("prune", "--teacher", teacher, "--student", tiny_model_dir, "--task", "sst2", "--data-dir", sst_dir,
+               "--sparsity", "0.8", "--max-steps", "10", "--prune-start", "0.6", "--prune-end", "0.2",
+               "--average-weights", "--output-dir", out, *FAST) == 0  # fmt: skip
+    end = next(r for r in JsonlLog(out / "log.jsonl").read() if r.get("event") == "eval_last_weights")
+    assert end["averaged_steps"] == 5  # steps 6..10
+    assert json.loads((out / "sparsity.json").read_text())["overall"] == pytest.approx(0.8, abs=1e-3)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

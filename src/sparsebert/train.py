@@ -252,7 +252,8 @@ class Loop:
     pruner_factory: Callable[[nn.Module, int], Pruner] | None = None
     extra_modules: list[nn.Module] = field(default_factory=list)  # e.g. a distillation projection
     head_lr: float | None = None
-    # Average the weights from this step (a fraction of the run when <= 1) to the end; None: keep the last.
+    # Average the weights from this step (a fraction of the run when <= 1), or from where the pruner's masks
+    # are final if that is later, to the end; None: keep the last weights.
     average_from: float | None = None
     state: LoopState = field(default_factory=LoopState)
     pruner: Pruner | None = None
@@ -375,8 +376,10 @@ class Loop:
         acc.register_for_checkpointing(self.state, *self.extra_modules)
         if self.pruner is not None:
             acc.register_for_checkpointing(self.pruner)
-        if self.average_from is not None:
-            self.average = WeightAverage(acc.unwrap_model(model), resolve_step(self.average_from, n_steps))
+        if self.average_from is not None:  # masks fixed over the window: the mean is exactly as sparse
+            masks_final = self.pruner.schedule.end_step if self.pruner is not None else 0
+            start = max(resolve_step(self.average_from, n_steps), masks_final)
+            self.average = WeightAverage(acc.unwrap_model(model), start)
             acc.register_for_checkpointing(self.average)
         if cfg.resume and (self.output_dir / CHECKPOINT).exists():
             acc.load_state(str(self.output_dir / CHECKPOINT))
@@ -458,8 +461,6 @@ class Loop:
             self._log({"step": self.state.step, "event": "eval_last_weights", "metrics": last,
                        "averaged_steps": self.average.count})  # fmt: skip
             self.average.copy_to()
-            if self.pruner is not None:
-                self.pruner.apply_masks()  # the mean of masked weights is masked; this keeps it exact
         metrics = evaluate(p.model, p.eval_loaders, self.task, acc)
         digests = gather_object([weights_digest(acc.unwrap_model(p.model), self.pruner, self.extra_modules)])
         self._log({"step": self.state.step, "event": "eval", "metrics": metrics})
