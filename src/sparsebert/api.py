@@ -59,6 +59,7 @@ from sparsebert.tasks import get_task
 from sparsebert.train import (
     CHECKPOINT,
     Loop,
+    fast_attention,
     make_accelerator,
     new_accelerator,
     recover_checkpoint,
@@ -366,6 +367,7 @@ def _distillation(
 ):
     """The distilling strategies' step and the modules it trains beside the student (a projection)."""
     teacher_config = teacher.config
+    teacher = fast_attention(teacher, accelerator.mixed_precision, accelerator.device)
     teacher = accelerator.prepare_model(teacher, evaluation_mode=True).eval()
     weights = LossWeights.parse(config.loss_weights)
     if not attention_comparable(student.config, teacher_config):
@@ -427,6 +429,7 @@ def evaluate(config: EvaluateConfig) -> RunResult:
     model = load_model(config.model, data.task)
     config = dataclasses.replace(config, max_seq_length=inference_length(config.max_seq_length, tokenizer, model))
     loaders = _eval_loaders(data, tokenizer, config)
+    model = fast_attention(model, accelerator.mixed_precision, accelerator.device)
     prepared = accelerator.prepare(model, *loaders.values())
     metrics = evaluate_loaders(prepared[0], dict(zip(loaders, prepared[1:], strict=True)), data.task, accelerator)
     record = _metrics_record(data, metrics)
