@@ -4,7 +4,7 @@
 #
 #   here:  .venv/bin/python bench/gpu_pack.py pack gpu_pack          (git-ignored, < 60 MiB)
 #   there: bash bench/gpu_campaign.sh       (device tool: carry ["gpu_pack"], timeout_s 600)
-#   the next lease: TASKS="mrpc rating" STEPS=4000 BUDGET=520 bash bench/gpu_campaign.sh
+#   the next lease: TASKS="sst2 mrpc" STEPS=3000 BUDGET=530 bash bench/gpu_campaign.sh (12 students)
 #   (after the students: the int8 sparse engine's dev metrics on any 1x4 students, if this CPU has VNNI)
 #   here, at tiny size on CPU (tests/test_gpu_campaign.py runs this so it cannot rot):
 #          PYTHON=.venv/bin/python SCALE=tiny bash bench/gpu_campaign.sh
@@ -12,9 +12,10 @@
 # One chain per task, the three side by side, so MRPC's students start while SST-2's teacher trains:
 #   teachers (the final checkpoint of each run, the best on dev kept): MRPC lr {5e-5, 1e-4} x {3, 5}
 #   epochs; SST-2 (all 67,349 sentences, 1 epoch) and movie-rating (3 epochs) at lr {5e-5, 1e-4};
-#   then students (bf16 by --mixed-precision auto on the GPU), cubic pruning over the first 70% of the
-#   steps, linear LR decay, the weights' mean over the last 30% saved beside the dev metrics of the last
-#   ones (--average-weights), 90% (MRPC with --augment 20), seeds 42, 43, 44, once per recipe variant in
+#   then students (bf16 by --mixed-precision auto on the GPU) with prune's defaults (taylor ranking, lr 3e-4
+#   decayed linearly, cubic pruning over the first 70% of the steps), the weights' mean over the last 30%
+#   saved beside the dev metrics of the last ones (--average-weights), MRPC with --augment 20, at 90% and
+#   80% by default (a variant's options come last and win), seeds 42, 43, 44, once per recipe variant in
 #   $VARIANTS ("name:options;name:options") on each task, so that variants compare seed for seed.
 #   $TASKS picks the chains (default: all three). Each student's step count is $STEPS when set, else
 #   planned from its teacher's measured speed, the number of students sharing the device and the time
@@ -33,7 +34,7 @@ BUDGET=${BUDGET:-540}  # seconds for the whole campaign
 SEEDS=(42 43 44)
 TASKS=${TASKS:-mrpc sst2 rating}
 STEPS=${STEPS:-}
-VARIANTS=${VARIANTS:-taylor:--lr 1e-4;lr3e4:--lr 3e-4}  # taylor (the default criterion) at two peak LRs
+VARIANTS=${VARIANTS:-s90:--sparsity 0.9;s80:--sparsity 0.8}  # the defaults at two sparsities
 START=$SECONDS
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SPARSEBERT_CACHE=$RUNS/cache
 export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -112,7 +113,7 @@ chain() {  # chain TASK METRIC PREFIX: its teachers, the best one, then its stud
   read -r -a plan <<<"$(student_steps "$teacher")"
   [ ${#plan[@]} -eq 4 ] || return 1
   echo "$task: teacher $(basename "$teacher"), students ${plan[*]} (after $((SECONDS - START)) s)"
-  local common=(prune --student "$MODEL" --teacher "$teacher" --task "$task" --lr 1e-4 --lr-schedule linear
+  local common=(prune --student "$MODEL" --teacher "$teacher" --task "$task" --lr 3e-4 --lr-schedule linear
     --warmup-ratio 0.02 --prune-end 0.7 --average-weights "${plan[@]}" "${STUDENT[@]}")
   "$@"
   wait_all
@@ -128,7 +129,7 @@ mrpc() {
   done
   chain mrpc accuracy teacher-mrpc mrpc_students
 }
-students() {  # students NAME DATA sparsebert-options...: one 90% student per recipe variant and seed
+students() {  # students NAME DATA sparsebert-options...: one student per recipe variant and seed
   local name=$1 data=$2 seed variant options
   shift 2
   for variant in "${VARIANT_LIST[@]}"; do
@@ -139,7 +140,7 @@ students() {  # students NAME DATA sparsebert-options...: one 90% student per re
     done
   done
 }
-mrpc_students() { students mrpc-90-aug MRPC --augment $AUGMENT; }
+mrpc_students() { students mrpc-aug MRPC --augment $AUGMENT; }
 
 sst2() {
   PIDS=()
@@ -149,7 +150,7 @@ sst2() {
   done
   chain sst2 accuracy teacher-sst2 sst2_students
 }
-sst2_students() { students sst2-90 SST-2 --max-seq-length 64; }
+sst2_students() { students sst2 SST-2 --max-seq-length 64; }
 
 rating() {
   PIDS=()
@@ -159,7 +160,7 @@ rating() {
   done
   chain movie-rating pearson teacher-rating rating_students
 }
-rating_students() { students rating-90 movie-rating --max-seq-length 64; }
+rating_students() { students rating movie-rating --max-seq-length 64; }
 
 progress() {  # rewrite results.json every 30 s until the campaign ends
   local n=0
@@ -176,7 +177,7 @@ int8_accuracy() {  # the int8 sparse engine's dev metrics on the 1x4 students, w
   "$PY" -c "from sparsebert.runtime.int8 import int8_available as ok; raise SystemExit(not ok())" 2>/dev/null ||
     { echo "int8 accuracy: skipped (no AVX512-VNNI or no C++ compiler here)"; return 0; }
   local model
-  for model in "$RUNS"/student-mrpc-90-aug-*-s*/; do
+  for model in "$RUNS"/student-mrpc-aug-*-s*/; do
     [ -f "$model/metrics.json" ] && grep -q '^prune_block: 4' "$model/config.yaml" || continue
     "$PY" bench/engine_accuracy.py --model "$model" --task mrpc --data-dir "$DATA/MRPC" --max-seq-length 128 \
       --backends auto,int8 --paths fp32 --threads 4 --json "$OUT/accuracy-$(basename "$model").json" \
