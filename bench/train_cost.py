@@ -51,14 +51,14 @@ VARIANTS = {  # name: (length-grouped batches, fused AdamW, precision)
 
 def build_step(kind: str, student, teacher, fused: bool, precision: str, pruner) -> Callable[[dict], None]:
     """One optimizer step of ``kind`` (finetune | distill) on a batch, as the training loop runs it."""
-    optimizer = torch.optim.AdamW(param_groups(student, 0.01), lr=1e-4, fused=fused)
-    if kind == "distill":
-        loss_fn = DistillationLoss(student.config, teacher.config, LossWeights.parse("0.1,1,5"))
-        distill = _distillation_step(teacher, student, loss_fn)
     bf16 = precision == "bf16"
     # as the training loop runs them: eager attention in bf16 on a CPU (a teacher of its own for that)
     student = fast_attention(student, precision, "cpu")
     teacher = fast_attention(copy.deepcopy(teacher), precision, "cpu") if bf16 else teacher
+    optimizer = torch.optim.AdamW(param_groups(student, 0.01), lr=1e-4, fused=fused)
+    if kind == "distill":
+        loss_fn = DistillationLoss(student.config, teacher.config, LossWeights.parse("0.1,1,5"))
+        distill = _distillation_step(teacher, student, loss_fn)
 
     def step(batch: dict) -> None:
         student.train()
