@@ -7,6 +7,10 @@ losses, backward, clipping, AdamW): median step time, then ``torch.profiler``'s 
     .venv/bin/python bench/profile_step.py                 # per-tensor AdamW, fp32
     .venv/bin/python bench/profile_step.py --fused         # fused AdamW
     .venv/bin/python bench/profile_step.py --fused --bf16  # under torch.autocast(bfloat16)
+    .venv/bin/python bench/profile_step.py --fused --bf16 --sdpa  # bf16 with torch's fused CPU attention
+
+The models' attention is chosen as the training loop chooses it (`train.fast_attention`: eager in bf16);
+`--sdpa` keeps torch's fused kernel, as the loop did before the thirteenth session.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from sparsebert.distill import DistillationLoss, LossWeights
 from sparsebert.models import load_model, load_tokenizer
 from sparsebert.runtime.bench import median_ms
 from sparsebert.tasks import get_task
+from sparsebert.train import fast_attention
 
 
 def main() -> None:
@@ -31,6 +36,7 @@ def main() -> None:
     p.add_argument("--data-dir", default="../shared/data/glue/MRPC")
     p.add_argument("--fused", action="store_true", help="fused AdamW")
     p.add_argument("--bf16", action="store_true", help="forward passes under bf16 autocast")
+    p.add_argument("--sdpa", action="store_true", help="keep torch's fused attention in bf16 too")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     hf_logging.set_verbosity_error()
@@ -45,6 +51,9 @@ def main() -> None:
     middle = len(features) // 2
     batch = DataCollatorWithPadding(tokenizer)(features[middle - 16 : middle + 16])
     student, teacher = load_model("minilm-l6", task), load_model("minilm-l6", task).eval()
+    if not args.sdpa:
+        precision = "bf16" if args.bf16 else "no"
+        student, teacher = (fast_attention(m, precision, "cpu") for m in (student, teacher))
     step_fn = _distillation_step(
         teacher, student, DistillationLoss(student.config, teacher.config, LossWeights.parse("0.1,1,5"))
     )

@@ -68,10 +68,10 @@ def resolve_mixed_precision(choice: str) -> str:
 def fast_attention(model: nn.Module, precision: str, device: torch.device | str) -> nn.Module:
     """Eager attention (bmm, softmax, bmm) for bf16 on a CPU; elsewhere the model keeps its own.
 
-    Torch's fused CPU attention (SDPA) is ~3x slower in bf16 than in fp32: forward and backward of one
-    MiniLM layer's attention, batch 32, length 53, took 29.4 ms in bf16, 8.7 in fp32 and 5.7 eager in bf16
-    (torch 2.13, AMD EPYC with AVX512-BF16), a fifth of a bf16 prune-while-distill step (BENCHMARKS.md,
-    "Training cost"). The choice is not saved with the model (HF keeps it out of config.json).
+    Torch's fused CPU attention (SDPA) is 2.5-3x slower in bf16 than in fp32: forward and backward of one
+    MiniLM layer's attention, batch 32, length 53, took ~29 ms in bf16, 9-12 in fp32 and ~6 eager in bf16
+    (`bench/attention_cost.py`; torch 2.13, AMD EPYC with AVX512-BF16), a fifth of a bf16 prune-while-distill
+    step (BENCHMARKS.md, "Training cost"). The choice is not saved with the model (HF keeps it out of config.json).
     """
     if precision == "bf16" and torch.device(device).type == "cpu" and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")
