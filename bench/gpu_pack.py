@@ -139,12 +139,21 @@ def plan_steps(teacher: Path, seconds: float, jobs: int, cap: int = 20_000) -> t
     speed with 8 teachers side by side, i.e. ``STUDENT_SHARE`` = 3.5 teacher-speeds shared among the
     student jobs at the least. A run planned to fit reaches its target sparsity (the cubic schedule ends
     at a fraction of the run) and decays its LR fully, which a run cut off mid-way does not.
-    Returns (steps, eval_every): at least 1,000 steps, at most ``cap``, ten evaluations per run.
+    Returns (steps, eval_every): at least 1,000 steps, at most ``cap``, ten evaluations per run. Fewer
+    than 1,000 fitting is said on stderr: the fourth lease's 235-s call planned 1,000 and was cut at
+    ~700, before the LR had decayed (an MRPC student spends ~60 s building its augmented data first).
     """
     speed = summarize_run(teacher).get("steps_per_second")
     if not speed:
         sys.exit(f"{teacher}: no measured speed in its log.jsonl")
-    steps = int(min(cap, max(1000, speed * STUDENT_SHARE / jobs * seconds * 0.9)) // 500 * 500)
+    fits = int(speed * STUDENT_SHARE / jobs * seconds * 0.9)
+    if fits < 1000:
+        print(
+            f"warning: only ~{fits} steps fit in {seconds:.0f} s for {jobs} students; planning 1,000, "
+            "which the budget will cut before the end",
+            file=sys.stderr,
+        )
+    steps = min(cap, max(1000, fits)) // 500 * 500
     return steps, max(100, steps // 10 // 100 * 100)
 
 

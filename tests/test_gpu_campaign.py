@@ -95,9 +95,9 @@ def test_campaign_runs_end_to_end_at_tiny_size(tmp_path):
         assert run["mixed_precision"] == resolve_mixed_precision("auto")
 
 
-def test_students_are_planned_to_fit_the_time_left(tmp_path):
+def test_students_are_planned_to_fit_the_time_left(tmp_path, capsys):
     """plan-steps: the teacher's measured speed shared among the student jobs, rounded down to 500 steps,
-    never under 1,000 nor over 20,000, ten evaluations per run."""
+    never under 1,000 (said on stderr when fewer fit) nor over 20,000, ten evaluations per run."""
     sys.path.insert(0, str(ROOT / "bench"))
     from gpu_pack import STUDENT_SHARE, plan_steps
 
@@ -106,5 +106,7 @@ def test_students_are_planned_to_fit_the_time_left(tmp_path):
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     expected = int(20.0 * STUDENT_SHARE / 10 * 400 * 0.9) // 500 * 500  # 20 steps/s measured
     assert plan_steps(tmp_path, 400, jobs=10) == (expected, expected // 10 // 100 * 100)
+    assert "warning" not in capsys.readouterr().err
     assert plan_steps(tmp_path, 1, jobs=10) == (1000, 100)
+    assert "only ~6 steps fit" in capsys.readouterr().err
     assert plan_steps(tmp_path, 1e6, jobs=1) == (20_000, 2000)
