@@ -574,12 +574,22 @@ def test_bf16_on_a_cpu_runs_eager_attention_and_saves_none(tiny_model_dir, tmp_p
     assert not any("attn" in key for key in json.loads((tmp_path / "config.json").read_text()))
 
 
-@pytest.mark.parametrize("precision", ["auto", "bf16"])
-def test_prune_in_the_chosen_precision_saves_fp32(precision, teacher, tiny_model_dir, sst_dir, tmp_path):
+@pytest.mark.parametrize("precision", ["auto", "bf16", "no"])
+def test_prune_in_the_chosen_precision_saves_fp32(precision, teacher, tiny_model_dir, sst_dir, tmp_path, monkeypatch):
     """bf16 (forced here, emulated on CPUs without it) runs the teacher and the student under autocast,
-    the losses in fp32, and saves fp32 weights; ``auto`` writes what it chose into config.yaml and the log."""
+    the losses in fp32, and saves fp32 weights; ``auto`` writes what it chose into config.yaml and the log.
+    In bf16 on a CPU every forward pass (student, teacher, dev) runs eager attention, in fp32 none does."""
+    from transformers.models.bert import modeling_bert
+
     from sparsebert.train import resolve_mixed_precision
 
+    eager_calls = []  # True: with grad (the student training), False: without (the teacher, dev)
+    eager = modeling_bert.eager_attention_forward
+    monkeypatch.setattr(
+        modeling_bert,
+        "eager_attention_forward",
+        lambda *a, **k: eager_calls.append(torch.is_grad_enabled()) or eager(*a, **k),
+    )
     out = tmp_path / precision
     args = ["--task", "sst2", "--data-dir", sst_dir, "--output-dir", out, "--max-steps", "6", *FAST]
     code = cli(
@@ -596,6 +606,11 @@ def test_prune_in_the_chosen_precision_saves_fp32(precision, teacher, tiny_model
     weights = _weights(out)
     assert all(w.dtype == torch.float32 for w in weights.values())
     assert json.loads((out / "sparsity.json").read_text())["overall"] == pytest.approx(0.5, abs=1e-3)
+    steps_x_layers = 6 * 2  # the tiny model has two layers
+    if chosen == "bf16":
+        assert eager_calls.count(True) >= steps_x_layers and eager_calls.count(False) >= steps_x_layers
+    else:
+        assert not eager_calls
 
 
 def test_every_job_returns_a_run_result(teacher, sst_dir, tmp_path):
