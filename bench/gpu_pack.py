@@ -141,7 +141,8 @@ def plan_steps(teacher: Path, seconds: float, jobs: int, cap: int = 20_000) -> t
     at a fraction of the run) and decays its LR fully, which a run cut off mid-way does not.
     Returns (steps, eval_every): at least 1,000 steps, at most ``cap``, ten evaluations per run. Fewer
     than 1,000 fitting is said on stderr: the fourth lease's 235-s call planned 1,000 and was cut at
-    ~700, before the LR had decayed (an MRPC student spends ~60 s building its augmented data first).
+    ~700, before the LR had decayed (its MRPC students took their first step ~65 s after their
+    teacher's last: loading and augmenting the data).
     """
     speed = summarize_run(teacher).get("steps_per_second")
     if not speed:
