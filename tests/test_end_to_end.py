@@ -578,7 +578,8 @@ def test_bf16_on_a_cpu_runs_eager_attention_and_saves_none(tiny_model_dir, tmp_p
 def test_prune_in_the_chosen_precision_saves_fp32(precision, teacher, tiny_model_dir, sst_dir, tmp_path, monkeypatch):
     """bf16 (forced here, emulated on CPUs without it) runs the teacher and the student under autocast,
     the losses in fp32, and saves fp32 weights; ``auto`` writes what it chose into config.yaml and the log.
-    In bf16 on a CPU every forward pass (student, teacher, dev) runs eager attention, in fp32 none does."""
+    In bf16 on a CPU the student's training steps and the teacher's (and dev) run eager attention, in fp32
+    none does."""
     from transformers.models.bert import modeling_bert
 
     from sparsebert.train import resolve_mixed_precision
