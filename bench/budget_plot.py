@@ -2,7 +2,8 @@
 
 Reads one or more ``results.json`` written by ``bench/gpu_pack.py summarize`` (the GPU campaign, or CPU
 runs summarized the same way) and draws every student run of a task, its chosen teacher and the majority
-class as horizontal lines (with the target: the teacher less 1.5 points, or 0.02 Pearson).
+class as horizontal lines (with the target: the teacher less 1.5 points, or 0.02 Pearson), and prints each
+group of seeds' final dev metric, mean ± standard deviation against the teacher (BENCHMARKS.md's lease tables).
 
     python bench/budget_plot.py bench/results/budget-gpu-h100/results.json --out bench/results/budget-gpu-h100
 """
@@ -53,10 +54,34 @@ def mean_curve(group: list[dict], metric: str) -> tuple[list[int], list[float], 
     return steps, [statistics.fmean(v) for v in values], [min(v) for v in values], [max(v) for v in values]
 
 
+def summary(task: str, runs: dict[str, dict], teachers: dict[str, dict]) -> list[str]:
+    """One line per group of seeds: the last weights' final dev metric and the saved model's (the average of
+    the recovery under ``--average-weights``), each as its seeds' values = mean ± sd, and against the teacher."""
+    prefix, metric, _ = TASKS[task]
+    teacher = teachers.get(f"teacher-{prefix}", {}).get(metric)
+    lines = []
+    for name, group in seed_groups(_students(runs, prefix)).items():
+        last = [r["curve"][-1][metric] for r in group if r.get("curve")]
+        saved = [r["final"][metric] for r in group if metric in r.get("final", {})]
+        parts = []
+        for label, values in (("last", last), ("saved", saved)):
+            if values:
+                sd = statistics.stdev(values) if len(values) > 1 else 0.0
+                mean = statistics.fmean(values)
+                gap = f" ({mean - teacher:+.4f} vs teacher)" if teacher is not None else ""
+                parts.append(f"{label} {', '.join(f'{v:.4f}' for v in values)} = {mean:.4f} ± {sd:.4f}{gap}")
+        lines.append(f"{task} {name} ({group[0]['total_steps']} steps): " + "; ".join(parts))
+    return lines
+
+
+def _students(runs: dict[str, dict], prefix: str) -> dict[str, dict]:
+    return {n: r for n, r in runs.items() if not n.startswith("teacher") and f"-{prefix}-" in f"-{n}-"}
+
+
 def plot_task(task: str, runs: dict[str, dict], teachers: dict[str, dict], out: Path) -> Path | None:
     """Every student group's mean curve, its seeds' range shaded; the teacher, target and majority lines."""
     prefix, metric, majority = TASKS[task]
-    students = {n: r for n, r in runs.items() if not n.startswith("teacher") and f"-{prefix}-" in f"-{n}-"}
+    students = _students(runs, prefix)
     if not students:
         return None
     plt = pyplot()
@@ -96,7 +121,7 @@ def main() -> None:
     for task in TASKS:
         path = plot_task(task, runs, teachers, args.out)
         if path:
-            print(path)
+            print(path, *summary(task, runs, teachers), sep="\n")
 
 
 if __name__ == "__main__":

@@ -110,3 +110,21 @@ def test_students_are_planned_to_fit_the_time_left(tmp_path, capsys):
     assert plan_steps(tmp_path, 1, jobs=10) == (1000, 100)
     assert "only ~6 steps fit" in capsys.readouterr().err
     assert plan_steps(tmp_path, 1e6, jobs=1) == (20_000, 2000)
+
+
+def test_budget_plot_prints_each_group_of_seeds_against_its_teacher():
+    """The lease tables of BENCHMARKS.md come from this: per group of seeds, the last weights' and the saved
+    model's final dev metric, mean ± sd, and the gap to the chosen teacher."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from budget_plot import summary
+
+    def student(last: float, saved: float) -> dict:
+        return {"total_steps": 300, "curve": [{"step": 300, "accuracy": last}], "final": {"accuracy": saved}}
+
+    runs = {"student-sst2-s90-s42": student(0.86, 0.85), "student-sst2-s90-s43": student(0.88, 0.87),
+            "student-mrpc-aug-s90-s42": student(0.5, 0.5), "teacher-sst2-lr1e-4": student(0.9, 0.9)}  # fmt: skip
+    teachers = {"teacher-sst2": {"chosen": "teacher-sst2-lr1e-4", "accuracy": 0.9}}
+    assert summary("sst2", runs, teachers) == [
+        "sst2 student-sst2-s90 (300 steps): last 0.8600, 0.8800 = 0.8700 ± 0.0141 (-0.0300 vs teacher); "
+        "saved 0.8500, 0.8700 = 0.8600 ± 0.0141 (-0.0400 vs teacher)"
+    ]
