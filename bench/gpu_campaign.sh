@@ -36,7 +36,7 @@ BUDGET=${BUDGET:-540}  # seconds for the whole campaign
 SEEDS=(42 43 44)
 TASKS=${TASKS:-mrpc sst2 rating}
 STEPS=${STEPS:-}
-VARIANTS=${VARIANTS:-s90:--sparsity 0.9;s80:--sparsity 0.8}  # the defaults at two sparsities
+VARIANTS=${VARIANTS:-s90:--sparsity 0.9;s80:--sparsity 0.8}  # the defaults at two sparsities (none named: prune's 90%)
 START=$SECONDS
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SPARSEBERT_CACHE=$RUNS/cache
 export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -137,8 +137,7 @@ students() {  # students NAME DATA sparsebert-options...: one student per recipe
   for variant in "${VARIANT_LIST[@]}"; do
     read -r -a options <<<"${variant#*:}"
     for seed in "${SEEDS[@]}"; do
-      run "student-$name-${variant%%:*}-s$seed" "${common[@]}" --data-dir "$DATA/$data" --sparsity 0.9 \
-        --seed $seed "$@" "${options[@]}"
+      run "student-$name-${variant%%:*}-s$seed" "${common[@]}" --data-dir "$DATA/$data" --seed $seed "$@" "${options[@]}"
     done
   done
 }

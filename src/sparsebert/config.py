@@ -188,7 +188,7 @@ class PruneOptions:
         "taylor", "what ranks the weights: taylor (|w * grad|, averaged over recent steps) or magnitude (the "
         "paper); one-shot strategies: magnitude", choices=PRUNE_CRITERIA, group="pruning",
     )  # fmt: skip
-    temperature: float = opt(1.0, "softmax temperature of the prediction loss", group="pruning")
+    temperature: float = opt(1.0, "softmax temperature of the prediction loss (times T², Hinton)", group="pruning")
     # The paper adds the three terms with equal weights over ~100x our CPU budgets; at a few hundred
     # steps the attention-score MSE (largest in size) crowds out the logits, and 0.1,1,5 kept MiniLM-L6
     # far closer to its teacher (BENCHMARKS.md, "loss weights").

@@ -112,9 +112,14 @@ def attention_comparable(student_config, teacher_config) -> bool:
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Cross-entropy to the teacher's softened distribution, averaged over batch x classes (reference)."""
+    """Cross-entropy to the teacher's softened distribution, averaged over batch x classes (reference).
+
+    Scaled by temperature² (Hinton et al.): softening shrinks the gradients by 1/T², so without it a
+    higher temperature would also quietly lower the prediction term's weight. At T = 1 (the default,
+    TinyBERT's) this is the reference's loss exactly.
+    """
     targets = F.softmax(teacher_logits / temperature, dim=-1)
-    return (-targets * F.log_softmax(student_logits / temperature, dim=-1)).mean()
+    return (-targets * F.log_softmax(student_logits / temperature, dim=-1)).mean() * temperature**2
 
 
 @dataclass
