@@ -47,3 +47,16 @@ def test_a_restored_average_goes_on_where_it_stopped():
     assert restored.start_step == 1 and restored.count == 3
     restored.copy_to()
     assert torch.allclose(other.weight, torch.full((2, 2), 5.0))
+
+
+def test_a_checkpoint_from_before_the_window_restores_and_then_averages():
+    """A run stopped before --prune-end (nothing averaged yet) must resume: the GPU's 8,000-step students,
+    stopped at step ~3,450 of a window starting at 5,600, failed here on resuming."""
+    model = nn.Linear(2, 2)
+    average = WeightAverage(model, start_step=3)
+    _run(model, average, [1.0])
+    restored = WeightAverage(model, start_step=3)
+    restored.load_state_dict(average.state_dict())
+    assert restored.count == 0 and not restored.copy_to()
+    _run(model, restored, [1.0, 1.0, 2.0, 6.0])  # steps 1-4: 3 and 4 are averaged
+    assert restored.count == 2 and restored.copy_to() and torch.all(model.weight == 4.0)

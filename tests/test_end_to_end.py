@@ -120,6 +120,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
         ["--prune-criterion", "magnitude"],
         ["--prune-criterion", "taylor"],  # its scores must resume too
         ["--average-weights", "--prune-end", "0.4"],  # stopped at step 11 of the average's steps 8-20
+        ["--average-weights", "--prune-end", "0.8"],  # stopped at step 11, before the average's steps 16-20
     ],
 )
 def test_interrupted_prune_resumes_to_the_same_model(extra, teacher, tiny_model_dir, sst_dir, tmp_path, monkeypatch):

@@ -78,5 +78,9 @@ class WeightAverage:
         return {"start_step": self.start_step, "count": self.count, "averaged": [t.cpu() for t in self._averaged]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a mean; a checkpoint from before the window (count 0) holds no tensors, only the window."""
         self.start_step, self.count = int(state["start_step"]), int(state["count"])
+        if not self.count:
+            self._averaged = []
+            return
         self._averaged = [t.to(p.device, p.dtype) for t, p in zip(state["averaged"], self._params, strict=True)]
