@@ -70,7 +70,9 @@ def summary(task: str, runs: dict[str, dict], teachers: dict[str, dict]) -> list
                 mean = statistics.fmean(values)
                 gap = f" ({mean - teacher:+.4f} vs teacher)" if teacher is not None else ""
                 parts.append(f"{label} {', '.join(f'{v:.4f}' for v in values)} = {mean:.4f} ± {sd:.4f}{gap}")
-        lines.append(f"{task} {name} ({group[0]['total_steps']} steps): " + "; ".join(parts))
+        total, ends = group[0]["total_steps"], [r["curve"][-1]["step"] for r in group if r.get("curve")]
+        cut = f", unfinished: last evaluated at step {', '.join(map(str, ends))}" if min(ends or [0]) < total else ""
+        lines.append(f"{task} {name} ({total} steps{cut}): " + "; ".join(parts))
     return lines
 
 
@@ -89,7 +91,8 @@ def plot_task(task: str, runs: dict[str, dict], teachers: dict[str, dict], out: 
     for name, group in seed_groups(students).items():
         steps, mean, low, high = mean_curve(group, metric)
         seeds = f", mean of {len(group)} seeds" if len(group) > 1 else ""
-        label = f"{name} ({group[0]['total_steps']} steps, {group[0].get('sparsity', 0):.0%}{seeds})"
+        sparsity = f"{group[0]['sparsity']:.0%}" if "sparsity" in group[0] else "unfinished"  # written at the end
+        label = f"{name} ({group[0]['total_steps']} steps, {sparsity}{seeds})"
         (line,) = ax.plot(steps, mean, marker=".", label=label)
         if len(group) > 1:
             ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)

@@ -118,13 +118,18 @@ def test_budget_plot_prints_each_group_of_seeds_against_its_teacher():
     sys.path.insert(0, str(ROOT / "bench"))
     from budget_plot import summary
 
-    def student(last: float, saved: float) -> dict:
-        return {"total_steps": 300, "curve": [{"step": 300, "accuracy": last}], "final": {"accuracy": saved}}
+    def student(last: float, saved: float | None, step: int = 300) -> dict:
+        final = {"final": {"accuracy": saved}} if saved is not None else {}
+        return {"total_steps": 300, "curve": [{"step": step, "accuracy": last}], **final}
 
     runs = {"student-sst2-s90-s42": student(0.86, 0.85), "student-sst2-s90-s43": student(0.88, 0.87),
+            "student-sst2-cut-s42": student(0.8, None, step=200), "student-sst2-cut-s43": student(0.8, 0.8),
             "student-mrpc-aug-s90-s42": student(0.5, 0.5), "teacher-sst2-lr1e-4": student(0.9, 0.9)}  # fmt: skip
     teachers = {"teacher-sst2": {"chosen": "teacher-sst2-lr1e-4", "accuracy": 0.9}}
     assert summary("sst2", runs, teachers) == [
+        "sst2 student-sst2-cut (300 steps, unfinished: last evaluated at step 200, 300): "
+        "last 0.8000, 0.8000 = 0.8000 ± 0.0000 (-0.1000 vs teacher); "
+        "saved 0.8000 = 0.8000 ± 0.0000 (-0.1000 vs teacher)",
         "sst2 student-sst2-s90 (300 steps): last 0.8600, 0.8800 = 0.8700 ± 0.0141 (-0.0300 vs teacher); "
-        "saved 0.8500, 0.8700 = 0.8600 ± 0.0141 (-0.0400 vs teacher)"
+        "saved 0.8500, 0.8700 = 0.8600 ± 0.0141 (-0.0400 vs teacher)",
     ]
