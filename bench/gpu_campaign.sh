@@ -4,9 +4,11 @@
 #
 #   here:  .venv/bin/python bench/gpu_pack.py pack gpu_pack          (git-ignored, < 60 MiB)
 #   there: bash bench/gpu_campaign.sh       (device tool: carry ["gpu_pack"], timeout_s 600)
-#   the next lease (BENCHMARKS.md "Fourth lease"): SST-2 at 90% for 8,000 steps beside the dense ceiling
-#          TASKS=sst2 STEPS=3000 BUDGET=530 VARIANTS="long:--max-steps 8000 --eval-every 800;dense:--sparsity 0" \
-#          bash bench/gpu_campaign.sh   (a variant's options come last, so its --max-steps wins)
+#   the next lease (BENCHMARKS.md "Fifth lease"): SST-2 at 90% for 8,000 steps, three students alone
+#          TASKS=sst2 STEPS=8000 BUDGET=530 VARIANTS="s90:--sparsity 0.9" bash bench/gpu_campaign.sh
+#          (a variant's options come last: "long:--max-steps 8000" gives one variant its own length), then
+#          a second call on the warm machine continues each unfinished student from its checkpoint
+#          (`prune --output-dir D --resume`; the whole command: BENCHMARKS.md "Fifth lease")
 #   (after the students: the int8 sparse engine's dev metrics on any 1x4 students, if this CPU has VNNI)
 #   here, at tiny size on CPU (tests/test_gpu_campaign.py runs this so it cannot rot):
 #          PYTHON=.venv/bin/python SCALE=tiny bash bench/gpu_campaign.sh
