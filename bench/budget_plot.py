@@ -76,6 +76,31 @@ def summary(task: str, runs: dict[str, dict], teachers: dict[str, dict]) -> list
     return lines
 
 
+def paired(task: str, runs: dict[str, dict], reference: str) -> list[str]:
+    """Each group against the group named ``reference``, seed by seed (last weights' final dev metric):
+    the differences on the seeds both ran, and their mean ± sd. Pairing removes the seed's own luck (the
+    shuffling, the student's head), which on MRPC's 408 pairs is as large as the differences sought."""
+    prefix, metric, _ = TASKS[task]
+    by_seed: dict[str, dict[int, float]] = {}
+    for name, run in _students(runs, prefix).items():
+        seed = re.search(r"-s(\d+)$", name)
+        if seed and run.get("curve"):
+            by_seed.setdefault(name[: seed.start()], {})[int(seed.group(1))] = run["curve"][-1][metric]
+    if reference not in by_seed:
+        return []
+    lines = []
+    for name, values in by_seed.items():
+        seeds = sorted(set(values) & set(by_seed[reference]))
+        if name == reference or not seeds:
+            continue
+        diffs = [values[s] - by_seed[reference][s] for s in seeds]
+        sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        each = ", ".join(f"s{s} {d:+.4f}" for s, d in zip(seeds, diffs, strict=True))
+        mean = statistics.fmean(diffs)
+        lines.append(f"{task} {name} vs {reference}, paired by seed: {each} = {mean:+.4f} ± {sd:.4f}")
+    return lines
+
+
 def _students(runs: dict[str, dict], prefix: str) -> dict[str, dict]:
     return {n: r for n, r in runs.items() if not n.startswith("teacher") and f"-{prefix}-" in f"-{n}-"}
 
@@ -118,6 +143,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", type=Path, nargs="+")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--paired-with", metavar="GROUP", help="also print each group's per-seed differences from GROUP")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     runs, teachers = _runs(args.results)
@@ -125,6 +151,8 @@ def main() -> None:
         path = plot_task(task, runs, teachers, args.out)
         if path:
             print(path, *summary(task, runs, teachers), sep="\n")
+        if args.paired_with:
+            print(*paired(task, runs, args.paired_with), sep="\n")
 
 
 if __name__ == "__main__":

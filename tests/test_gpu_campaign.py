@@ -133,3 +133,20 @@ def test_budget_plot_prints_each_group_of_seeds_against_its_teacher():
         "sst2 student-sst2-s90 (300 steps): last 0.8600, 0.8800 = 0.8700 ± 0.0141 (-0.0300 vs teacher); "
         "saved 0.8500, 0.8700 = 0.8600 ± 0.0141 (-0.0400 vs teacher)",
     ]
+
+
+def test_budget_plot_pairs_each_group_with_a_reference_by_seed():
+    """BENCHMARKS' "paired against the default" columns: differences on the seeds both groups ran only."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from budget_plot import paired
+
+    def student(last: float) -> dict:
+        return {"total_steps": 300, "curve": [{"step": 300, "accuracy": last}]}
+
+    runs = {"mrpc-600-def-s42": student(0.80), "mrpc-600-def-s43": student(0.79), "mrpc-600-def-s44": student(0.81),
+            "mrpc-600-pe90-s42": student(0.82), "mrpc-600-pe90-s43": student(0.78), "mrpc-600-pe90-s45": student(0.9),
+            "sst2-600-def-s42": student(0.5)}  # fmt: skip
+    assert paired("mrpc", runs, "mrpc-600-def") == [
+        "mrpc mrpc-600-pe90 vs mrpc-600-def, paired by seed: s42 +0.0200, s43 -0.0100 = +0.0050 ± 0.0212"
+    ]
+    assert paired("mrpc", runs, "mrpc-600-none") == []
