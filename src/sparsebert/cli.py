@@ -133,18 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         print("sparsebert: interrupted; --resume continues from the last checkpoint, if one was written",
               file=sys.stderr)  # fmt: skip
         code = EXIT_INTERRUPTED
-    _close_process_group()
     sys.exit(code)
-
-
-def _close_process_group() -> None:
-    """Under ``accelerate launch``, leave the process group before exiting: left to the interpreter's exit,
-    gloo's threads were torn down unjoined once in CI ("terminate called without an active exception",
-    SIGABRT on rank 1 after the model was saved)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

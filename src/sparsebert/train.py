@@ -9,6 +9,7 @@ What differs between commands is only ``step_fn`` (how a batch becomes a loss) a
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import math
 import os
@@ -87,7 +88,20 @@ def new_accelerator(**kwargs) -> Accelerator:
     in another precision; the API runs jobs one after another in one process (``compress``, a
     user's script), so the previous job's precision is forgotten (the process group is kept)."""
     AcceleratorState._reset_state()
-    return Accelerator(**kwargs)
+    accelerator = Accelerator(**kwargs)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        atexit.unregister(_close_process_group)  # once, however many jobs the process runs
+        atexit.register(_close_process_group)
+    return accelerator
+
+
+def _close_process_group() -> None:
+    """Under ``accelerate launch``, leave the process group before the interpreter exits, whoever ran
+    the job (the CLI or a user's script calling the API): left to the interpreter's teardown, gloo's
+    threads were destroyed unjoined once in CI ("terminate called without an active exception",
+    SIGABRT on rank 1 after the model was saved)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
