@@ -151,8 +151,8 @@ def main() -> None:
         path = plot_task(task, runs, teachers, args.out)
         if path:
             print(path, *summary(task, runs, teachers), sep="\n")
-        if args.paired_with:
-            print(*paired(task, runs, args.paired_with), sep="\n")
+        for line in paired(task, runs, args.paired_with) if args.paired_with else []:
+            print(line)
 
 
 if __name__ == "__main__":
