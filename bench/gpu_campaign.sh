@@ -17,7 +17,7 @@
 #   teachers (the final checkpoint of each run, the best on dev kept): MRPC lr {5e-5, 1e-4} x {3, 5}
 #   epochs; SST-2 (all 67,349 sentences, 1 epoch) and movie-rating (3 epochs) at lr {5e-5, 1e-4};
 #   then students (bf16 by --mixed-precision auto on the GPU) with prune's defaults (taylor ranking, lr 3e-4
-#   decayed linearly, cubic pruning over the first 70% of the steps), the weights' mean over the last 30%
+#   decayed linearly, cubic pruning over the first 90% of the steps), the weights' mean over the last 10%
 #   saved beside the dev metrics of the last ones (--average-weights), MRPC with --augment 20, at 90% and
 #   80% by default (a variant's options come last and win), seeds 42, 43, 44, once per recipe variant in
 #   $VARIANTS ("name:options;name:options") on each task, so that variants compare seed for seed.
@@ -118,7 +118,7 @@ chain() {  # chain TASK METRIC PREFIX: its teachers, the best one, then its stud
   [ ${#plan[@]} -eq 4 ] || return 1
   echo "$task: teacher $(basename "$teacher"), students ${plan[*]} (after $((SECONDS - START)) s)"
   local common=(prune --student "$MODEL" --teacher "$teacher" --task "$task" --lr 3e-4 --lr-schedule linear
-    --warmup-ratio 0.02 --prune-end 0.7 --average-weights "${plan[@]}" "${STUDENT[@]}")
+    --warmup-ratio 0.02 --prune-end 0.9 --average-weights "${plan[@]}" "${STUDENT[@]}")
   "$@"
   wait_all
 }
