@@ -117,8 +117,8 @@ chain() {  # chain TASK METRIC PREFIX: its teachers, the best one, then its stud
   read -r -a plan <<<"$(student_steps "$teacher")"
   [ ${#plan[@]} -eq 4 ] || return 1
   echo "$task: teacher $(basename "$teacher"), students ${plan[*]} (after $((SECONDS - START)) s)"
-  local common=(prune --student "$MODEL" --teacher "$teacher" --task "$task" --lr 3e-4 --lr-schedule linear
-    --warmup-ratio 0.02 --prune-end 0.9 --average-weights "${plan[@]}" "${STUDENT[@]}")
+  local common=(prune --student "$MODEL" --teacher "$teacher" --task "$task" --average-weights "${plan[@]}"
+    "${STUDENT[@]}")  # prune's own defaults, not restated here (their one declaration: config.py)
   "$@"
   wait_all
 }
