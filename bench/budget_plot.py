@@ -38,11 +38,17 @@ def _runs(paths: list[Path]) -> tuple[dict[str, dict], dict[str, dict]]:
     return runs, teachers
 
 
+def split_seed(name: str) -> tuple[str, int | None]:
+    """A run's group and seed: ``mrpc-600-def-s42`` -> (``mrpc-600-def``, 42); a name without ``-sNN``: (name, None)."""
+    match = re.search(r"-s(\d+)$", name)
+    return (name[: match.start()], int(match.group(1))) if match else (name, None)
+
+
 def seed_groups(runs: dict[str, dict]) -> dict[str, list[dict]]:
     """Runs that differ only in their seed (names ending ``-sNN``) under one name, in seed order."""
     groups: dict[str, list[dict]] = {}
     for name, run in sorted(runs.items()):
-        groups.setdefault(re.sub(r"-s\d+$", "", name), []).append(run)
+        groups.setdefault(split_seed(name)[0], []).append(run)
     return groups
 
 
@@ -83,9 +89,9 @@ def paired(task: str, runs: dict[str, dict], reference: str) -> list[str]:
     prefix, metric, _ = TASKS[task]
     by_seed: dict[str, dict[int, float]] = {}
     for name, run in _students(runs, prefix).items():
-        seed = re.search(r"-s(\d+)$", name)
-        if seed and run.get("curve"):
-            by_seed.setdefault(name[: seed.start()], {})[int(seed.group(1))] = run["curve"][-1][metric]
+        group, seed = split_seed(name)
+        if seed is not None and run.get("curve"):
+            by_seed.setdefault(group, {})[seed] = run["curve"][-1][metric]
     if reference not in by_seed:
         return []
     lines = []
