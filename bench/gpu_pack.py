@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from sparsebert.config import saved_options
 from sparsebert.io import atomic_write_json
 from sparsebert.report import dev_curves
 
@@ -81,11 +82,17 @@ def _read_log(path: Path) -> list[dict]:
 
 
 def summarize_run(folder: Path) -> dict:
-    """One run's curve: dev metrics at every evaluation, the last step logged, steps per second."""
+    """One run's curve: dev metrics at every evaluation, the last step logged, steps per second.
+
+    ``source`` (the run folder, links resolved) and ``options`` (its ``config.yaml``) say where each
+    figure came from and with which recipe, so a table built from a folder of links can be traced back.
+    """
     log = _read_log(folder / "log.jsonl") if (folder / "log.jsonl").exists() else []
     start = next((r for r in log if r.get("event") == "start"), {})
     steps = [r for r in log if "loss" in r and "step" in r]
     run = {
+        "source": str(folder.resolve()),
+        "options": saved_options(folder),
         "total_steps": start.get("total_steps"),
         "mixed_precision": start.get("mixed_precision"),
         "last_step": steps[-1]["step"] if steps else 0,

@@ -81,14 +81,17 @@ def test_campaign_runs_end_to_end_at_tiny_size(tmp_path):
     variants = {"magnitude": ("magnitude", 1), "taylor-block4": ("taylor", 4)}
     for task in ("mrpc-aug", "sst2", "rating"):  # every task once per variant and seed
         for variant, (criterion, block) in variants.items():
-            config = yaml.safe_load((runs / f"student-{task}-{variant}-s42" / "config.yaml").read_text())
+            name = f"student-{task}-{variant}-s42"
+            config = yaml.safe_load((runs / name / "config.yaml").read_text())
+            assert result["runs"][name]["options"] == config  # each figure's recipe, in results.json
+            assert result["runs"][name]["source"] == str((runs / name).resolve())
             assert (config["prune_criterion"], config["prune_block"], config["seed"]) == (criterion, block, 42)
             assert config["augment"] == (task == "mrpc-aug")
     if int8_available():  # the int8 engine's dev metrics on the 1x4 student, beside fp32
         accuracy = json.loads((out / "accuracy-student-mrpc-aug-taylor-block4-s42.json").read_text())
         assert {"fp32", "sparse", "sparse-int8"} <= set(accuracy["paths"])
         assert accuracy["sparse_kernels"]["int8"].count("cpp-int8") > 0
-    for run in students.values():  # the last weights at every evaluation; their average from step 4 (0.7 x 6)
+    for run in students.values():  # the last weights at every evaluation; their average from step 6 (0.9 x 6)
         assert [point["step"] for point in run["curve"]] == [3, 6]
         assert [point["step"] for point in run["curve_average"]] == [6]
         assert run["curve_average"][-1] == {"step": 6, **run["final"]}  # the saved model is the average
