@@ -91,7 +91,7 @@ def test_campaign_runs_end_to_end_at_tiny_size(tmp_path):
         accuracy = json.loads((out / "accuracy-student-mrpc-aug-taylor-block4-s42.json").read_text())
         assert {"fp32", "sparse", "sparse-int8"} <= set(accuracy["paths"])
         assert accuracy["sparse_kernels"]["int8"].count("cpp-int8") > 0
-    for run in students.values():  # the last weights at every evaluation; their average from step 6 (0.9 x 6)
+    for run in students.values():  # the last weights at every evaluation; their average from step 5 (0.9 x 6)
         assert [point["step"] for point in run["curve"]] == [3, 6]
         assert [point["step"] for point in run["curve_average"]] == [6]
         assert run["curve_average"][-1] == {"step": 6, **run["final"]}  # the saved model is the average
