@@ -107,6 +107,28 @@ def paired(task: str, runs: dict[str, dict], reference: str) -> list[str]:
     return lines
 
 
+def curves(task: str, runs: dict[str, dict]) -> list[str]:
+    """BENCHMARKS' "dev metric every N steps" rows: each run's curve (percent, or the metric itself for
+    Pearson), then its group's mean curve over the steps every seed evaluated at."""
+    prefix, metric, _ = TASKS[task]
+    scale, digits = (1, 3) if metric == "pearson" else (100, 2)
+
+    def row(values: list[float]) -> str:
+        return " ".join(f"{v * scale:.{digits}f}" for v in values)
+
+    lines = []
+    students = _students(runs, prefix)
+    for name, group in seed_groups(students).items():
+        for member in (n for n in sorted(students) if split_seed(n)[0] == name and students[n].get("curve")):
+            curve = students[member]["curve"]
+            steps = f"steps {curve[0]['step']}…{curve[-1]['step']}"
+            lines.append(f"{task} {member} {steps}: {row([point[metric] for point in curve])}")
+        if len(group) > 1:
+            _, mean, _, _ = mean_curve(group, metric)
+            lines.append(f"{task} {name} mean: {row(mean)}")
+    return lines
+
+
 def _students(runs: dict[str, dict], prefix: str) -> dict[str, dict]:
     return {n: r for n, r in runs.items() if not n.startswith("teacher") and f"-{prefix}-" in f"-{n}-"}
 
@@ -150,6 +172,7 @@ def main() -> None:
     p.add_argument("results", type=Path, nargs="+")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--paired-with", metavar="GROUP", help="also print each group's per-seed differences from GROUP")
+    p.add_argument("--curves", action="store_true", help="also print each run's dev curve and each group's mean")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     runs, teachers = _runs(args.results)
@@ -158,6 +181,8 @@ def main() -> None:
         if path:
             print(path, *summary(task, runs, teachers), sep="\n")
         for line in paired(task, runs, args.paired_with) if args.paired_with else []:
+            print(line)
+        for line in curves(task, runs) if args.curves else []:
             print(line)
 
 

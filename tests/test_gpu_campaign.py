@@ -153,3 +153,21 @@ def test_budget_plot_pairs_each_group_with_a_reference_by_seed():
         "mrpc mrpc-600-pe90 vs mrpc-600-def, paired by seed: s42 +0.0200, s43 -0.0100 = +0.0050 ± 0.0212"
     ]
     assert paired("mrpc", runs, "mrpc-600-none") == []
+
+
+def test_budget_plot_prints_each_curve_and_each_groups_mean():
+    """BENCHMARKS' "dev metric every N steps" rows and mean curves come from ``--curves``."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from budget_plot import curves
+
+    def student(*values: float) -> dict:
+        return {"total_steps": 200, "curve": [{"step": 100 * (i + 1), "pearson": v} for i, v in enumerate(values)]}
+
+    runs = {"rating-200-def-s42": student(0.5, 0.7), "rating-200-def-s43": student(0.6, 0.8),
+            "rating-200-pe90-s42": student(0.4, 0.9), "sst2-200-def-s42": student(0.1)}  # fmt: skip
+    assert curves("movie-rating", runs) == [
+        "movie-rating rating-200-def-s42 steps 100…200: 0.500 0.700",
+        "movie-rating rating-200-def-s43 steps 100…200: 0.600 0.800",
+        "movie-rating rating-200-def mean: 0.550 0.750",
+        "movie-rating rating-200-pe90-s42 steps 100…200: 0.400 0.900",
+    ]
