@@ -109,7 +109,8 @@ def paired(task: str, runs: dict[str, dict], reference: str) -> list[str]:
 
 def curves(task: str, runs: dict[str, dict]) -> list[str]:
     """BENCHMARKS' "dev metric every N steps" rows: each run's curve (percent, or the metric itself for
-    Pearson), then its group's mean curve over the steps every seed evaluated at."""
+    Pearson), then its group's mean curve over the steps every seed evaluated at, and the pruning
+    schedule's target sparsity at those steps (``summarize`` records it with each point)."""
     prefix, metric, _ = TASKS[task]
     scale, digits = (1, 3) if metric == "pearson" else (100, 2)
 
@@ -126,6 +127,9 @@ def curves(task: str, runs: dict[str, dict]) -> list[str]:
         if len(group) > 1:
             _, mean, _, _ = mean_curve(group, metric)
             lines.append(f"{task} {name} mean: {row(mean)}")
+        target = [p.get("target_sparsity") for p in group[0].get("curve", [])]
+        if target and None not in target:  # one schedule for the group: its seeds share the options
+            lines.append(f"{task} {name} target sparsity %: " + " ".join(f"{100 * t:.1f}" for t in target))
     return lines
 
 

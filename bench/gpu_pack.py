@@ -11,6 +11,7 @@ needs goes into one git-ignored folder (default ``gpu_pack/``, under 60 MiB):
     python bench/gpu_pack.py pack gpu_pack                 # here, before the device call
     python bench/gpu_pack.py unpack gpu_pack /tmp/minilm   # there: fp32 model folder
     python bench/gpu_pack.py summarize RUNS OUT/results.json
+    python bench/gpu_pack.py summarize OLD/results.json NEW/results.json --run NAME=DIR   # refresh, add runs
 
 ``summarize`` reads every run folder's ``log.jsonl`` (dev metrics every ``--eval-every`` steps) and
 ``metrics.json``, so a campaign cut short still reports every point it reached.
@@ -86,6 +87,7 @@ def summarize_run(folder: Path) -> dict:
 
     ``source`` (the run folder, links resolved) and ``options`` (its ``config.yaml``) say where each
     figure came from and with which recipe, so a table built from a folder of links can be traced back.
+    Each point of a curve carries the target sparsity of the pruning schedule at its step, where logged.
     """
     log = _read_log(folder / "log.jsonl") if (folder / "log.jsonl").exists() else []
     start = next((r for r in log if r.get("event") == "start"), {})
@@ -98,8 +100,11 @@ def summarize_run(folder: Path) -> dict:
         "last_step": steps[-1]["step"] if steps else 0,
         "finished": (folder / "metrics.json").exists(),
     }
+    target = {r["step"]: r["target_sparsity"] for r in steps if "target_sparsity" in r}
     for kind, curve in dev_curves(log).items():  # "curve": the last weights; "curve_average": their mean
-        run["curve" if kind == "last" else "curve_average"] = [{"step": step, **m} for step, m in curve]
+        run["curve" if kind == "last" else "curve_average"] = [
+            {"step": step, **m, **_target_at(target, step)} for step, m in curve
+        ]
     if len(steps) > 1:
         first, last = steps[0], steps[-1]
         run["steps_per_second"] = round((last["step"] - first["step"]) / max(last["time"] - first["time"], 1e-9), 2)
@@ -110,12 +115,47 @@ def summarize_run(folder: Path) -> dict:
     return run
 
 
-def summarize(runs: Path, out: Path) -> dict:
-    result = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": {}}
-    for folder in sorted(p for p in runs.iterdir() if (p / "log.jsonl").exists()):
-        result["runs"][folder.name] = summarize_run(folder)
-    for chosen in sorted(runs.glob("teachers-*.json")):
-        result.setdefault("teachers", {})[chosen.stem.removeprefix("teachers-")] = json.loads(chosen.read_text())
+def _target_at(target: dict[int, float], step: int) -> dict[str, float]:
+    """The schedule's target sparsity at ``step``: that of the last training record logged at or before it."""
+    logged = [s for s in target if s <= step]
+    return {"target_sparsity": round(target[max(logged)], 4)} if logged else {}
+
+
+def _sources(runs: Path) -> tuple[dict[str, Path], dict[str, dict], dict[str, dict]]:
+    """The run folders to read by name, the teachers chosen, and rows to keep as recorded.
+
+    ``runs`` is a folder of run folders (a campaign's), or a ``results.json`` written earlier: then each of
+    its rows is read again from the folder it names (``source``), and a row whose folder is gone (another
+    machine) is kept as recorded, so a committed file grows by new runs without a folder of links.
+    """
+    if runs.is_dir():
+        folders = {p.name: p for p in sorted(runs.iterdir()) if (p / "log.jsonl").exists()}
+        teachers = {
+            c.stem.removeprefix("teachers-"): json.loads(c.read_text()) for c in sorted(runs.glob("teachers-*.json"))
+        }
+        return folders, teachers, {}
+    earlier = json.loads(runs.read_text())
+    folders, kept = {}, {}
+    for name, run in earlier["runs"].items():
+        if run.get("source") and (Path(run["source"]) / "log.jsonl").exists():
+            folders[name] = Path(run["source"])
+        else:
+            print(
+                f"warning: {name}: folder {run.get('source')} not found; its row is kept as recorded", file=sys.stderr
+            )
+            kept[name] = run
+    return folders, earlier.get("teachers", {}), kept
+
+
+def summarize(runs: Path, out: Path, extra: dict[str, Path] | None = None) -> dict:
+    """Every run of ``runs`` (see ``_sources``) and of ``extra`` (name: folder; replaces a run of that name)
+    summarized into ``out``, runs by name in order."""
+    folders, teachers, kept = _sources(runs)
+    folders.update(extra or {})
+    rows = {**kept, **{name: summarize_run(folder) for name, folder in folders.items()}}
+    result = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": dict(sorted(rows.items()))}
+    if teachers:
+        result["teachers"] = teachers
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, result)
     return result
@@ -174,9 +214,10 @@ def main() -> None:
     s = sub.add_parser("unpack")
     s.add_argument("pack_dir", type=Path)
     s.add_argument("dest", type=Path)
-    s = sub.add_parser("summarize")
+    s = sub.add_parser("summarize", help="RUNS: a folder of run folders, or an earlier results.json to refresh")
     s.add_argument("runs", type=Path)
     s.add_argument("out", type=Path)
+    s.add_argument("--run", action="append", default=[], metavar="NAME=DIR", help="add (or replace) one run")
     s.add_argument("--print", action="store_true", help="also print one progress line per run")
     s = sub.add_parser("choose-teacher")
     s.add_argument("runs", type=Path)
@@ -197,7 +238,8 @@ def main() -> None:
         steps, every = plan_steps(args.teacher, args.seconds, args.jobs)
         print(f"--max-steps {steps} --eval-every {every}")
     else:
-        result = summarize(args.runs, args.out)
+        extra = {name: Path(folder) for name, folder in (run.split("=", 1) for run in args.run)}
+        result = summarize(args.runs, args.out, extra)
         for name, run in result["runs"].items() if args.print else ():
             last = run["curve"][-1] if run["curve"] else {}
             speed = run.get("steps_per_second", "?")

@@ -160,14 +160,53 @@ def test_budget_plot_prints_each_curve_and_each_groups_mean():
     sys.path.insert(0, str(ROOT / "bench"))
     from budget_plot import curves
 
-    def student(*values: float) -> dict:
-        return {"total_steps": 200, "curve": [{"step": 100 * (i + 1), "pearson": v} for i, v in enumerate(values)]}
+    def student(*values: float, target: tuple[float, ...] = ()) -> dict:
+        points = [{"step": 100 * (i + 1), "pearson": v} for i, v in enumerate(values)]
+        if target:
+            points = [{**p, "target_sparsity": t} for p, t in zip(points, target, strict=True)]
+        return {"total_steps": 200, "curve": points}
 
-    runs = {"rating-200-def-s42": student(0.5, 0.7), "rating-200-def-s43": student(0.6, 0.8),
+    runs = {"rating-200-def-s42": student(0.5, 0.7, target=(0.6125, 0.9)), "rating-200-def-s43": student(0.6, 0.8),
             "rating-200-pe90-s42": student(0.4, 0.9), "sst2-200-def-s42": student(0.1)}  # fmt: skip
     assert curves("movie-rating", runs) == [
         "movie-rating rating-200-def-s42 steps 100…200: 0.500 0.700",
         "movie-rating rating-200-def-s43 steps 100…200: 0.600 0.800",
         "movie-rating rating-200-def mean: 0.550 0.750",
+        "movie-rating rating-200-def target sparsity %: 61.3 90.0",
         "movie-rating rating-200-pe90-s42 steps 100…200: 0.400 0.900",
     ]
+
+
+def test_summarize_refreshes_an_earlier_results_file_and_adds_runs(tmp_path, capsys):
+    """A committed results.json is its own manifest: each row is read again from the folder it names, new runs
+    join by ``--run``-style name=folder, a row whose folder is gone stays as recorded, teachers carry over;
+    every dev point carries the schedule's target sparsity at its step."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_pack import summarize
+
+    def run_folder(name: str, accuracy: float) -> Path:
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        records = [{"time": 0.0, "event": "start", "total_steps": 20, "mixed_precision": "no"},
+                   {"time": 1.0, "step": 10, "loss": 1.0, "target_sparsity": 0.5},
+                   {"time": 2.0, "step": 20, "loss": 0.5, "target_sparsity": 0.9},
+                   {"time": 2.5, "step": 20, "event": "eval", "metrics": {"accuracy": accuracy}}]  # fmt: skip
+        (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return folder
+
+    run_folder("mrpc-20-a-s42", 0.7)
+    (tmp_path / "runs" / "teachers-teacher-mrpc.json").write_text(json.dumps({"chosen": "t", "accuracy": 0.8}))
+    first = summarize(tmp_path / "runs", tmp_path / "first.json")
+    assert first["runs"]["mrpc-20-a-s42"]["curve"] == [{"step": 20, "accuracy": 0.7, "target_sparsity": 0.9}]
+    first["runs"]["mrpc-20-gone-s42"] = {"source": str(tmp_path / "elsewhere"), "curve": [], "last_step": 5}
+    (tmp_path / "first.json").write_text(json.dumps(first))
+
+    (tmp_path / "runs" / "mrpc-20-a-s42" / "metrics.json").write_text(json.dumps({"metrics": {"accuracy": 0.75}}))
+    added = run_folder("elsewhere-b", 0.6)
+    second = summarize(tmp_path / "first.json", tmp_path / "second.json", {"mrpc-20-b-s42": added})
+    assert list(second["runs"]) == ["mrpc-20-a-s42", "mrpc-20-b-s42", "mrpc-20-gone-s42"]
+    assert second["runs"]["mrpc-20-a-s42"]["final"] == {"accuracy": 0.75}  # read again from its folder
+    assert second["runs"]["mrpc-20-b-s42"]["source"] == str(added.resolve())
+    assert second["runs"]["mrpc-20-gone-s42"] == first["runs"]["mrpc-20-gone-s42"]
+    assert second["teachers"] == {"teacher-mrpc": {"chosen": "t", "accuracy": 0.8}}
+    assert "mrpc-20-gone-s42: folder" in capsys.readouterr().err
