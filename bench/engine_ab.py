@@ -8,6 +8,7 @@ a reused output buffer (GFMA/s counted on the non-zeros).
 
     git worktree add /tmp/sb-old HEAD~1
     .venv/bin/python bench/engine_ab.py --old-src /tmp/sb-old/src --threads 2
+    .venv/bin/python bench/engine_ab.py --old-src /tmp/sb-old/src --baseline ort-int8   # both against ORT int8
 """
 
 from __future__ import annotations
@@ -79,12 +80,14 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,32")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--kernels", action="store_true", help="time the CSR kernel alone (see above)")
+    p.add_argument("--baseline", help="a dense path timed beside both engines (e.g. ort-int8), speedups against it")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.kernels:
         kernels(args.old_src)
         return
     new, bench = load_runtime(NEW_SRC)
+    baselines = sys.modules["sparsebert.runtime.baselines"]
     old, _ = load_runtime(args.old_src)
     print(f"{bench.machine()}, {args.threads} threads; old = {args.old_src}")
     for case in args.cases.split(","):
@@ -93,15 +96,19 @@ def main() -> None:
         models = [copy.deepcopy(base), copy.deepcopy(base)]
         old.sparsify(models[0], mode="encoder")
         new.sparsify(models[1], mode="encoder")
+        names = [args.baseline] if args.baseline else []
+        dense = baselines.build_baselines(base, names, args.seq_len, args.threads)
         for batch in map(int, args.batch_sizes.split(",")):
             ids = torch.randint(0, 1000, (batch, args.seq_len), generator=torch.Generator().manual_seed(batch))
             fns = [partial(m, input_ids=ids) for m in models]
+            fns += [partial(dense[args.baseline], ids, torch.ones_like(ids))] if args.baseline else []
             with torch.no_grad():
-                outputs = [fn().last_hidden_state for fn in fns]
-                before, after = (1000 * s for s in median_s(fns, 15 if batch == 1 else 3))
+                outputs = [fn().last_hidden_state for fn in fns[:2]]
+                before, after, *ref = (1000 * s for s in median_s(fns, 15 if batch == 1 else 3))
             diff = float((outputs[0] - outputs[1]).abs().max())
+            against = "".join(f"; {args.baseline} {r:.1f} ms: old {r / before:.2f}x, new {r / after:.2f}x" for r in ref)
             print(f"{arch} {sparsity} batch {batch}: old {before:.1f} ms, new {after:.1f} ms "
-                  f"({before / after:.2f}x), max |diff| {diff:.1e}")  # fmt: skip
+                  f"({before / after:.2f}x), max |diff| {diff:.1e}{against}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ from transformers import AutoModelForSequenceClassification, BertConfig, DistilB
 
 from sparsebert.errors import SparseBertError
 from sparsebert.pruning import Pruner
-from sparsebert.runtime import CSRMatrix, SparseEncoder, SparseLinear, kernels, layer_norm_fm, sparsify, spmm
+from sparsebert.runtime import CSRMatrix, SparseEncoder, SparseLinear, engine, kernels, layer_norm_fm, sparsify, spmm
 from sparsebert.runtime.commands import register_commands
 from sparsebert.runtime.int8 import BlockInt8Matrix, int8_available, spmm_int8
-from sparsebert.runtime.kernels import cpp_available, token_block
+from sparsebert.runtime.kernels import attention_available, attention_fm, cpp_available, token_block
 from sparsebert.runtime.ops import make_projection
 
 BACKENDS = ["cpp", "torch"] if cpp_available() else ["torch"]
@@ -272,6 +272,49 @@ def test_sparsified_model_matches_the_dense_masked_model(config_cls, attn, expec
         h, logits = hidden_and_logits(fast, ids, m)
         torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(logits, l_ref, rtol=1e-4, atol=1e-5)
+
+
+def _attention_reference(qkv: torch.Tensor, batch: int, heads: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d) + mask) V in float64, from the feature-major fused Q/K/V, feature-major out."""
+    hidden, seq = qkv.shape[0] // 3, qkv.shape[1] // batch
+    q, k, v = (t.double().reshape(heads, hidden // heads, batch, seq).permute(2, 0, 3, 1) for t in qkv.split(hidden))
+    scores = q @ k.transpose(-1, -2) / (hidden // heads) ** 0.5
+    if mask is not None:
+        scores = scores + mask.double()[:, None, None, :]
+    return (torch.softmax(scores, -1) @ v).permute(1, 3, 0, 2).reshape(hidden, batch * seq).float()
+
+
+@pytest.mark.skipif(not attention_available(), reason="the fused attention kernel needs AVX-512")
+@pytest.mark.parametrize(("batch", "seq", "heads", "dim"), [(1, 128, 12, 64), (3, 21, 4, 16), (2, 150, 4, 16),
+                                                             (1, 1, 4, 16), (2, 9, 2, 7), (1, 300, 2, 32)])  # fmt: skip
+def test_fused_attention_matches_softmax_attention(batch, seq, heads, dim):
+    """Every tail the kernel has: queries past a multiple of 16 and of its 128-query chunk, an odd key count
+    and head size, one token; padding masks, a sequence with every key masked (uniform, as HF's eager)."""
+    gen = torch.Generator().manual_seed(batch * 1000 + seq)
+    qkv = 2 * torch.randn(3 * heads * dim, batch * seq, generator=gen)
+    mask = torch.zeros(batch, seq)
+    mask[-1, seq // 2 :] = torch.finfo(torch.float32).min
+    if batch > 2:
+        mask[1] = torch.finfo(torch.float32).min
+    for m in (None, mask):
+        out = torch.full((heads * dim, batch * seq), float("nan"))
+        got = attention_fm(qkv, batch, heads, m, 1 / dim**0.5, out)
+        torch.testing.assert_close(got, _attention_reference(qkv, batch, heads, m), rtol=1e-5, atol=2e-5)
+
+
+def test_the_torch_attention_path_matches_where_the_kernel_does_not_run(monkeypatch):
+    """Without AVX-512 (or with a per-query mask) the encoder's attention falls back to torch's batched GEMMs."""
+    monkeypatch.setattr(engine, "attention_available", lambda: False)
+    dense = pruned_model(small(BertConfig), 0.9)
+    fast = copy.deepcopy(dense)
+    sparsify(fast, mode="encoder")
+    ids = torch.randint(5, 80, (3, 21), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[2, 4:] = 0
+    for batch, m in ((ids[:1], None), (ids, mask)):
+        torch.testing.assert_close(
+            hidden_and_logits(fast, batch, m)[0], hidden_and_logits(dense, batch, m)[0], rtol=1e-4, atol=1e-4
+        )
 
 
 def test_reused_buffers_never_leak_between_calls():

@@ -3,9 +3,10 @@
 The hidden states enter as (batch, tokens, hidden), are transposed once to (hidden, batch*tokens), and stay
 that way through every layer: the six projections run as CSR kernels on contiguous token rows (Q, K and V
 fused into one matrix), residuals and biases are fused into the kernel epilogue, and LayerNorm runs over the
-feature axis. Attention takes all heads at once from views of the feature-major Q/K/V (batched GEMMs take
-them as transposed operands). The activations live in buffers reused from one call to the next, and at the
-end the states are transposed back, so the HF model's pooler and heads run unchanged.
+feature axis. Attention runs on the feature-major Q/K/V as they are: one compiled call for every head and
+sequence (scores, softmax and context fused), or torch's batched GEMMs on views of them where it cannot.
+The activations live in buffers reused from one call to the next, and at the end the states are transposed
+back, so the HF model's pooler and heads run unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from sparsebert.errors import SparseBertError
-from sparsebert.runtime.kernels import layer_norm_fm
+from sparsebert.runtime.kernels import attention_available, attention_fm, layer_norm_fm
 from sparsebert.runtime.ops import ProjectionOp, make_projection
 
 
@@ -157,16 +158,19 @@ class SparseEncoder(nn.Module):
     ) -> torch.Tensor:
         """Scaled dot-product attention on the feature-major Q/K/V, written into ``ctx`` (hidden, tokens).
 
-        No activation is copied into the (batch, heads, tokens, dim) layout. One sequence: Q^T, K^T and V^T
-        are (heads, dim, seq) views, so all heads go in one batched call each — at batch 1 a loop over heads
-        costs more in small ops than in GEMMs. Several: per head, Q^T's slice (dim, batch, seq) permuted to
-        (batch, seq, dim) has one batch stride and a unit stride, which batched GEMM takes as a transposed
-        operand; this was ~2x faster than ``scaled_dot_product_attention`` on permuted or copied tensors at
-        batch 32 (BENCHMARKS.md, "Kernel choice"), and than batching the heads, which needs copies there
-        (section 7).
+        The compiled kernel (``kernels.attention_fm``) where it runs: AVX-512, and a mask of one row per
+        sequence, as HF's encoders pass. Otherwise torch's batched GEMMs, and no activation is copied into
+        the (batch, heads, tokens, dim) layout either. One sequence: Q^T, K^T and V^T are (heads, dim, seq)
+        views, so all heads go in one batched call each — at batch 1 a loop over heads costs more in small
+        ops than in GEMMs. Several: per head, Q^T's slice (dim, batch, seq) permuted to (batch, seq, dim) has
+        one batch stride and a unit stride, which batched GEMM takes as a transposed operand; this was ~2x
+        faster than ``scaled_dot_product_attention`` on permuted or copied tensors at batch 32 (BENCHMARKS.md,
+        "Kernel choice"), and than batching the heads, which needs copies there (section 7).
         """
         h, d, nh = self.hidden, self.head_dim, self.num_heads
         scale = 1.0 / math.sqrt(d)
+        if attention_available() and (mask is None or mask.shape[1] == 1):
+            return attention_fm(qkv, batch, nh, None if mask is None else mask[:, 0].contiguous(), scale, ctx)
         if batch == 1:
             q, k, v = qkv[:h].view(nh, d, seq).transpose(1, 2), qkv[h : 2 * h].view(nh, d, seq), qkv[2 * h :]
             probs = self._softmax(q, k, mask, scale)

@@ -3,7 +3,9 @@
 Why feature-major: with activations laid out as (features x tokens), ``Y = W @ X`` for a CSR ``W`` is, per
 output row, a weighted sum of a few contiguous rows of ``X``; the inner loop runs over tokens, which is
 contiguous and vectorises (AVX-512/AVX2 through GCC vector extensions). Keeping the whole encoder in this
-layout avoids the transposes that otherwise eat most of the gain (BENCHMARKS.md, "Kernel choice").
+layout avoids the transposes that otherwise eat most of the gain (BENCHMARKS.md, "Kernel choice"). The
+same layout serves attention: one key's scores against 16 queries fill a vector, so the softmax over keys
+runs lane by lane, fused between the two products (``attention_fm``).
 
 Why ctypes + g++ rather than a torch C++ extension or numba: the build takes about a second, needs no extra
 Python dependency, and linking against OpenMP picks up the ``libgomp`` that torch already loaded (same
@@ -39,7 +41,7 @@ _SOURCE = r"""
 #include <cmath>
 #include <algorithm>
 #include <omp.h>
-#ifdef __AVX512VNNI__
+#ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
@@ -165,6 +167,140 @@ void layer_norm_fm_f32(int64_t H, int64_t N, const float* X, const float* gamma,
             for (int64_t j = 0; j < w; ++j) y[j] = (x[j] - mean[j]) * var[j] * g + bt;
         }
     }
+}
+
+}  // extern "C": the helpers below are templates
+
+#ifdef __AVX512F__
+// e^x, 16 lanes: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial, 2^n by scalef);
+// inputs clamped to where float's e^x is finite or underflows to 0. The attention it serves is tested
+// against a float64 reference (tests/test_runtime.py).
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.9720840454f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __mmask16 live16(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
+
+// One chunk of up to 16 * NV queries [i0, i0 + w) of one (sequence, head). P holds the scores transposed,
+// key-major (row j: key j against every query of the chunk), so the softmax over keys runs lane-wise
+// (16 queries per vector, no horizontal reduction) and the context product reads each key's row whole.
+template <int NV>
+static void attention_chunk(int64_t S, int64_t D, int64_t N, const float* Q, const float* K, const float* V,
+                            const float* mask, float scale, float* C, int64_t i0, int64_t w, float* P) {
+    const int64_t LD = 16 * NV;
+    __mmask16 live[NV];
+    for (int v = 0; v < NV; ++v) live[v] = live16(w - 16 * v);
+    for (int64_t j = 0; j < S; j += 2) {  // scores of keys j and j + 1 (a copy of j when S is odd)
+        const int64_t j1 = j + 1 < S ? j + 1 : j;
+        __m512 a0[NV], a1[NV];
+        for (int v = 0; v < NV; ++v) a0[v] = a1[v] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; ++d) {
+            const __m512 k0 = _mm512_set1_ps(K[d * N + j]), k1 = _mm512_set1_ps(K[d * N + j1]);
+            for (int v = 0; v < NV; ++v) {
+                const __m512 q = _mm512_maskz_loadu_ps(live[v], Q + d * N + i0 + 16 * v);
+                a0[v] = _mm512_fmadd_ps(k0, q, a0[v]);
+                a1[v] = _mm512_fmadd_ps(k1, q, a1[v]);
+            }
+        }
+        const __m512 s = _mm512_set1_ps(scale);
+        const __m512 m0 = _mm512_set1_ps(mask ? mask[j] : 0.0f), m1 = _mm512_set1_ps(mask ? mask[j1] : 0.0f);
+        for (int v = 0; v < NV; ++v) {
+            _mm512_store_ps(P + j * LD + 16 * v, _mm512_fmadd_ps(a0[v], s, m0));
+            if (j + 1 < S) _mm512_store_ps(P + (j + 1) * LD + 16 * v, _mm512_fmadd_ps(a1[v], s, m1));
+        }
+    }
+    __m512 inv[NV];
+    for (int v = 0; v < NV; ++v) {  // softmax over keys, lane-wise; the 1 / sum is applied to the context
+        __m512 m = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < S; ++j) m = _mm512_max_ps(m, _mm512_load_ps(P + j * LD + 16 * v));
+        for (int64_t j = 0; j < S; ++j) {
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_load_ps(P + j * LD + 16 * v), m));
+            _mm512_store_ps(P + j * LD + 16 * v, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        inv[v] = _mm512_div_ps(_mm512_set1_ps(1.0f), sum);
+    }
+    for (int64_t d = 0; d < D; d += 2) {  // context rows d and d + 1: sum_j V[d, j] P[j, :]
+        const int64_t d1 = d + 1 < D ? d + 1 : d;
+        __m512 a0[NV], a1[NV];
+        for (int v = 0; v < NV; ++v) a0[v] = a1[v] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < S; ++j) {
+            const __m512 v0 = _mm512_set1_ps(V[d * N + j]), v1 = _mm512_set1_ps(V[d1 * N + j]);
+            for (int v = 0; v < NV; ++v) {
+                const __m512 p = _mm512_load_ps(P + j * LD + 16 * v);
+                a0[v] = _mm512_fmadd_ps(v0, p, a0[v]);
+                a1[v] = _mm512_fmadd_ps(v1, p, a1[v]);
+            }
+        }
+        for (int v = 0; v < NV; ++v) {
+            _mm512_mask_storeu_ps(C + d * N + i0 + 16 * v, live[v], _mm512_mul_ps(a0[v], inv[v]));
+            if (d + 1 < D) _mm512_mask_storeu_ps(C + d1 * N + i0 + 16 * v, live[v], _mm512_mul_ps(a1[v], inv[v]));
+        }
+    }
+}
+#endif
+
+extern "C" {
+
+int attention_supported() {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// softmax(Q^T K * scale + mask) V^T for every sequence and head, on the feature-major Q, K, V that one fused
+// projection wrote (QKV[3H, B*S]: rows h*D.. of each third are head h's) into CTX[H, B*S]; mask: an additive
+// (B, S) row per sequence over its keys, or null. No copy into a (batch, heads, tokens, dim) layout, no
+// scores tensor in memory beyond one chunk per thread, and the softmax runs on the scores while they are hot.
+void attention_fm_f32(int64_t B, int64_t S, int64_t NH, int64_t D, const float* QKV, const float* mask,
+                      float scale, float* CTX, int nthreads) {
+#ifdef __AVX512F__
+    const int64_t H = NH * D, N = B * S;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t bh = 0; bh < B * NH; ++bh) {
+        static thread_local float* P = nullptr;  // per thread: the scores of one chunk of queries
+        static thread_local int64_t cap = 0;
+        if (S * 128 > cap) {
+            std::free(P);
+            cap = S * 128;
+            P = static_cast<float*>(std::aligned_alloc(64, cap * sizeof(float)));
+        }
+        const int64_t b = bh / NH, h = bh % NH, off = h * D * N + b * S;
+        const float* Q = QKV + off;
+        const float* K = QKV + H * N + off;
+        const float* V = QKV + 2 * H * N + off;
+        const float* m = mask ? mask + b * S : nullptr;
+        for (int64_t i0 = 0; i0 < S; i0 += 128) {
+            const int64_t w = std::min<int64_t>(128, S - i0);
+            switch ((w + 15) / 16) {
+                case 8: attention_chunk<8>(S, D, N, Q, K, V, m, scale, CTX + off, i0, w, P); break;
+                case 7: attention_chunk<7>(S, D, N, Q, K, V, m, scale, CTX + off, i0, w, P); break;
+                case 6: attention_chunk<6>(S, D, N, Q, K, V, m, scale, CTX + off, i0, w, P); break;
+                case 5: attention_chunk<5>(S, D, N, Q, K, V, m, scale, CTX + off, i0, w, P); break;
+                case 4: attention_chunk<4>(S, D, N, Q, K, V, m, scale, CTX + off, i0, w, P); break;
+                case 3: attention_chunk<3>(S, D, N, Q, K, V, m, scale, CTX + off, i0, w, P); break;
+                case 2: attention_chunk<2>(S, D, N, Q, K, V, m, scale, CTX + off, i0, w, P); break;
+                default: attention_chunk<1>(S, D, N, Q, K, V, m, scale, CTX + off, i0, w, P); break;
+            }
+        }
+    }
+#endif
 }
 
 // int8 products on 1x4 blocks (AVX512-VNNI): W in block-CSR — per row, the index g of each kept block of
@@ -312,6 +448,9 @@ def library() -> ctypes.CDLL | None:
     lib.layer_norm_fm_f32.argtypes = [i64, i64, ptr, ptr, ptr, c_float, ptr, c_int]
     lib.layer_norm_fm_f32.restype = None
     lib.int8_supported.restype = c_int
+    lib.attention_supported.restype = c_int
+    lib.attention_fm_f32.argtypes = [i64, i64, i64, i64, ptr, ptr, c_float, ptr, c_int]
+    lib.attention_fm_f32.restype = None
     if lib.int8_supported():
         lib.quantize_b4.argtypes = [i64, i64, i64, ptr, ptr, ptr, c_int]
         lib.spmm_b4_i8.argtypes = [i64, i64, i64, *[ptr] * 10, i64, c_int]
@@ -471,3 +610,35 @@ def layer_norm_fm(
         x.shape[0], x.shape[1], pointer(x), pointer(w), pointer(b), float(eps), pointer(y), torch.get_num_threads()
     )
     return y
+
+
+def attention_available() -> bool:
+    """Whether the fused attention kernel can run here (compiled, on a CPU with AVX-512)."""
+    lib = library()
+    return lib is not None and bool(lib.attention_supported())
+
+
+def attention_fm(
+    qkv: torch.Tensor, batch: int, heads: int, mask: torch.Tensor | None, scale: float, out: torch.Tensor
+) -> torch.Tensor:
+    """``softmax(Q^T K * scale + mask) V^T`` per sequence and head, into ``out`` (hidden, tokens).
+
+    ``qkv`` is the fused projection's (3 * hidden, batch * seq) output, feature-major; ``mask`` an additive
+    (batch, seq) row over each sequence's keys, or None. One call for every head and sequence: no copies
+    into a head-major layout and no scores tensor (BENCHMARKS.md, "Runtime", section 11).
+    """
+    hidden, tokens = out.shape
+    _check(qkv, "QKV")
+    _check(out, "out")
+    if qkv.shape != (3 * hidden, tokens) or tokens % batch or hidden % heads:
+        raise SparseBertError(f"attention_fm: QKV {tuple(qkv.shape)} does not fit out {tuple(out.shape)}")
+    seq = tokens // batch
+    if mask is not None:
+        _check(mask, "mask")
+        if mask.shape != (batch, seq):
+            raise SparseBertError(f"attention_fm: mask must have shape ({batch}, {seq}), got {tuple(mask.shape)}")
+    library().attention_fm_f32(
+        batch, seq, heads, hidden // heads, pointer(qkv), pointer(mask), float(scale), pointer(out),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
