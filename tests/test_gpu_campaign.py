@@ -94,7 +94,8 @@ def test_campaign_runs_end_to_end_at_tiny_size(tmp_path):
     for run in students.values():  # the last weights at every evaluation; their average from step 5 (0.9 x 6)
         assert [point["step"] for point in run["curve"]] == [3, 6]
         assert [point["step"] for point in run["curve_average"]] == [6]
-        assert run["curve_average"][-1] == {"step": 6, **run["final"]}  # the saved model is the average
+        # the saved model is the average; each point carries the schedule's target sparsity at its step
+        assert run["curve_average"][-1] == {"step": 6, **run["final"], "target_sparsity": 0.9}
         assert run["mixed_precision"] == resolve_mixed_precision("auto")
 
 

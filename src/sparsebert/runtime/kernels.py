@@ -195,6 +195,24 @@ static inline __mmask16 live16(int64_t left) {
     return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
 }
 
+// a0[v] = sum_t x0[t * xs] * Y[t * ys + 16 v], a1 the same with x1: two rows of scalars, each broadcast
+// against one row of NV vectors per step. Both products of attention have this shape (below); Y's rows are
+// read under the lane masks, or (ALIGNED: the chunk's own scores) whole, from 64-byte aligned rows.
+template <int NV, bool ALIGNED>
+static inline void two_rows(const float* x0, const float* x1, int64_t xs, const float* Y, int64_t ys, int64_t T,
+                            const __mmask16* live, __m512* a0, __m512* a1) {
+    for (int v = 0; v < NV; ++v) a0[v] = a1[v] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < T; ++t) {
+        const __m512 b0 = _mm512_set1_ps(x0[t * xs]), b1 = _mm512_set1_ps(x1[t * xs]);
+        for (int v = 0; v < NV; ++v) {
+            const __m512 y = ALIGNED ? _mm512_load_ps(Y + t * ys + 16 * v)
+                                     : _mm512_maskz_loadu_ps(live[v], Y + t * ys + 16 * v);
+            a0[v] = _mm512_fmadd_ps(b0, y, a0[v]);
+            a1[v] = _mm512_fmadd_ps(b1, y, a1[v]);
+        }
+    }
+}
+
 // One chunk of up to 16 * NV queries [i0, i0 + w) of one (sequence, head). P holds the scores transposed,
 // key-major (row j: key j against every query of the chunk), so the softmax over keys runs lane-wise
 // (16 queries per vector, no horizontal reduction) and the context product reads each key's row whole.
@@ -207,15 +225,7 @@ static void attention_chunk(int64_t S, int64_t D, int64_t N, const float* Q, con
     for (int64_t j = 0; j < S; j += 2) {  // scores of keys j and j + 1 (a copy of j when S is odd)
         const int64_t j1 = j + 1 < S ? j + 1 : j;
         __m512 a0[NV], a1[NV];
-        for (int v = 0; v < NV; ++v) a0[v] = a1[v] = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; ++d) {
-            const __m512 k0 = _mm512_set1_ps(K[d * N + j]), k1 = _mm512_set1_ps(K[d * N + j1]);
-            for (int v = 0; v < NV; ++v) {
-                const __m512 q = _mm512_maskz_loadu_ps(live[v], Q + d * N + i0 + 16 * v);
-                a0[v] = _mm512_fmadd_ps(k0, q, a0[v]);
-                a1[v] = _mm512_fmadd_ps(k1, q, a1[v]);
-            }
-        }
+        two_rows<NV, false>(K + j, K + j1, N, Q + i0, N, D, live, a0, a1);  // over d: K[d, j] Q[d, queries]
         const __m512 s = _mm512_set1_ps(scale);
         const __m512 m0 = _mm512_set1_ps(mask ? mask[j] : 0.0f), m1 = _mm512_set1_ps(mask ? mask[j1] : 0.0f);
         for (int v = 0; v < NV; ++v) {
@@ -237,15 +247,7 @@ static void attention_chunk(int64_t S, int64_t D, int64_t N, const float* Q, con
     for (int64_t d = 0; d < D; d += 2) {  // context rows d and d + 1: sum_j V[d, j] P[j, :]
         const int64_t d1 = d + 1 < D ? d + 1 : d;
         __m512 a0[NV], a1[NV];
-        for (int v = 0; v < NV; ++v) a0[v] = a1[v] = _mm512_setzero_ps();
-        for (int64_t j = 0; j < S; ++j) {
-            const __m512 v0 = _mm512_set1_ps(V[d * N + j]), v1 = _mm512_set1_ps(V[d1 * N + j]);
-            for (int v = 0; v < NV; ++v) {
-                const __m512 p = _mm512_load_ps(P + j * LD + 16 * v);
-                a0[v] = _mm512_fmadd_ps(v0, p, a0[v]);
-                a1[v] = _mm512_fmadd_ps(v1, p, a1[v]);
-            }
-        }
+        two_rows<NV, true>(V + d * N, V + d1 * N, 1, P, LD, S, live, a0, a1);  // over j: V[d, j] P[j, queries]
         for (int v = 0; v < NV; ++v) {
             _mm512_mask_storeu_ps(C + d * N + i0 + 16 * v, live[v], _mm512_mul_ps(a0[v], inv[v]));
             if (d + 1 < D) _mm512_mask_storeu_ps(C + d1 * N + i0 + 16 * v, live[v], _mm512_mul_ps(a1[v], inv[v]));
