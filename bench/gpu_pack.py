@@ -205,6 +205,13 @@ def plan_steps(teacher: Path, seconds: float, jobs: int, cap: int = 20_000) -> t
     return steps, max(100, steps // 10 // 100 * 100)
 
 
+def _named_run(text: str) -> tuple[str, Path]:
+    name, sep, folder = text.partition("=")
+    if not (name and sep and folder):
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    return name, Path(folder)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -217,7 +224,9 @@ def main() -> None:
     s = sub.add_parser("summarize", help="RUNS: a folder of run folders, or an earlier results.json to refresh")
     s.add_argument("runs", type=Path)
     s.add_argument("out", type=Path)
-    s.add_argument("--run", action="append", default=[], metavar="NAME=DIR", help="add (or replace) one run")
+    s.add_argument(
+        "--run", action="append", default=[], type=_named_run, metavar="NAME=DIR", help="add (or replace) one run"
+    )
     s.add_argument("--print", action="store_true", help="also print one progress line per run")
     s = sub.add_parser("choose-teacher")
     s.add_argument("runs", type=Path)
@@ -238,8 +247,7 @@ def main() -> None:
         steps, every = plan_steps(args.teacher, args.seconds, args.jobs)
         print(f"--max-steps {steps} --eval-every {every}")
     else:
-        extra = {name: Path(folder) for name, folder in (run.split("=", 1) for run in args.run)}
-        result = summarize(args.runs, args.out, extra)
+        result = summarize(args.runs, args.out, dict(args.run))
         for name, run in result["runs"].items() if args.print else ():
             last = run["curve"][-1] if run["curve"] else {}
             speed = run.get("steps_per_second", "?")

@@ -614,8 +614,10 @@ def layer_norm_fm(
     return y
 
 
+@lru_cache(maxsize=1)
 def attention_available() -> bool:
-    """Whether the fused attention kernel can run here (compiled, on a CPU with AVX-512)."""
+    """Whether the fused attention kernel can run here (compiled, on a CPU with AVX-512); asked once per
+    layer and forward, so answered once."""
     lib = library()
     return lib is not None and bool(lib.attention_supported())
 
