@@ -1,6 +1,7 @@
 """Where the sparse engine's time goes: one forward of a random pruned encoder under ``torch.profiler``
-(the torch ops: attention GEMMs, softmax, GELU, copies) and each projection kind of layer 0 timed alone
-(the compiled kernels run through ctypes, which the profiler does not see), GFMA/s on the non-zeros.
+(the torch ops: attention GEMMs, softmax, GELU, copies; the compiled kernels, run through ctypes, show as
+the Python functions that call them: ``spmm``, ``attention_fm``, ``layer_norm_fm``) and each projection
+kind of layer 0 timed alone, GFMA/s on the non-zeros.
 
     .venv/bin/python bench/engine_profile.py --arch bert-base --sparsity 0.95 --batch-size 32
     PYTHONPATH=/tmp/sb/old/src .venv/bin/python bench/engine_profile.py ...   # another revision's engine
@@ -34,7 +35,7 @@ def main() -> None:
     ids = torch.randint(0, 1000, (args.batch_size, args.seq_len), generator=gen)
     with torch.no_grad():
         model(input_ids=ids)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
             start = time.perf_counter()
             model(input_ids=ids)
             print(f"one forward: {1000 * (time.perf_counter() - start):.1f} ms (under the profiler)")
