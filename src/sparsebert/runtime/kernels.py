@@ -191,6 +191,7 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+// The lanes of a vector of 16 that hold data, when ``left`` (1 or more) remain.
 static inline __mmask16 live16(int64_t left) {
     return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
 }
@@ -254,6 +255,11 @@ static void attention_chunk(int64_t S, int64_t D, int64_t N, const float* Q, con
         }
     }
 }
+// attention_chunk for 1..8 vectors of queries, by the count a chunk needs.
+static void (*const CHUNKS[8])(int64_t, int64_t, int64_t, const float*, const float*, const float*, const float*,
+                               float, float*, int64_t, int64_t, float*) = {
+    attention_chunk<1>, attention_chunk<2>, attention_chunk<3>, attention_chunk<4>,
+    attention_chunk<5>, attention_chunk<6>, attention_chunk<7>, attention_chunk<8>};
 #endif
 
 extern "C" {
@@ -290,16 +296,7 @@ void attention_fm_f32(int64_t B, int64_t S, int64_t NH, int64_t D, const float* 
         const float* m = mask ? mask + b * S : nullptr;
         for (int64_t i0 = 0; i0 < S; i0 += 128) {
             const int64_t w = std::min<int64_t>(128, S - i0);
-            switch ((w + 15) / 16) {
-                case 8: attention_chunk<8>(S, D, N, Q, K, V, m, scale, CTX + off, i0, w, P); break;
-                case 7: attention_chunk<7>(S, D, N, Q, K, V, m, scale, CTX + off, i0, w, P); break;
-                case 6: attention_chunk<6>(S, D, N, Q, K, V, m, scale, CTX + off, i0, w, P); break;
-                case 5: attention_chunk<5>(S, D, N, Q, K, V, m, scale, CTX + off, i0, w, P); break;
-                case 4: attention_chunk<4>(S, D, N, Q, K, V, m, scale, CTX + off, i0, w, P); break;
-                case 3: attention_chunk<3>(S, D, N, Q, K, V, m, scale, CTX + off, i0, w, P); break;
-                case 2: attention_chunk<2>(S, D, N, Q, K, V, m, scale, CTX + off, i0, w, P); break;
-                default: attention_chunk<1>(S, D, N, Q, K, V, m, scale, CTX + off, i0, w, P); break;
-            }
+            CHUNKS[(w + 15) / 16 - 1](S, D, N, Q, K, V, m, scale, CTX + off, i0, w, P);
         }
     }
 #endif
@@ -324,7 +321,7 @@ void quantize_b4(int64_t K, int64_t N, int64_t NP, const float* X, float* s_x, u
     {
         #pragma omp for schedule(static)
         for (int64_t n0 = 0; n0 < NP; n0 += 16) {
-            const __mmask16 live = N - n0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n0)) - 1);
+            const __mmask16 live = live16(N - n0);
             __m512 m = _mm512_setzero_ps();
             for (int64_t k = 0; k < K; ++k)
                 m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(live, X + k * N + n0)));
@@ -334,7 +331,7 @@ void quantize_b4(int64_t K, int64_t N, int64_t NP, const float* X, float* s_x, u
         #pragma omp for schedule(static)
         for (int64_t g = 0; g < K / 4; ++g) {
             for (int64_t n0 = 0; n0 < NP; n0 += 16) {
-                const __mmask16 live = N - n0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n0)) - 1);
+                const __mmask16 live = live16(N - n0);
                 const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_loadu_ps(s_x + n0));
                 __m512i d = _mm512_setzero_si512();
                 for (int i = 0; i < 4; ++i) {
@@ -375,7 +372,7 @@ void spmm_b4_i8(int64_t M, int64_t N, int64_t NP, const int32_t* indptr, const i
                 const __m512 sw = _mm512_set1_ps(s_w[m]), b = _mm512_set1_ps(bias ? bias[m] : 0.0f);
                 for (int64_t j = 0; j < nv; ++j) {
                     const int64_t n = n0 + 16 * j;
-                    const __mmask16 live = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+                    const __mmask16 live = live16(N - n);
                     __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[j], c));
                     v = _mm512_fmadd_ps(_mm512_mul_ps(v, sw), _mm512_loadu_ps(s_x + n), b);
                     if (R) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, R + m * N + n));
