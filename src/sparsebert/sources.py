@@ -12,9 +12,9 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from sparsebert.errors import SparseBertError
-from sparsebert.packaged import minilm_l3_path, minilm_l6_path
+from sparsebert.packaged import minilm_l3_path, minilm_l6_path, mpnet_base_path
 
-ALIASES = {"minilm-l6": minilm_l6_path, "minilm-l3": minilm_l3_path}
+ALIASES = {"minilm-l6": minilm_l6_path, "minilm-l3": minilm_l3_path, "mpnet-base": mpnet_base_path}
 
 
 def resolve_model(name: str | os.PathLike) -> str:
