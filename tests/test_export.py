@@ -12,7 +12,8 @@ from transformers import AutoModelForSequenceClassification, BertConfig, DistilB
 
 from sparsebert.errors import SparseBertError
 from sparsebert.export import MANIFEST, export_compressed, load
-from sparsebert.pruning import Pruner, find_prunable_linears
+from sparsebert.layers import find_prunable_linears
+from sparsebert.pruning import Pruner
 from sparsebert.runtime.commands import register_commands
 
 

@@ -10,8 +10,8 @@ import pytest
 from conftest import cli
 
 from sparsebert.data import DataSource, load_task_data
+from sparsebert.layers import find_prunable_linears
 from sparsebert.packaged import packaged_task_dir
-from sparsebert.pruning import find_prunable_linears
 from sparsebert.sources import resolve_model
 from sparsebert.tasks import get_task
 
@@ -45,19 +45,19 @@ def test_minilm_l3_is_converted_from_its_onnx_graph_and_checked(tmp_path, monkey
 
     from sparsebert.errors import SparseBertError
     from sparsebert.onnx_import import check_against_graph
-    from sparsebert.packaged import _minilm_l3_onnx, minilm_l3_path
+    from sparsebert.packaged import minilm_l3_onnx_path, minilm_l3_path
 
     monkeypatch.setenv("SPARSEBERT_CACHE", str(tmp_path))
     folder = minilm_l3_path()  # converts, and refuses weights that do not reproduce the graph
     model = BertModel.from_pretrained(folder).eval()
     assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.intermediate_size) == (3, 384, 1536)
     assert AutoTokenizer.from_pretrained(folder)("a paraphrase")["input_ids"][0] == 101  # [CLS] of the shared vocab
-    assert check_against_graph(model, _minilm_l3_onnx()) < 1e-4
+    assert check_against_graph(model, minilm_l3_onnx_path()) < 1e-4
     with torch.no_grad():  # two projections swapped: the graph check must notice
         q, k = model.encoder.layer[1].attention.self.query, model.encoder.layer[1].attention.self.key
         q.weight, k.weight = k.weight, q.weight
     with pytest.raises(SparseBertError, match="differ from the graph"):
-        check_against_graph(model, _minilm_l3_onnx())
+        check_against_graph(model, minilm_l3_onnx_path())
 
 
 def test_finetune_then_prune_real_minilm_on_real_reviews(tmp_path):

@@ -13,7 +13,8 @@ from transformers import (
 )
 
 from sparsebert.errors import SparseBertError
-from sparsebert.pruning import ROLES, CubicSparsitySchedule, Pruner, find_prunable_linears
+from sparsebert.layers import ROLES, find_prunable_linears
+from sparsebert.pruning import CubicSparsitySchedule, Pruner
 from sparsebert.pruning.pruner import MAX_MATRIX_SPARSITY
 
 CONFIGS = {
@@ -284,8 +285,20 @@ def test_taylor_scores_travel_with_the_state_and_stop_with_the_schedule():
     frozen = {n: s.clone() for n, s in pruner.scores.items()}
     _train_steps(model, pruner, 2)
     assert all(torch.equal(pruner.scores[n], s) for n, s in frozen.items())
+
+
+def test_removed_hooks_read_no_more_gradients():
+    """``remove_hooks`` stops the taylor scores (before the schedule would), and the masks stay enforced."""
+    model = tiny()
+    pruner = Pruner(model, CubicSparsitySchedule(0.6, 0, 4, num_updates=2), criterion="taylor")
+    _train_steps(model, pruner, 2)
+    observed, scores = pruner.observed, {n: s.clone() for n, s in pruner.scores.items()}
+    assert observed > 0
     pruner.remove_hooks()
-    assert not pruner._hooks
+    _train_steps(model, pruner, 1)
+    assert pruner.observed == observed
+    assert all(torch.equal(pruner.scores[n], s) for n, s in scores.items())
+    assert all(bool((t.module.weight[~pruner.masks[t.name]] == 0).all()) for t in pruner.targets)
 
 
 def test_taylor_needs_a_gradient():

@@ -125,7 +125,7 @@ def _rig_timing(monkeypatch, calls: list[str], seconds: dict[str, list[float]], 
     or load; every kernel call is recorded in ``calls``. The kernels still compute for real."""
     from sparsebert.runtime import ops
 
-    build = ops._build
+    build = ops.build_kernel
 
     def rigged_build(kind, master, dense):
         kernel = build(kind, master, dense)
@@ -142,8 +142,8 @@ def _rig_timing(monkeypatch, calls: list[str], seconds: dict[str, list[float]], 
         script = seconds.get(kernel.kind, [others])
         return script[min(calls.count(kernel.kind), len(script)) - 1]
 
-    monkeypatch.setattr(ops, "_build", rigged_build)
-    monkeypatch.setattr(ops, "_seconds", scripted_seconds)
+    monkeypatch.setattr(ops, "build_kernel", rigged_build)
+    monkeypatch.setattr(ops, "time_kernel", scripted_seconds)
 
 
 @pytest.mark.parametrize("fast", ["dense", "csr"])
@@ -166,7 +166,7 @@ def test_auto_backend_times_each_matrix_and_keeps_the_faster_exact_kernel(monkey
         out = torch.full((48, n), float("nan"))
         torch.testing.assert_close(op(x, residual=r, out=out), w @ x + b[:, None] + r, rtol=1e-4, atol=1e-4)
         assert len(calls) == expected_calls and calls[-1] == fast
-        assert op.kind == fast and op.kind_for(n) == fast and set(op._kernels) == {fast}
+        assert op.kind == fast and op.kind_for(n) == fast and op.held_kinds == {fast}
     assert sorted(op.plan) == [4, 7]  # one timing per power of two: 8 to 15 tokens, then 64 to 127
 
 
@@ -208,13 +208,13 @@ def test_dense_matrices_and_fixed_backends_are_not_timed():
 def test_fastest_backend_offers_dense_bf16_where_native_and_stays_close(monkeypatch):
     """backend="fastest" adds dense bf16 on CPUs that run it natively (never where it is emulated); when
     it wins, the result is fp32 and bf16-close to the exact one."""
-    from sparsebert import train
+    from sparsebert.runtime import ops
 
     gen = torch.Generator().manual_seed(6)
     w, b = random_sparse(64, 32, 0.8, gen), torch.randn(64, generator=gen)
-    monkeypatch.setattr(train, "native_bf16", lambda device_type: False)
+    monkeypatch.setattr(ops, "native_bf16", lambda device_type: False)
     assert "dense-bf16" not in make_projection(w, b, backend="fastest").candidates
-    monkeypatch.setattr(train, "native_bf16", lambda device_type: True)
+    monkeypatch.setattr(ops, "native_bf16", lambda device_type: True)
     _rig_timing(monkeypatch, [], {"dense-bf16": [0.001]})
     op = make_projection(w, b, backend="fastest")
     assert op.candidates[-1] == "dense-bf16"
@@ -487,8 +487,8 @@ def test_bench_times_every_dense_baseline_beside_the_sparse_engine():
 
 
 def test_baselines_auto_and_unknown_names():
+    from sparsebert.hardware import native_bf16
     from sparsebert.runtime.baselines import resolve_baselines
-    from sparsebert.train import native_bf16
 
     auto = resolve_baselines(["auto"])
     assert auto[0] == "fp32" and ("bf16" in auto) == native_bf16("cpu")  # never emulated bf16 by default
@@ -500,15 +500,75 @@ def test_baselines_auto_and_unknown_names():
 
 def test_the_kernel_cache_is_keyed_by_the_processor(monkeypatch):
     """The library is built with -march=native: a cache shared with another CPU must not be loaded."""
-    from sparsebert.runtime import kernels
+    from sparsebert.runtime import build
 
-    here = kernels._build_key()
-    cpu = kernels.cpu_info()
-    assert cpu.get("flags") and here == kernels._build_key()  # stable on one machine
-    monkeypatch.setattr(kernels, "cpu_info", lambda: {**cpu, "flags": cpu["flags"] + " amx_tile"})
-    assert kernels._build_key() != here
-    monkeypatch.setattr(kernels, "cpu_info", lambda: {**cpu, "model name": cpu.get("model name", "") + " (another)"})
-    assert kernels._build_key() != here
+    def key() -> str:
+        return build.build_key("source", build.FLAGS, "g++")
+
+    here = key()
+    cpu = build.cpu_info()
+    assert cpu.get("flags") and here == key()  # stable on one machine
+    monkeypatch.setattr(build, "cpu_info", lambda: {**cpu, "flags": cpu["flags"] + " amx_tile"})
+    assert key() != here
+    monkeypatch.setattr(build, "cpu_info", lambda: {**cpu, "model name": cpu.get("model name", "") + " (another)"})
+    assert key() != here
+
+
+def test_the_kernel_source_ships_as_package_data():
+    """The C++ is a file of the package (declared in pyproject's package-data), not a string in Python:
+    found through importlib.resources, with every function whose signature build.py declares."""
+    from sparsebert.runtime import build
+
+    source = build.source_path()
+    assert source.is_file() and source.name == "sparse_kernels.cpp"
+    text = source.read_text()
+    for fn in ("spmm_csr_f32", "layer_norm_fm_f32", "attention_supported", "attention_fm_f32", "int8_supported",
+               "quantize_b4", "spmm_b4_i8"):  # fmt: skip
+        assert f" {fn}(" in text
+
+
+def _broken_source(tmp_path, monkeypatch):
+    """A C++ file with a syntax error, and a fresh kernel cache so that the real one is left alone."""
+    monkeypatch.setenv("SPARSEBERT_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "broken.cpp"
+    source.write_text('extern "C" int attention_supported() { return 1 }\n')  # no ';'
+    return source
+
+
+def test_strict_kernels_raise_one_line_on_a_source_that_does_not_compile(tmp_path, monkeypatch):
+    from sparsebert.runtime import build
+
+    source = _broken_source(tmp_path, monkeypatch)
+    monkeypatch.setenv("SPARSEBERT_KERNELS_STRICT", "1")
+    with pytest.raises(SparseBertError, match="do not compile") as err:
+        build.build_library(source)
+    message = str(err.value)
+    assert "\n" not in message and "broken.cpp:1" in message and "error" in message and "STRICT" in message
+    assert not list((tmp_path / "cache" / "kernels").glob("*.so"))
+
+
+def test_kernels_that_do_not_compile_fall_back_with_an_error_log(tmp_path, monkeypatch, caplog):
+    """Not strict: the torch path takes over, but the compiler's error is logged at error level, not hidden
+    in a warning."""
+    from sparsebert.runtime import build
+
+    source = _broken_source(tmp_path, monkeypatch)
+    monkeypatch.delenv("SPARSEBERT_KERNELS_STRICT", raising=False)
+    with caplog.at_level("WARNING", logger="sparsebert.runtime.build"):
+        assert build.build_library(source) is None
+    [record] = caplog.records
+    assert record.levelname == "ERROR" and "broken.cpp:1" in record.getMessage() and "expected" in record.getMessage()
+
+
+def test_without_a_compiler_the_kernels_warn_once_or_raise_when_strict(monkeypatch, caplog):
+    from sparsebert.runtime import build
+
+    monkeypatch.setattr(build, "compiler", lambda: None)
+    with caplog.at_level("WARNING", logger="sparsebert.runtime.build"):
+        assert build.build_library(strict_mode=False) is None
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    with pytest.raises(SparseBertError, match="no C\\+\\+ compiler"):
+        build.build_library(strict_mode=True)
 
 
 def _int8_reference(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -539,20 +599,28 @@ def test_int8_kernel_computes_the_quantized_product(n):
 @pytest.mark.skipif(not int8_available(), reason="needs AVX512-VNNI")
 def test_int8_products_of_any_size_in_turn_share_one_scratch_buffer():
     """The quantized activations live in a buffer kept per thread: products of growing and shrinking
-    sizes, one after the other, each get their own correct result."""
-    from sparsebert.runtime import int8
+    sizes, one after the other in a fresh thread, each get their own correct result, and the buffer grows
+    only when a product needs more."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sparsebert.runtime.int8 import scratch_size
 
     gen = torch.Generator().manual_seed(9)
     shapes = [(24, 192, 300), (40, 96, 17), (24, 192, 1), (16, 384, 200)]
-    int8._scratch.__dict__.pop("buffers", None)  # as a fresh thread starts
-    sizes = []
-    for m, k, n in shapes:
-        w = torch.randn(m, k, generator=gen) * (torch.rand(m, k // 4, generator=gen) < 0.3).repeat_interleave(4, 1)
-        x = torch.randn(k, n, generator=gen)
-        torch.testing.assert_close(spmm_int8(BlockInt8Matrix.from_dense(w), x), _int8_reference(w, x), rtol=1e-5,
-                                   atol=1e-4)  # fmt: skip
-        sizes.append(int8._scratch.buffers[1].numel())
-    assert sizes == [192 * 304] * 3 + [384 * 208]  # grown only when a product needs more (16 tokens a step)
+
+    def products() -> list[int]:
+        sizes = [scratch_size()]
+        for m, k, n in shapes:
+            w = torch.randn(m, k, generator=gen) * (torch.rand(m, k // 4, generator=gen) < 0.3).repeat_interleave(4, 1)
+            x = torch.randn(k, n, generator=gen)
+            torch.testing.assert_close(spmm_int8(BlockInt8Matrix.from_dense(w), x), _int8_reference(w, x),
+                                       rtol=1e-5, atol=1e-4)  # fmt: skip
+            sizes.append(scratch_size())
+        return sizes
+
+    with ThreadPoolExecutor(1) as fresh_thread:
+        sizes = fresh_thread.submit(products).result()
+    assert sizes == [0] + [192 * 304] * 3 + [384 * 208]  # grown only when needed (16 tokens a step)
 
 
 @pytest.mark.skipif(not int8_available(), reason="needs AVX512-VNNI")

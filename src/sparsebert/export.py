@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from transformers import AutoConfig
 
 from sparsebert.errors import SparseBertError
 from sparsebert.io import atomic_write_json, publish_dir
+from sparsebert.layers import find_prunable_linears
 from sparsebert.sources import read_pretrained, resolve_model
 
 MANIFEST = "sparsebert_manifest.json"
@@ -137,6 +138,81 @@ def _folder_bytes(path: Path, only_weights: bool = False) -> int:
     return sum(p.stat().st_size for p in files)
 
 
+@dataclass
+class _Split:
+    """A model's state divided for the export: CSR parts of the sparse matrices, everything else dense."""
+
+    sparse: dict[str, torch.Tensor] = field(default_factory=dict)  # "<name>.row_nnz" etc.
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    matrices: dict[str, dict] = field(default_factory=dict)  # the manifest's entry of each CSR matrix
+    aliases: dict[str, str] = field(default_factory=dict)  # tied weight -> the name it is stored under
+    zeros: int = 0  # over the prunable matrices, CSR or not
+    total: int = 0
+    dense_fp32_bytes: int = 0  # of the CSR matrices, as dense fp32
+    sparse_bytes: int = 0  # of the CSR matrices, as stored
+    kept_dense: int = 0  # prunable matrices below min_sparsity
+
+    @property
+    def pruned_sparsity(self) -> float:
+        return self.zeros / max(1, self.total)
+
+    def add_prunable(self, name: str, tensor: torch.Tensor, values: str, min_sparsity: float) -> bool:
+        """Count a prunable matrix's zeros and store it as CSR if sparse enough (False: it stays dense)."""
+        n_zero = int((tensor == 0).sum())
+        self.zeros, self.total = self.zeros + n_zero, self.total + tensor.numel()
+        if n_zero / tensor.numel() < min_sparsity:
+            self.kept_dense += 1
+            return False
+        parts = _encode_csr(tensor, VALUE_DTYPES[values])
+        for part, t in parts.items():
+            self.sparse[f"{name}.{part}"] = t.contiguous()
+        self.matrices[name] = {"shape": list(tensor.shape), "nnz": int(parts["values"].numel()), "dtype": "fp32"}
+        self.dense_fp32_bytes += tensor.numel() * 4
+        self.sparse_bytes += sum(_tensor_bytes(t) for t in parts.values())
+        return True
+
+
+def _split_state(module: nn.Module, values: str, min_sparsity: float) -> _Split:
+    """Divide ``module``'s state: prunable matrices with at least ``min_sparsity`` zeros as CSR, the rest
+    dense, and each tied weight stored once (safetensors refuses shared storage)."""
+    prunable = {f"{t.name}.weight" for t in find_prunable_linears(module)}
+    split = _Split()
+    seen: dict[tuple[int, int, tuple], str] = {}
+    for name, tensor in module.state_dict().items():
+        key = (tensor.data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            split.aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        if name in prunable and split.add_prunable(name, tensor, values, min_sparsity):
+            continue
+        split.dense[name] = tensor.detach().cpu().contiguous()
+    return split
+
+
+def _write_export(staging: Path, module: nn.Module, source: Path | None, split: _Split, values: str) -> None:
+    """Fill ``staging`` with the exported folder: side files of ``source`` (tokenizer, ...), config, the two
+    weight files and the manifest with their checksums."""
+    if source is not None:  # tokenizer and other side files travel with the model
+        for item in source.iterdir():
+            if item.is_file() and item.name not in _WEIGHT_FILES and not item.name.endswith(_SKIP_SUFFIXES):
+                shutil.copy2(item, staging / item.name)
+    module.config.save_pretrained(staging)
+    save_file(split.dense, staging / "dense.safetensors", metadata={"format": "pt"})
+    save_file(split.sparse, staging / "sparse.safetensors", metadata={"format": "pt"})
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "architecture": type(module).__name__,
+        "values": values,
+        "sparse": split.matrices,
+        "aliases": split.aliases,
+        "pruned_sparsity": split.pruned_sparsity,
+        "sha256": {name: _sha256(staging / name) for name in CHECKED_FILES},
+    }
+    atomic_write_json(staging / MANIFEST, manifest)
+
+
 def export_compressed(
     model: nn.Module | str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -149,8 +225,6 @@ def export_compressed(
     Only the prunable projections with at least ``min_sparsity`` zeros are stored as CSR: below about
     one half, CSR with fp32 values is no smaller than the dense matrix.
     """
-    from sparsebert.pruning import find_prunable_linears
-
     if values not in VALUE_DTYPES:
         raise SparseBertError(f"--values must be one of {', '.join(VALUE_DTYPES)}, got {values!r}")
     source = _source_dir(model)
@@ -158,69 +232,21 @@ def export_compressed(
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise SparseBertError(f"output folder {output_dir} is not empty (use --overwrite)")
-
-    prunable = {f"{t.name}.weight" for t in find_prunable_linears(module)}
-    state = module.state_dict()
-    sparse_tensors: dict[str, torch.Tensor] = {}
-    dense_tensors: dict[str, torch.Tensor] = {}
-    matrices: dict[str, dict] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[int, int, tuple], str] = {}
-    zeros = total = dense_fp32 = sparse_bytes = kept_dense = 0
-    for name, tensor in state.items():
-        key = (tensor.data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if tensor.numel() and key in seen:  # tied weights: store once (safetensors refuses shared storage)
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        if name in prunable:
-            n_zero = int((tensor == 0).sum())
-            zeros, total = zeros + n_zero, total + tensor.numel()
-            if n_zero / tensor.numel() >= min_sparsity:
-                parts = _encode_csr(tensor, VALUE_DTYPES[values])
-                for part, t in parts.items():
-                    sparse_tensors[f"{name}.{part}"] = t.contiguous()
-                matrices[name] = {"shape": list(tensor.shape), "nnz": int(parts["values"].numel()), "dtype": "fp32"}
-                dense_fp32 += tensor.numel() * 4
-                sparse_bytes += sum(_tensor_bytes(t) for t in parts.values())
-                continue
-            kept_dense += 1
-        dense_tensors[name] = tensor.detach().cpu().contiguous()
-
+    split = _split_state(module, values, min_sparsity)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(
         dir=output_dir.parent, prefix=f".{output_dir.name}.", ignore_cleanup_errors=True
     ) as tmp:
-        staging = Path(tmp)
-        if source is not None:  # tokenizer and other side files travel with the model
-            for item in source.iterdir():
-                if item.is_file() and item.name not in _WEIGHT_FILES and not item.name.endswith(_SKIP_SUFFIXES):
-                    shutil.copy2(item, staging / item.name)
-        module.config.save_pretrained(staging)
-        save_file(dense_tensors, staging / "dense.safetensors", metadata={"format": "pt"})
-        save_file(sparse_tensors, staging / "sparse.safetensors", metadata={"format": "pt"})
-        atomic_write_json(
-            staging / MANIFEST,
-            {
-                "format": FORMAT,
-                "version": FORMAT_VERSION,
-                "architecture": type(module).__name__,
-                "values": values,
-                "sparse": matrices,
-                "aliases": aliases,
-                "pruned_sparsity": zeros / max(1, total),
-                "sha256": {name: _sha256(staging / name) for name in CHECKED_FILES},
-            },
-        )
-        publish_dir(staging, output_dir)
+        _write_export(Path(tmp), module, source, split, values)
+        publish_dir(Path(tmp), output_dir)
     return ExportReport(
         output_dir=output_dir,
         values=values,
-        sparse_matrices=len(matrices),
-        dense_matrices_kept=kept_dense,
-        pruned_sparsity=zeros / max(1, total),
-        pruned_dense_fp32_bytes=dense_fp32,
-        pruned_sparse_bytes=sparse_bytes,
+        sparse_matrices=len(split.matrices),
+        dense_matrices_kept=split.kept_dense,
+        pruned_sparsity=split.pruned_sparsity,
+        pruned_dense_fp32_bytes=split.dense_fp32_bytes,
+        pruned_sparse_bytes=split.sparse_bytes,
         source_bytes=_folder_bytes(source, only_weights=True) if source is not None else None,
         output_bytes=_folder_bytes(output_dir),
     )

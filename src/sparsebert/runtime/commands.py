@@ -13,8 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparsebert.config import PRUNE_BLOCKS, SPARSE_BACKENDS, add_arguments, config_from_args, opt, require
 from sparsebert.errors import SparseBertError
+from sparsebert.options import add_arguments, config_from_args, opt, require
+from sparsebert.pruning import PRUNE_BLOCKS
+from sparsebert.runtime.ops import SPARSE_BACKENDS
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from sparsebert.errors import SparseBertError
-from sparsebert.pruning import find_encoder_layers
+from sparsebert.layers import find_encoder_layers
 from sparsebert.runtime.engine import SparseEncoder, is_bert_style
 from sparsebert.runtime.linear import swap_linears
 from sparsebert.runtime.ops import ProjectionOp, resolve_backend
@@ -50,7 +50,7 @@ def sparsify(
     """Replace the pruned projections of ``model`` (put in eval mode) by sparse CPU kernels.
 
     ``max_density``: the densest matrix still given a sparse kernel (default: the backend's, see
-    ``runtime/ops.py``); ``backend``: one of ``config.SPARSE_BACKENDS``."""
+    ``runtime/ops.py``); ``backend``: one of ``ops.SPARSE_BACKENDS``."""
     if mode not in MODES:
         raise SparseBertError(f"unknown sparsify mode {mode!r}; choose one of {', '.join(MODES)}")
     backend = resolve_backend(backend)

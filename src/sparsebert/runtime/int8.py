@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from sparsebert.errors import SparseBertError
-from sparsebert.runtime.kernels import check_operands, feature_major, library, pointer
+from sparsebert.runtime.build import library
+from sparsebert.runtime.kernels import check_operands, feature_major, pointer
 
 TOKEN_BLOCK = 128  # tokens per block of 8 accumulators
 _scratch = threading.local()  # per thread: the quantized activations of the product in progress
@@ -33,6 +34,14 @@ def _activation_buffers(k: int, padded: int) -> tuple[torch.Tensor, torch.Tensor
         quantized = torch.empty(max(k * padded, quantized.numel()), dtype=torch.uint8)
         _scratch.buffers = scales, quantized
     return scales[:padded], quantized[: k * padded]
+
+
+def scratch_size() -> int:
+    """How many quantized activations the calling thread's buffer holds (0 before its first int8
+    product): the memory the hot path keeps, per thread, grown to the largest product so far and never
+    shrunk."""
+    buffers = getattr(_scratch, "buffers", None)
+    return 0 if buffers is None else buffers[1].numel()
 
 
 def int8_available() -> bool:

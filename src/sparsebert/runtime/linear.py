@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsebert.layers import find_prunable_linears
 from sparsebert.runtime.ops import ProjectionOp, make_projection
 
 
@@ -33,8 +34,6 @@ class SparseLinear(nn.Module):
 
 def swap_linears(model: nn.Module, max_density: float | None = None, backend: str = "auto") -> list[ProjectionOp]:
     """Replace every prunable projection in place; returns their projections."""
-    from sparsebert.pruning import find_prunable_linears
-
     ops = []
     for target in find_prunable_linears(model):
         parent_name, _, child = target.name.rpartition(".")

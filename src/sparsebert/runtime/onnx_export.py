@@ -3,6 +3,10 @@
 onnx / onnxruntime are optional: they are imported only here, so the package works without them. The
 exported graph is the dense masked model (ONNX Runtime has no unstructured-sparse GEMM on CPU); its value
 is portability, and int8 dynamic quantization is the CPU speed lever on that path.
+
+The traced wrapper, ``FirstOutput``, lives here because the exporter needs it; ``runtime.baselines`` (which
+times ONNX Runtime beside the other dense paths) imports this module, never the reverse, so the two have
+no import cycle.
 """
 
 from __future__ import annotations
@@ -14,8 +18,7 @@ import torch
 from torch import nn
 
 from sparsebert.errors import SparseBertError
-from sparsebert.runtime.baselines import FirstOutput
-from sparsebert.runtime.bench import median_ms
+from sparsebert.runtime.timing import median_ms
 
 TOLERANCE = 1e-4
 
@@ -25,6 +28,22 @@ def _require(module: str):
         return __import__(module, fromlist=["_"])
     except ImportError:
         raise SparseBertError(f"ONNX export needs the optional package {module!r} (pip install {module})") from None
+
+
+class FirstOutput(nn.Module):
+    """(input_ids, attention_mask[, token_type_ids]) -> the model's logits (task models) or last hidden
+    state: plain tensors in and out, as the ONNX exporter and the timed paths want them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 def uses_token_types(model: nn.Module) -> bool:

@@ -21,11 +21,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparsebert.config import SPARSE_BACKENDS
 from sparsebert.errors import SparseBertError
+from sparsebert.hardware import native_bf16
 from sparsebert.runtime.int8 import BlockInt8Matrix, int8_available, spmm_int8, suits_int8
 from sparsebert.runtime.kernels import CSRMatrix, add_bias_residual, cpp_available, spmm
 
+# The sparse runtime's kernels (runtime/ops.py). auto: per matrix, the faster of the exact kernels (fp32 CSR,
+# dense fp32), timed on the first call at each input size; fastest: the same among the lossy ones too
+# (dense bf16 where the CPU has it natively, int8 on 1x4 blocks). Fixed, by density: cpp (compiled CSR),
+# torch (MKL CSR), int8 (the VNNI kernel where 1x4 blocks are sparse enough, models pruned with
+# --prune-block 4; the rest as cpp).
+SPARSE_BACKENDS = ("auto", "fastest", "cpp", "torch", "int8")
 # The densest matrix a backend runs sparse. Fixed kernels: at density 0.3 CSR still won on every shape we
 # measured, at 0.5 not on all (BENCHMARKS.md, "Kernel choice"). Timed ones try CSR up to 0.5 and keep it
 # only where it wins (section 9).
@@ -118,6 +124,12 @@ class ProjectionOp:
             return self.candidates[0]
         return self._last or "|".join(self.candidates)
 
+    @property
+    def held_kinds(self) -> set[str]:
+        """The kernels built and kept in memory now: once a size is timed, only the kinds chosen for some
+        size stay (a compressed model stays compressed); the others are rebuilt from ``master`` if needed."""
+        return set(self._kernels)
+
     def kind_for(self, tokens: int) -> str | None:
         """The kernel chosen for inputs of ``tokens`` tokens, None if that size was not timed yet."""
         return self.candidates[0] if len(self.candidates) == 1 else self.plan.get(_bucket(tokens))
@@ -126,7 +138,7 @@ class ProjectionOp:
         """The kernel of ``kind``, built from the master copy if it is not held (``dense``: the master as
         a dense fp32 matrix, shared when several kernels are built at once)."""
         if kind not in self._kernels:
-            self._kernels[kind] = _build(kind, self.master, dense or functools.cache(self._dense))
+            self._kernels[kind] = build_kernel(kind, self.master, dense or functools.cache(self._dense))
         return self._kernels[kind]
 
     def _dense(self) -> torch.Tensor:
@@ -157,13 +169,13 @@ class ProjectionOp:
         kernels = {kind: self._kernel(kind, dense) for kind in self.candidates}
         for kernel in kernels.values():
             kernel(*probe, scratch)
-        best = {kind: _seconds(kernel, *probe, scratch) for kind, kernel in kernels.items()}
+        best = {kind: time_kernel(kernel, *probe, scratch) for kind, kernel in kernels.items()}
         fastest = min(best.values())
         close = [kind for kind in kernels if best[kind] <= CLEAR_LOSS * fastest]
         spent, rounds = best[close[0]], 1
         while len(close) > 1 and rounds < MAX_ROUNDS and (rounds < TIMING_ROUNDS or spent < MIN_TIMING_S):
             for kind in close:
-                seconds = _seconds(kernels[kind], *probe, scratch)
+                seconds = time_kernel(kernels[kind], *probe, scratch)
                 best[kind] = min(best[kind], seconds)
                 spent += seconds if kind == close[0] else 0.0
             rounds += 1
@@ -174,13 +186,19 @@ class ProjectionOp:
         return chosen
 
 
-def _seconds(kernel: Kernel, *args) -> float:
+def time_kernel(kernel: Kernel, *args) -> float:
+    """Seconds one call ``kernel(*args)`` takes: the kernel choice's only clock. A module-level function so
+    that a test can put a scripted clock in its place and check the choice without depending on the
+    machine's speed or load."""
     start = time.perf_counter()
     kernel(*args)
     return time.perf_counter() - start
 
 
-def _build(kind: str, master: CSRMatrix | torch.Tensor, dense: Callable[[], torch.Tensor]) -> Kernel:
+def build_kernel(kind: str, master: CSRMatrix | torch.Tensor, dense: Callable[[], torch.Tensor]) -> Kernel:
+    """The kernel of ``kind`` for one matrix, from its exact ``master`` copy (``dense``: the master as a dense
+    fp32 matrix, made on demand). Every kernel a ``ProjectionOp`` runs comes from here, so a test can wrap
+    it to see each kernel call."""
     if kind == "cpp-csr":
         return _Csr(master)
     if kind == "torch-csr":
@@ -208,8 +226,6 @@ def resolve_backend(backend: str) -> str:
 def _candidates(weight: torch.Tensor, sparse: bool, backend: str, max_density: float) -> tuple[str, ...]:
     """The kernels a matrix may run; one kind for the fixed backends. Dense bf16 only where the CPU runs
     it natively: emulated, it is slower than fp32 and would only waste the timing."""
-    from sparsebert.train import native_bf16
-
     csr = "cpp-csr" if cpp_available() else "torch-csr"
     int8 = backend in ("int8", "fastest") and int8_available() and suits_int8(weight, max_density)
     if backend not in TIMED_BACKENDS:

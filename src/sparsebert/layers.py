@@ -1,11 +1,16 @@
-"""Find the linear projections SparseBERT prunes, by architecture rather than by parameter names.
+"""The one layer map: which linear projections of a BERT-family encoder are prunable, and what each does.
 
-Every BERT-family encoder layer (BERT, RoBERTa, DistilBERT, ELECTRA, MiniLM, ...) holds exactly six
-``nn.Linear`` modules in its self-attention and feed-forward blocks, registered in the same order:
-query, key, value, attention output, FFN up, FFN down. We locate the stack of encoder layers as the
-``nn.ModuleList`` whose length equals the config's number of layers, and then assign the six roles by
-registration order, checking the shapes (four hidden->hidden maps, then hidden->intermediate and
-intermediate->hidden). Anything that does not fit that pattern is reported instead of silently skipped.
+It is the single declaration of those projections, read by the pruner, distillation, the compressed export
+and the sparse runtime alike; a leaf (torch and ``sparsebert.errors`` only), so that serving a model does
+not import the pruning package to find its layers.
+
+Found by architecture rather than by parameter names: every BERT-family encoder layer (BERT, RoBERTa,
+DistilBERT, ELECTRA, MiniLM, ...) holds exactly six ``nn.Linear`` modules in its self-attention and
+feed-forward blocks, registered in the same order: query, key, value, attention output, FFN up, FFN down.
+We locate the stack of encoder layers as the ``nn.ModuleList`` whose length equals the config's number of
+layers, and then assign the six roles by registration order, checking the shapes (four hidden->hidden maps,
+then hidden->intermediate and intermediate->hidden). Anything that does not fit that pattern is reported
+instead of silently skipped.
 """
 
 from __future__ import annotations
