@@ -1,6 +1,6 @@
 """One layer's attention, forward and backward, torch's fused kernel (SDPA) against eager, fp32 and bf16.
 
-Why `train.fast_attention` switches bf16 CPU runs to eager attention (BENCHMARKS.md, "bf16 where the CPU
+Why `models.fast_attention` switches bf16 CPU runs to eager attention (BENCHMARKS.md, "bf16 where the CPU
 has it"): MiniLM-L6's shape (12 heads of 32) on an MRPC batch near the median length, mean of 20 calls.
 
     .venv/bin/python bench/attention_cost.py

@@ -26,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from sparsebert.config import saved_options
 from sparsebert.io import atomic_write_json
+from sparsebert.options import saved_options
 from sparsebert.report import dev_curves
 
 LIMIT_MB = 60
@@ -187,7 +187,7 @@ def plan_steps(teacher: Path, seconds: float, jobs: int, cap: int = 20_000) -> t
     student jobs at the least. A run planned to fit reaches its target sparsity (the cubic schedule ends
     at a fraction of the run) and decays its LR fully, which a run cut off mid-way does not.
     Returns (steps, eval_every): at least 1,000 steps, at most ``cap``, ten evaluations per run. Fewer
-    than 1,000 fitting is said on stderr: the fourth lease's 235-s call planned 1,000 and was cut at
+    than 1,000 fitting is said on stderr: a 235-s call on the H100 planned 1,000 and was cut at
     ~700, before the LR had decayed (its MRPC students took their first step ~65 s after their
     teacher's last: loading and augmenting the data).
     """

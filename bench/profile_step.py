@@ -9,8 +9,8 @@ losses, backward, clipping, AdamW): median step time, then ``torch.profiler``'s 
     .venv/bin/python bench/profile_step.py --fused --bf16  # under torch.autocast(bfloat16)
     .venv/bin/python bench/profile_step.py --fused --bf16 --sdpa  # bf16 with torch's fused CPU attention
 
-The models' attention is chosen as the training loop chooses it (`train.fast_attention`: eager in bf16);
-`--sdpa` keeps torch's fused kernel, as the loop did before the thirteenth session.
+The models' attention is chosen as the training loop chooses it (`models.fast_attention`: eager in bf16);
+`--sdpa` keeps torch's fused kernel, as the loop does in fp32 and on CUDA.
 """
 
 from __future__ import annotations
@@ -22,13 +22,11 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import DataCollatorWithPadding
 from transformers import logging as hf_logging
 
-from sparsebert.api import _distillation_step
 from sparsebert.data import DataSource, encode, load_task_data
-from sparsebert.distill import DistillationLoss, LossWeights
-from sparsebert.models import load_model, load_tokenizer
+from sparsebert.distill import DistillationLoss, LossWeights, distillation_step
+from sparsebert.models import fast_attention, load_model, load_tokenizer
 from sparsebert.runtime.bench import median_ms
 from sparsebert.tasks import get_task
-from sparsebert.train import fast_attention
 
 
 def main() -> None:
@@ -54,7 +52,7 @@ def main() -> None:
     if not args.sdpa:
         precision = "bf16" if args.bf16 else "no"
         student, teacher = (fast_attention(m, precision, "cpu") for m in (student, teacher))
-    step_fn = _distillation_step(
+    step_fn = distillation_step(
         teacher, student, DistillationLoss(student.config, teacher.config, LossWeights.parse("0.1,1,5"))
     )
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=args.fused)

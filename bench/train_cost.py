@@ -33,13 +33,13 @@ from collections.abc import Callable
 import torch
 from transformers import logging as hf_logging
 
-from sparsebert.api import _distillation_step
 from sparsebert.data import DataSource, encode, load_task_data, make_loader
-from sparsebert.distill import DistillationLoss, LossWeights
-from sparsebert.models import load_model, load_tokenizer
+from sparsebert.distill import DistillationLoss, LossWeights, distillation_step
+from sparsebert.hardware import resolve_mixed_precision
+from sparsebert.models import fast_attention, load_model, load_tokenizer
 from sparsebert.pruning import CubicSparsitySchedule, Pruner
 from sparsebert.tasks import get_task
-from sparsebert.train import fast_attention, param_groups, resolve_mixed_precision
+from sparsebert.train import param_groups
 
 VARIANTS = {  # name: (length-grouped batches, fused AdamW, precision)
     "before": (False, False, "no"),
@@ -58,7 +58,7 @@ def build_step(kind: str, student, teacher, fused: bool, precision: str, pruner)
     optimizer = torch.optim.AdamW(param_groups(student, 0.01), lr=1e-4, fused=fused)
     if kind == "distill":
         loss_fn = DistillationLoss(student.config, teacher.config, LossWeights.parse("0.1,1,5"))
-        distill = _distillation_step(teacher, student, loss_fn)
+        distill = distillation_step(teacher, student, loss_fn)
 
     def step(batch: dict) -> None:
         student.train()
@@ -136,7 +136,7 @@ def main() -> None:
     for t in taylor.targets:
         t.module.weight.grad = torch.randn_like(t.module.weight)
     observe = statistics.median(
-        _timed(lambda: [taylor._observe(taylor.scores[t.name], t.module.weight) for t in taylor.targets])
+        _timed(lambda: [taylor.observe(taylor.scores[t.name], t.module.weight) for t in taylor.targets])
         for _ in range(5)
     )
 

@@ -8,11 +8,12 @@ import pytest
 import yaml
 
 from sparsebert import config as configs
-from sparsebert.cli import COMMANDS, build_parser
+from sparsebert.cli import COMMANDS, build_parser, config_class
+from sparsebert.options import build_config
 from sparsebert.runtime.commands import BenchConfig, ExportConfig, OnnxConfig
 
 CLASSES = {
-    **{name: getattr(configs, cls_name) for name, (cls_name, _) in COMMANDS.items()},
+    **{name: config_class(name) for name in COMMANDS},
     "export": ExportConfig,
     "bench": BenchConfig,
     "onnx": OnnxConfig,
@@ -38,21 +39,21 @@ def test_a_recipe_of_every_default_round_trips(command, tmp_path):
     cls = CLASSES[command]
     defaults = dataclasses.asdict(cls())
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(defaults))
-    assert dataclasses.asdict(configs.build_config(cls, tmp_path / "r.yaml")) == defaults
+    assert dataclasses.asdict(build_config(cls, tmp_path / "r.yaml")) == defaults
 
 
 def test_flags_override_the_recipe_and_lists_take_commas(tmp_path):
     (tmp_path / "r.yaml").write_text("lr: 0.001\nsparsities: [0.5]\ngroup_by_length: false\n")
     args = build_parser().parse_args(["compare", "--config", str(tmp_path / "r.yaml"), "--sparsities", "0.8,0.9"])
     options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet")}
-    config = configs.build_config(configs.CompareConfig, args.config, **options)
+    config = build_config(configs.CompareConfig, args.config, **options)
     assert (config.lr, config.sparsities, config.group_by_length) == (0.001, [0.8, 0.9], False)
 
 
 def test_the_student_schedule_is_prunes_own_and_the_teacher_keeps_fine_tunings(tmp_path):
     """A student is pruned at a higher LR than a fine-tuning (BENCHMARKS.md, "A higher learning rate"); in
     ``compress`` ``--lr``/``--warmup-ratio``/``--lr-schedule`` are the student's, the teacher has its own."""
-    from sparsebert.api import stage_configs
+    from sparsebert.pipeline import stage_configs
 
     fine, prune = configs.FinetuneConfig(), configs.PruneConfig()
     assert (fine.lr, fine.warmup_ratio, fine.lr_schedule) == (5e-5, 0.1, "linear")

@@ -73,8 +73,8 @@ def test_regression_prediction_is_divided_by_the_label_variance():
     task in other units gives the same loss; 'none' keeps the plain MSE."""
     from types import SimpleNamespace
 
-    from sparsebert.api import _regression_scale
     from sparsebert.data import Example
+    from sparsebert.distill import regression_scale
     from sparsebert.tasks import get_task
 
     s, t = torch.tensor([[1.0], [2.0]]), torch.tensor([[0.0], [0.0]])
@@ -86,10 +86,10 @@ def test_regression_prediction_is_divided_by_the_label_variance():
         DistillationLoss(cfg, cfg, regression_scale=0.0)
 
     data = SimpleNamespace(task=get_task("stsb"), train=[Example(("a",), y) for y in (1.0, 3.0, 5.0)])
-    assert _regression_scale(SimpleNamespace(regression_scale="variance"), data) == pytest.approx(8 / 3)
-    assert _regression_scale(SimpleNamespace(regression_scale="none"), data) == 1.0
+    assert regression_scale(data, "variance") == pytest.approx(8 / 3)
+    assert regression_scale(data, "none") == 1.0
     data.task = get_task("mrpc")
-    assert _regression_scale(SimpleNamespace(regression_scale="variance"), data) == 1.0  # classification
+    assert regression_scale(data, "variance") == 1.0  # classification
 
 
 def test_uniform_layer_map_and_width_projection():

@@ -490,9 +490,10 @@ def test_compare_runs_every_strategy_and_skips_finished_runs(tiny_model_dir, sst
             assert run["nonzero_params"] == layers * (4 * hidden**2 + 2 * hidden * ffn)
     assert (out / "metric_vs_sparsity.png").stat().st_size > 0 and (out / "train_loss.png").stat().st_size > 0
     assert (out / "results.csv").read_text().count("\n") == 1 + 1 + 10
-    # a restart skips what is finished: nothing is retrained
+    # a restart with --resume skips what is finished: nothing is retrained (without it, the folder is refused)
     stamp = (out / "sparsebert-0.9" / "model.safetensors").stat().st_mtime
-    assert cli(*args) == 0
+    assert cli(*args) == 2
+    assert cli(*args, "--resume") == 0
     assert (out / "sparsebert-0.9" / "model.safetensors").stat().st_mtime == stamp
 
 
@@ -550,13 +551,13 @@ def test_prune_with_augmented_data(teacher, sst_dir, tmp_path, monkeypatch):
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
-    from sparsebert import train
+    from sparsebert import hardware
 
-    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: False)
     for native, expected in ((True, "bf16"), (False, "no")):
-        monkeypatch.setattr(train, "native_bf16", lambda device_type, native=native: native)
-        assert train.resolve_mixed_precision("auto") == expected
-    assert train.resolve_mixed_precision("no") == "no" and train.resolve_mixed_precision("bf16") == "bf16"
+        monkeypatch.setattr(hardware, "native_bf16", lambda device_type, native=native: native)
+        assert hardware.resolve_mixed_precision("auto") == expected
+    assert hardware.resolve_mixed_precision("no") == "no" and hardware.resolve_mixed_precision("bf16") == "bf16"
 
 
 def test_bf16_on_a_cpu_runs_eager_attention_and_saves_none(tiny_model_dir, tmp_path):
@@ -564,7 +565,7 @@ def test_bf16_on_a_cpu_runs_eager_attention_and_saves_none(tiny_model_dir, tmp_p
     eager attention, nothing else switches it, and the choice does not travel with the saved model."""
     from transformers import AutoModelForSequenceClassification
 
-    from sparsebert.train import fast_attention
+    from sparsebert.models import fast_attention
 
     for precision, device, eager in (("bf16", "cpu", True), ("no", "cpu", False), ("bf16", "cuda", False)):
         model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
@@ -584,7 +585,7 @@ def test_prune_in_the_chosen_precision_saves_fp32(precision, teacher, tiny_model
     none does."""
     from transformers.models.bert import modeling_bert
 
-    from sparsebert.train import resolve_mixed_precision
+    from sparsebert.hardware import resolve_mixed_precision
 
     eager_calls = []  # True: with grad (the student training), False: without (the teacher, dev)
     eager = modeling_bert.eager_attention_forward

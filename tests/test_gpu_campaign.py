@@ -15,9 +15,9 @@ import yaml
 from conftest import sentiment_rows, write_tsv
 from safetensors.torch import load_file
 
+from sparsebert.hardware import resolve_mixed_precision
 from sparsebert.packaged import minilm_l6_path
 from sparsebert.runtime.int8 import int8_available
-from sparsebert.train import resolve_mixed_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 MRPC_HEADER = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
@@ -117,7 +117,7 @@ def test_students_are_planned_to_fit_the_time_left(tmp_path, capsys):
 
 
 def test_budget_plot_prints_each_group_of_seeds_against_its_teacher():
-    """The lease tables of BENCHMARKS.md come from this: per group of seeds, the last weights' and the saved
+    """The tables of seeds in BENCHMARKS.md come from this: per group of seeds, the last weights' and the saved
     model's final dev metric, mean ± sd, and the gap to the chosen teacher."""
     sys.path.insert(0, str(ROOT / "bench"))
     from budget_plot import summary

@@ -156,14 +156,14 @@ def test_a_diverged_run_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     tiny_model_dir, sst_dir, tmp_path, monkeypatch, capsys
 ):
     calls = {"n": 0}
-    step = api._classification_step
+    step = api.classification_step
 
     def nan_from_step_4(model, batch):
         calls["n"] += 1
         loss, parts = step(model, batch)
         return (loss * float("nan") if calls["n"] >= 4 else loss), parts
 
-    monkeypatch.setattr(api, "_classification_step", nan_from_step_4)
+    monkeypatch.setattr(api, "classification_step", nan_from_step_4)
     out = tmp_path / "run"
     code = cli(*_finetune(tiny_model_dir, sst_dir, out, "--max-steps", "8", "--save-every", "2", "--log-every", "5"))
     _one_line_error(capsys, code, "not-a-number or infinite values at step 4")
@@ -273,9 +273,9 @@ def dying_save_state(self, output_dir=None, **kwargs):  # power lost in the midd
     return result
 
 
-def dying_rename(self, target):  # power lost between moving the old checkpoint away and the new one in
-    result = rename(self, target)  # ("swap"), or after the new one is in, before the old one is deleted
-    if Path(target).name == {"swap": "checkpoint.old", "swapped": "checkpoint"}[where]:
+def dying_rename(self, target):  # power lost between moving the last checkpoint aside and the new one in
+    result = rename(self, target)  # ("swap"), or right after the new one is in ("swapped")
+    if Path(target).name == {"swap": "checkpoint.prev", "swapped": "checkpoint"}[where]:
         calls["n"] += 1
         if calls["n"] == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -307,10 +307,10 @@ def test_kill_9_during_a_checkpoint_then_resume_gives_the_same_weights(where, ch
     assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
     assert not (out / "metrics.json").exists()
     assert cli(*args, "--output-dir", out, "--resume") == 0
-    # it went on from the last complete checkpoint: the one before the write that died, the old one that
-    # the swap had moved aside (put back by the recovery), or the new one (the stale old one deleted:
-    # left there, it made every later save fail)
-    expected = 2 * (kill_at - 1) if where == "write" else 2 * kill_at
+    # it went on from the newest complete checkpoint: the one before the write that died (the torn one has
+    # no manifest), the new one still under its temporary name (its manifest was written: the swap's first
+    # rename is counted from the second save on), or the new one in place
+    expected = {"write": 2 * (kill_at - 1), "swap": 2 * (kill_at + 1), "swapped": 2 * kill_at}[where]
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("event") == "resume"] == ([expected] if expected else [])
     logged = [r["step"] for r in records if "loss" in r]

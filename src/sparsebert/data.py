@@ -21,7 +21,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from sparsebert.errors import SparseBertError
 from sparsebert.packaged import PACKAGED_TASKS, packaged_task_dir
-from sparsebert.tasks import TaskSpec
+from sparsebert.tasks import TaskSpec, get_task
 
 csv.field_size_limit(sys.maxsize)
 
@@ -376,3 +376,39 @@ def make_loader(
         drop_last=drop_last,
         generator=generator,
     )
+
+
+def load_data(config, need_train: bool = True) -> TaskData:
+    """A job's task data from its data options (``--task``, ``--data-dir`` / ``--dataset`` / files)."""
+    source = DataSource(
+        data_dir=config.data_dir,
+        dataset=config.dataset,
+        train_file=getattr(config, "train_file", None),
+        dev_file=config.dev_file,
+        text_columns=tuple(config.text_columns) if config.text_columns else None,
+        label_column=config.label_column,
+    )
+    return load_task_data(
+        get_task(config.task),
+        source,
+        need_train=need_train,
+        max_train_examples=getattr(config, "max_train_examples", None),
+        max_eval_examples=config.max_eval_examples,
+    )
+
+
+def eval_loaders(data: TaskData, tokenizer: PreTrainedTokenizerBase, config) -> dict[str, DataLoader]:
+    """Dev batches in order of length (least padding; the metrics do not depend on the order)."""
+    loaders = {}
+    for split, examples in data.dev.items():
+        features = sorted(encode(examples, tokenizer, config.max_seq_length), key=lambda f: len(f["input_ids"]))
+        loaders[split] = make_loader(features, tokenizer, config.eval_batch_size, shuffle=False)
+    return loaders
+
+
+def train_loader(data: TaskData, tokenizer: PreTrainedTokenizerBase, config) -> DataLoader:
+    """Shuffled (by default length-grouped) training batches; the incomplete last batch is skipped,
+    as in the reference."""
+    features = encode(data.train, tokenizer, config.max_seq_length)
+    return make_loader(features, tokenizer, config.batch_size, shuffle=True, drop_last=True,
+                       group_by_length=config.group_by_length, seed=config.seed)  # fmt: skip

@@ -10,14 +10,19 @@ TinyBERT's ``where(score <= -1e2, 0, score)`` does to the additive mask.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sparsebert.errors import SparseBertError
-from sparsebert.pruning.layers import find_prunable_linears
+from sparsebert.layers import find_prunable_linears
+
+if TYPE_CHECKING:
+    from sparsebert.data import TaskData
 
 
 class AttentionScoreRecorder:
@@ -77,20 +82,25 @@ class LossWeights:
 
     @classmethod
     def parse(cls, text: str | list | tuple | dict | LossWeights | None) -> LossWeights:
-        """Accept ``"1,1,1"``, ``[1, 1, 1]`` or ``{"attention": 1, ...}``."""
-        if text is None:
-            return cls()
-        if isinstance(text, LossWeights):
-            return text
-        if isinstance(text, dict):
-            return cls(**{k: float(v) for k, v in text.items()})
-        parts = text.split(",") if isinstance(text, str) else list(text)
-        if len(parts) != 3:
-            raise SparseBertError(f"loss weights must be three numbers attention,hidden,prediction; got {text!r}")
+        """Accept ``"1,1,1"``, ``[1, 1, 1]`` (attention, hidden, prediction) or ``{"hidden": 0, ...}`` (the
+        terms not named keep 1); every weight a finite number >= 0. The option (``--loss-weights``) is checked
+        with this same rule when the configuration is built."""
+        if text is None or isinstance(text, LossWeights):
+            return text or cls()
         try:
-            return cls(*(float(p) for p in parts))
-        except ValueError as exc:
-            raise SparseBertError(f"loss weights must be numbers, got {text!r}") from exc
+            if isinstance(text, dict):
+                weights = cls(**{str(k): float(v) for k, v in text.items()})
+            else:
+                parts = text.split(",") if isinstance(text, str) else list(text)
+                weights = cls(*(float(p) for p in parts)) if len(parts) == 3 else None
+        except (TypeError, ValueError):
+            weights = None
+        values = [weights.attention, weights.hidden, weights.prediction] if weights else []
+        if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+            raise SparseBertError(
+                f"--loss-weights must be three numbers >= 0 (attention,hidden,prediction), got {text!r}"
+            )
+        return weights
 
 
 def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
@@ -220,3 +230,65 @@ class DistillationLoss(nn.Module):
             total = total + self.weights.prediction * term
             parts["prediction"] = term.detach()
         return DistillOutput(total, parts)
+
+
+def distillation_step(teacher: nn.Module, student: nn.Module, loss_fn: DistillationLoss):
+    """The prune-while-distill step as the loop calls it, ``step_fn(model, batch) -> (loss, parts)``:
+    teacher forward (no grad), student forward, the three losses. ``bench/`` times this same function.
+
+    The student's cross-entropy to the labels is logged too (not trained on): it is the "fitting
+    ability" curve that makes strategies comparable.
+    """
+    t_rec = AttentionScoreRecorder(teacher.module if hasattr(teacher, "module") else teacher)
+    s_rec = AttentionScoreRecorder(student)
+    want_hidden, want_attn = bool(loss_fn.weights.hidden), bool(loss_fn.weights.attention)
+
+    def step_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        labels = batch.get("labels")
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        mask = inputs.get("attention_mask")
+        with torch.no_grad(), t_rec:
+            t_out = teacher(**inputs, output_hidden_states=want_hidden)
+            t_scores = t_rec.scores(mask) if want_attn else None
+        with s_rec:
+            s_out = model(**inputs, output_hidden_states=want_hidden)
+            s_scores = s_rec.scores(mask) if want_attn else None
+        result = loss_fn(
+            s_out.logits, t_out.logits, s_out.hidden_states, t_out.hidden_states, s_scores, t_scores, labels
+        )
+        if labels is not None and s_out.logits.shape[-1] > 1:
+            result.parts["label_ce"] = F.cross_entropy(s_out.logits.detach().float(), labels)
+        return result.loss, result.parts
+
+    return step_fn
+
+
+def regression_scale(data: TaskData, how: str) -> float:
+    """What a regression student's prediction MSE is divided by: the training labels' variance (``how`` =
+    "variance"), so the term has the same size whatever the labels' units (in a rating's units, -4..4, it
+    made two thirds of the loss where a classifier's three terms are of one size; BENCHMARKS.md
+    "Regression at 90%"); 1 for "none" and for classification."""
+    labels = [float(e.label) for e in data.train]
+    if not data.task.is_regression or how == "none" or len(labels) < 2:
+        return 1.0
+    return max(statistics.pvariance(labels), 1e-6)
+
+
+def prepare_distillation(config, teacher: nn.Module, student: nn.Module, accelerator, scale: float):
+    """The distilling strategies' step and the modules it trains beside the student (a projection), from
+    ``prune``'s options (``loss_weights``, ``temperature``, ``regression_target``). The teacher is prepared
+    for evaluation on the accelerator. Returns (step_fn, extra modules, a note for the log or None)."""
+    from sparsebert.models import fast_attention
+
+    teacher_config = teacher.config
+    teacher = fast_attention(teacher, accelerator.mixed_precision, accelerator.device)
+    teacher = accelerator.prepare_model(teacher, evaluation_mode=True).eval()
+    weights, note = LossWeights.parse(config.loss_weights), None
+    if not attention_comparable(student.config, teacher_config):
+        weights.attention = 0.0
+        note = "student has fewer heads: attention loss disabled"
+    loss_fn = DistillationLoss(
+        student.config, teacher_config, weights, config.temperature, config.regression_target, scale
+    )
+    extra = [loss_fn] if loss_fn.projection is not None else []
+    return distillation_step(teacher, student, loss_fn), extra, note

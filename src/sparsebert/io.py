@@ -31,6 +31,24 @@ def atomic_write_json(path: Path | str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(finite_json(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
+def read_json(path: Path | str, keys: tuple[str, ...] = (), way_out: str = "") -> dict:
+    """A JSON object that sparsebert wrote, checked as it is read: a missing, empty, torn or foreign file
+    (one without ``keys``) is a one-line error naming the file, what is wrong and ``way_out``."""
+    path = Path(path)
+    way_out = way_out or "restore it from a copy, or run the job that writes it again"
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SparseBertError(f"{path}: missing; {way_out}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        what = "empty" if path.exists() and path.stat().st_size == 0 else f"damaged ({str(exc).splitlines()[0]})"
+        raise SparseBertError(f"{path}: {what}; {way_out}") from None
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise SparseBertError(f"{path}: not what sparsebert writes there (no {', '.join(missing)}); {way_out}")
+    return obj
+
+
 def finite_json(obj: Any) -> Any:
     """``obj`` with NaN and infinities as null: strict JSON readers reject bare ``NaN`` (a Pearson
     correlation of constant predictions is NaN)."""
@@ -169,20 +187,25 @@ class JsonlLog:
             f.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
 
     def read(self) -> list[dict]:
+        """Every whole record; a line torn by a kill or damaged on disk is skipped (the log is a history,
+        not a state: nothing is resumed from it)."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
 
     def rewind(self, step: int) -> None:
         """On resuming from the checkpoint of ``step``: drop what the interrupted attempt logged about
         later steps (they run again), so that every step is logged once. A line torn by a kill goes too."""
         if not self.path.exists():
             return
-        records = []
-        for line in self.path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+        records = self.read()
         kept = [r for r in records if r.get("step") is None or r["step"] <= step]
         atomic_write_text(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -17,11 +18,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from sparsebert.config import DEFAULT_LENGTH
 from sparsebert.errors import SparseBertError
 from sparsebert.export import is_compressed, load  # the compressed format is accepted everywhere
 from sparsebert.sources import read_pretrained, resolve_model
-from sparsebert.tasks import TaskSpec
+from sparsebert.tasks import DEFAULT_LENGTH, TaskSpec
 
 
 def load_tokenizer(name: str | os.PathLike) -> PreTrainedTokenizerBase:
@@ -36,7 +36,7 @@ def load_model(name: str | os.PathLike, task: TaskSpec) -> nn.Module:
     resolved = resolve_model(name)
     if is_compressed(Path(resolved)):
         model = load(resolved)
-        _check_head(name, [type(model).__name__], model.config, task)
+        check_head(name, [type(model).__name__], model.config, task)
         return model
     config = read_pretrained(AutoConfig.from_pretrained, resolved)
     kwargs: dict = {"num_labels": task.num_labels}
@@ -46,12 +46,13 @@ def load_model(name: str | os.PathLike, task: TaskSpec) -> nn.Module:
         kwargs["id2label"] = dict(enumerate(task.labels))
         kwargs["label2id"] = {label: i for i, label in enumerate(task.labels)}
         kwargs["problem_type"] = "single_label_classification"
-    _check_head(name, config.architectures, config, task)
+    check_head(name, config.architectures, config, task)
     return read_pretrained(AutoModelForSequenceClassification.from_pretrained, resolved, **kwargs)
 
 
-def _check_head(name: str | os.PathLike, architectures: list[str] | None, config, task: TaskSpec) -> None:
-    """A saved task head must be the task's: as many outputs, and its labels not in another order.
+def check_head(name: str | os.PathLike, architectures: list[str] | None, config, task: TaskSpec) -> None:
+    """A saved task head must be the task's: the same kind (regression or classes), as many outputs, and
+    its labels not in another order.
 
     Loading overwrites the saved label names with the task's, so a head that names the task's labels in
     another order (a hub MNLI model's contradiction/neutral/entailment) would be scored and saved under
@@ -60,6 +61,13 @@ def _check_head(name: str | os.PathLike, architectures: list[str] | None, config
     """
     if not (architectures and any("SequenceClassification" in a for a in architectures)):
         return  # no head: a fresh one is made
+    regression = getattr(config, "problem_type", None) == "regression"
+    if regression != task.is_regression and getattr(config, "problem_type", None) is not None:
+        kinds = ("a classification", "a regression")
+        raise SparseBertError(
+            f"model {name} has {kinds[regression]} head but task {task.name} is {kinds[task.is_regression]} task; "
+            "use a model fine-tuned for the task"
+        )
     num_labels = getattr(config, "num_labels", None)
     if num_labels not in (None, task.num_labels):
         raise SparseBertError(
@@ -88,3 +96,16 @@ def inference_length(given: int | None, tokenizer: PreTrainedTokenizerBase, mode
     saved = tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else DEFAULT_LENGTH
     positions = getattr(model.config, "max_position_embeddings", None) or saved
     return min(saved, positions)
+
+
+def fast_attention(model: nn.Module, precision: str, device: torch.device | str) -> nn.Module:
+    """Eager attention (bmm, softmax, bmm) for bf16 on a CPU; elsewhere the model keeps its own.
+
+    Torch's fused CPU attention (SDPA) is 2.5-3x slower in bf16 than in fp32: forward and backward of one
+    MiniLM layer's attention, batch 32, length 53, took ~29 ms in bf16, 9-12 in fp32 and ~6 eager in bf16
+    (`bench/attention_cost.py`; torch 2.13, AMD EPYC with AVX512-BF16), a fifth of a bf16 prune-while-distill
+    step (BENCHMARKS.md, "Training cost"). The choice is not saved with the model (HF keeps it out of config.json).
+    """
+    if precision == "bf16" and torch.device(device).type == "cpu" and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    return model

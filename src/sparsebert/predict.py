@@ -21,13 +21,49 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding
 
-from sparsebert.config import PredictConfig
 from sparsebert.data import read_labelled_file
 from sparsebert.errors import SparseBertError
 from sparsebert.export import load
 from sparsebert.io import atomic_write_text, check_output_file
-from sparsebert.models import inference_length, load_tokenizer
+from sparsebert.models import check_head, inference_length, load_tokenizer
+from sparsebert.options import TRAINED_LENGTH, at_least, check_choices, check_text_columns, opt
+from sparsebert.runtime.ops import SPARSE_BACKENDS
 from sparsebert.tasks import get_task
+
+ENGINES = ("auto", "dense", "sparse")
+
+
+@dataclass
+class PredictConfig:
+    """``sparsebert predict``: label a file of inputs with a saved model."""
+
+    model: str | None = opt(None, "model folder (ordinary or compressed) or name", group="predict")
+    input: str | None = opt(None, "CSV/TSV/JSONL file of inputs (labels, if any, are ignored)", group="predict")
+    output: str | None = opt(None, "JSONL file: one line per input, in input order", group="predict")
+    task: str | None = opt(
+        None, "read --input in this task's GLUE layout (its text columns; CoLA without a header)", group="predict"
+    )
+    text_columns: list[str] | None = opt(None, "comma-separated text column(s) of --input", group="predict")
+    batch_size: int = opt(32, "inputs per batch", group="predict")
+    max_seq_length: int | None = opt(None, TRAINED_LENGTH, group="predict")
+    engine: str = opt(
+        "auto", "auto: the faster of dense and sparse, timed on the first batch", choices=ENGINES, group="predict"
+    )
+    backend: str = opt(
+        "auto", "the sparse engine's kernels: auto (exact, timed per matrix), fastest (also int8 on 1x4 blocks and "
+        "bf16 where native: lossy), cpp, torch, int8", choices=SPARSE_BACKENDS, group="predict",
+    )  # fmt: skip
+    threads: int | None = opt(None, "CPU threads (default: PyTorch's)", group="predict")
+
+    def __post_init__(self) -> None:
+        at_least(self, ("batch_size",), 1)
+        if self.max_seq_length is not None:
+            at_least(self, ("max_seq_length",), 2)
+        check_text_columns(self)
+        if self.threads is not None:
+            at_least(self, ("threads",), 1)
+        check_choices(self)
+
 
 
 @dataclass
@@ -73,7 +109,7 @@ def choose_engine(model: nn.Module, batch: dict, engine: str, backend: str = "au
     if engine == "dense":
         return model, "dense"
     from sparsebert.runtime import sparsify
-    from sparsebert.runtime.bench import median_ms
+    from sparsebert.runtime.timing import median_ms
 
     sparse = copy.deepcopy(model) if engine == "auto" else model
     sparsify(sparse, backend=backend)
@@ -104,6 +140,8 @@ def predict(config: PredictConfig) -> PredictResult:
     model = load(config.model).eval()
     if not hasattr(model, "num_labels"):
         raise SparseBertError(f"{config.model} has no task head to predict with")
+    if config.task:  # the task asks for its labels (or scores): the head must give them
+        check_head(config.model, [type(model).__name__], model.config, get_task(config.task))
     config = dataclasses.replace(config, max_seq_length=inference_length(config.max_seq_length, tokenizer, model))
     batches = _batches(rows, tokenizer, config)
     started = time.perf_counter()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from transformers import AutoConfig
 
-from sparsebert.io import JsonlLog, atomic_write_json, atomic_write_text
+from sparsebert.io import JsonlLog, atomic_write_json, atomic_write_text, read_json
 
 
 def flops_per_sequence(config, linear_nonzeros: int, seq_len: int) -> int:
@@ -111,9 +110,10 @@ def plot_run(run_dir: Path, sparsity: dict | None = None) -> list[Path]:
 
 def write_report(out: Path, config) -> dict:
     """Gather the teacher and student results into report.json / report.md and print the table."""
-    teacher = json.loads((out / "teacher" / "metrics.json").read_text())
-    student = json.loads((out / "student" / "metrics.json").read_text())
-    sparsity = json.loads((out / "student" / "sparsity.json").read_text())
+    redo = "delete that stage's folder and continue with --resume (it runs again), or start over with --overwrite"
+    teacher = read_json(out / "teacher" / "metrics.json", ("task", "metrics"), redo)
+    student = read_json(out / "student" / "metrics.json", ("metrics",), redo)
+    sparsity = read_json(out / "student" / "sparsity.json", ("overall", "model", "nonzero"), redo)
     model_config = AutoConfig.from_pretrained(out / "student")
     nz = sparsity["nonzero"]
     seq = config.max_seq_length

@@ -15,7 +15,7 @@ from torch import nn
 
 from sparsebert.distill import layer_map
 from sparsebert.errors import SparseBertError
-from sparsebert.pruning import find_encoder_layers, find_prunable_linears
+from sparsebert.layers import find_encoder_layers, find_prunable_linears
 
 
 def linear_weights(config) -> int:

@@ -36,6 +36,7 @@ class TaskSpec:
 
 
 BINARY = ("0", "1")
+DEFAULT_LENGTH = 128  # tokens, when neither the options nor the model say otherwise
 NLI2 = ("entailment", "not_entailment")
 
 TASKS: dict[str, TaskSpec] = {
