@@ -3,7 +3,7 @@
 Reads one or more ``results.json`` written by ``bench/gpu_pack.py summarize`` (the GPU campaign, or CPU
 runs summarized the same way) and draws every student run of a task, its chosen teacher and the majority
 class as horizontal lines (with the target: the teacher less 1.5 points, or 0.02 Pearson), and prints each
-group of seeds' final dev metric, mean ± standard deviation against the teacher (BENCHMARKS.md's lease tables).
+group of seeds' final dev metric, mean ± standard deviation against the teacher (BENCHMARKS.md's tables of seeds).
 
     python bench/budget_plot.py bench/results/budget-gpu-h100/results.json --out bench/results/budget-gpu-h100
 """

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Teacher + SparseBERT students on one GLUE task folder, as recorded in BENCHMARKS.md. The students train
-# at prune's default schedule (3e-4, linear, since the eleventh session); BENCHMARKS.md's earlier runs of
-# this script: add `--lr 1e-4 --lr-schedule constant --warmup-ratio 0.1`.
+# at prune's default schedule (3e-4, linear); BENCHMARKS.md's appendix runs of this script at lr 1e-4
+# add `--lr 1e-4 --lr-schedule constant --warmup-ratio 0.1` (CHANGELOG.md: 2026-11-27).
 #   bench/glue.sh TASK DATA_DIR OUT_DIR [extra `sparsebert prune` flags]
 # Env: TEACHER_EPOCHS (3), STUDENT_EPOCHS (5), SPARSITIES ("0.9 0.95"), MODEL (minilm-l6).
 # Finished runs (metrics.json present) are skipped, so the script can be re-run after an interruption.

@@ -4,11 +4,11 @@
 #
 #   here:  .venv/bin/python bench/gpu_pack.py pack gpu_pack          (git-ignored, < 60 MiB)
 #   there: bash bench/gpu_campaign.sh       (device tool: carry ["gpu_pack"], timeout_s 600)
-#   the next lease (BENCHMARKS.md "Fifth lease"): SST-2 at 90% for 8,000 steps, three students alone
+#   a long run (BENCHMARKS.md "On a GPU"): SST-2 at 90% for 8,000 steps, three students alone
 #          TASKS=sst2 STEPS=8000 BUDGET=530 VARIANTS="s90:--sparsity 0.9" bash bench/gpu_campaign.sh
 #          (a variant's options come last: "long:--max-steps 8000" gives one variant its own length), then
 #          a second call on the warm machine continues each unfinished student from its checkpoint
-#          (`prune --output-dir D --resume`; the whole command: BENCHMARKS.md "Fifth lease")
+#          (`prune --output-dir D --resume`; BENCHMARKS.md "On a GPU")
 #   (after the students: the int8 sparse engine's dev metrics on any 1x4 students, if this CPU has VNNI)
 #   here, at tiny size on CPU (tests/test_gpu_campaign.py runs this so it cannot rot):
 #          PYTHON=.venv/bin/python SCALE=tiny bash bench/gpu_campaign.sh
@@ -98,7 +98,7 @@ student_steps() {  # student_steps TEACHER: "--max-steps N --eval-every E", plan
     echo "--max-steps 6 --eval-every 3"
   elif [ -n "$STEPS" ]; then  # fixed; warn when the planner thinks it will not fit (a run cut before its
     # prune-end never reaches the target). The planner is cautious: on the H100 it gave 12 jobs 1,500 MRPC
-    # steps and they finished 140 s early (BENCHMARKS.md, "Second lease").
+    # steps and they finished 140 s early (bench/results/budget-gpu-h100-2).
     local planned
     read -r planned _ <<<"$("$PY" bench/gpu_pack.py plan-steps "$1" $((BUDGET - (SECONDS - START) - 60)) \
       --jobs $STUDENT_JOBS | sed 's/--max-steps //')"
