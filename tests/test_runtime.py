@@ -336,6 +336,28 @@ def test_reused_buffers_never_leak_between_calls():
     torch.testing.assert_close(hidden_and_logits(twin, inputs[1], None)[0], hidden_and_logits(fast, inputs[1], None)[0])
 
 
+@pytest.mark.parametrize("kernel", [True, False])
+def test_mpnet_runs_in_encoder_mode_with_its_relative_position_bias(kernel, monkeypatch):
+    """MPNet (BERT-base's shapes in mpnet-base) adds a learnt relative-position bias to every layer's scores:
+    the engine adds it too, so the whole stack runs feature-major and equals the dense model (padding,
+    batch 1 and several sequences, longer sequences than buckets)."""
+    from transformers import MPNetConfig
+
+    if not kernel:
+        monkeypatch.setattr(engine, "attention_available", lambda: False)
+    dense = pruned_model(small(MPNetConfig), 0.9)
+    with torch.no_grad():  # a bias large enough to matter (its init is N(0, 0.02))
+        dense.mpnet.encoder.relative_attention_bias.weight.normal_(0, 2.0, generator=torch.Generator().manual_seed(1))
+    fast = copy.deepcopy(dense)
+    assert sparsify(fast).mode == "encoder" and isinstance(fast.mpnet.encoder, SparseEncoder)
+    ids = torch.randint(5, 80, (3, 150), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, 90:] = 0
+    for batch, m in ((ids[:1, :40], None), (ids, mask), (ids[:1], mask[1:2])):
+        for got, want in zip(hidden_and_logits(fast, batch, m), hidden_and_logits(dense, batch, m), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_encoder_mode_is_really_used_and_linear_mode_on_request():
     dense = pruned_model(small(BertConfig), 0.9)
     fast = copy.deepcopy(dense)
@@ -344,7 +366,7 @@ def test_encoder_mode_is_really_used_and_linear_mode_on_request():
     other = copy.deepcopy(dense)
     sparsify(other, mode="linear")
     assert isinstance(other.bert.encoder.layer[0].attention.self.query, SparseLinear)
-    with pytest.raises(SparseBertError, match="BERT-style"):
+    with pytest.raises(SparseBertError, match="BERT- or MPNet-style"):
         sparsify(pruned_model(small(DistilBertConfig), 0.9), mode="encoder")
     with pytest.raises(SparseBertError, match="mode"):
         sparsify(copy.deepcopy(dense), mode="fast")

@@ -16,7 +16,7 @@ from torch import nn
 
 from sparsebert.errors import SparseBertError
 from sparsebert.layers import find_encoder_layers
-from sparsebert.runtime.engine import SparseEncoder, is_bert_style
+from sparsebert.runtime.engine import RelativeBias, SparseEncoder, block_parts
 from sparsebert.runtime.linear import swap_linears
 from sparsebert.runtime.ops import ProjectionOp, resolve_backend
 
@@ -56,13 +56,15 @@ def sparsify(
     backend = resolve_backend(backend)
     model.eval()
     stack_name, stack = find_encoder_layers(model)
-    encoder_ok = all(is_bert_style(b) for b in stack) and stack_name.endswith(".layer")
+    encoder_name = stack_name.rpartition(".")[0]
+    original = model.get_submodule(encoder_name) if stack_name.endswith(".layer") else None
+    encoder_ok = original is not None and all(block_parts(b) for b in stack)
     if mode == "encoder" and not encoder_ok:
-        raise SparseBertError(f"{type(model).__name__} does not have BERT-style blocks; use mode='linear'")
+        raise SparseBertError(f"{type(model).__name__} does not have BERT- or MPNet-style blocks; use mode='linear'")
     if mode == "linear" or not encoder_ok:
         return SparsifyReport("linear", backend, swap_linears(model, max_density, backend))
-    encoder_name = stack_name.rpartition(".")[0]
-    encoder = SparseEncoder(stack, model.config, max_density, backend)
+    bias = RelativeBias(original) if hasattr(original, "relative_attention_bias") else None
+    encoder = SparseEncoder(stack, model.config, max_density, backend, relative_bias=bias)
     parent_name, _, child = encoder_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, encoder)

@@ -1,4 +1,4 @@
-"""A feature-major encoder stack for BERT-style blocks (BERT, RoBERTa, ELECTRA, MiniLM): inference only.
+"""A feature-major encoder stack for post-LayerNorm blocks (BERT, RoBERTa, ELECTRA, MiniLM, MPNet): inference only.
 
 The hidden states enter as (batch, tokens, hidden), are transposed once to (hidden, batch*tokens), and stay
 that way through every layer: the six projections run as CSR kernels on contiguous token rows (Q, K and V
@@ -6,7 +6,8 @@ fused into one matrix), residuals and biases are fused into the kernel epilogue,
 feature axis. Attention runs on the feature-major Q/K/V as they are: one compiled call for every head and
 sequence (scores, softmax and context fused), or torch's batched GEMMs on views of them where it cannot.
 The activations live in buffers reused from one call to the next, and at the end the states are transposed
-back, so the HF model's pooler and heads run unchanged.
+back, so the HF model's pooler and heads run unchanged. MPNet's relative-position bias (one (heads, seq,
+seq) table per sequence length, the same in every layer) is added to the scores on torch's path.
 """
 
 from __future__ import annotations
@@ -60,35 +61,67 @@ def _activation(act: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return _gelu_ if exact_gelu or getattr(act, "act", None) is nn.functional.gelu else act
 
 
-def is_bert_style(block: nn.Module) -> bool:
-    """Whether a block has the post-LayerNorm BertLayer structure the engine reimplements."""
-    try:
-        att = block.attention
-        parts = (att.self.query, att.self.key, att.self.value, att.output.dense, att.output.LayerNorm)
-        parts += (block.intermediate.dense, block.intermediate.intermediate_act_fn, block.output.dense)
-        parts += (block.output.LayerNorm,)
-    except AttributeError:
-        return False
+# Where a post-LayerNorm block keeps the parts the engine reimplements, by family: query, key, value,
+# attention output, its LayerNorm, FFN up, its activation, FFN down, its LayerNorm.
+PART_NAMES = ("q", "k", "v", "o", "ln_attn", "up", "act", "down", "ln_out")
+LAYOUTS = {
+    "bert": ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+             "attention.output.LayerNorm", "intermediate.dense", "intermediate.intermediate_act_fn",
+             "output.dense", "output.LayerNorm"),
+    "mpnet": ("attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o", "attention.LayerNorm",
+              "intermediate.dense", "intermediate.intermediate_act_fn", "output.dense", "output.LayerNorm"),
+}  # fmt: skip
+
+
+def block_parts(block: nn.Module) -> dict[str, nn.Module] | None:
+    """The block's parts by ``PART_NAMES`` if it has one of the ``LAYOUTS`` (an encoder block, not a
+    decoder's), else None."""
     if getattr(block, "is_decoder", False) or getattr(block, "add_cross_attention", False):
-        return False
-    return all(isinstance(p, nn.Module) for p in parts)
+        return None
+    for paths in LAYOUTS.values():
+        parts = [_attribute(block, path) for path in paths]
+        if all(isinstance(p, nn.Module) for p in parts):
+            return dict(zip(PART_NAMES, parts, strict=True))
+    return None
+
+
+def _attribute(obj: object, path: str) -> object | None:
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+    return obj
 
 
 def _convert_layer(block: nn.Module, max_density: float | None, backend: str) -> _Layer:
-    s = block.attention.self
-    qkv_w = torch.cat([s.query.weight, s.key.weight, s.value.weight]).detach()
-    qkv_b = torch.cat([s.query.bias, s.key.bias, s.value.bias]).detach()
+    p = block_parts(block)
+    qkv_w = torch.cat([p["q"].weight, p["k"].weight, p["v"].weight]).detach()
+    qkv_b = torch.cat([p["q"].bias, p["k"].bias, p["v"].bias]).detach()
     return _Layer(
         qkv=make_projection(qkv_w, qkv_b, max_density, backend),
-        out=make_projection(
-            block.attention.output.dense.weight, block.attention.output.dense.bias, max_density, backend
-        ),
-        up=make_projection(block.intermediate.dense.weight, block.intermediate.dense.bias, max_density, backend),
-        down=make_projection(block.output.dense.weight, block.output.dense.bias, max_density, backend),
-        ln_attn=_LayerNorm.of(block.attention.output.LayerNorm),
-        ln_out=_LayerNorm.of(block.output.LayerNorm),
-        act=_activation(block.intermediate.intermediate_act_fn),
+        out=make_projection(p["o"].weight, p["o"].bias, max_density, backend),
+        up=make_projection(p["up"].weight, p["up"].bias, max_density, backend),
+        down=make_projection(p["down"].weight, p["down"].bias, max_density, backend),
+        ln_attn=_LayerNorm.of(p["ln_attn"]),
+        ln_out=_LayerNorm.of(p["ln_out"]),
+        act=_activation(p["act"]),
     )
+
+
+class RelativeBias:
+    """MPNet's relative-position bias, (heads, seq, seq) in float32, computed once per sequence length from
+    the encoder's bucket embedding and bucketing rule (the HF encoder's own ``relative_position_bucket``)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        self.table = encoder.relative_attention_bias.weight.detach().float().clone()
+        self.bucket = encoder.relative_position_bucket
+        self.num_buckets = encoder.relative_attention_bias.num_embeddings
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, seq: int) -> torch.Tensor:
+        if seq not in self._cache:
+            positions = torch.arange(seq)
+            buckets = self.bucket(positions[None, :] - positions[:, None], num_buckets=self.num_buckets)
+            self._cache = {seq: self.table[buckets].permute(2, 0, 1).contiguous()}  # the last length only
+        return self._cache[seq]
 
 
 class SparseEncoder(nn.Module):
@@ -98,12 +131,14 @@ class SparseEncoder(nn.Module):
     the HF layout. Dropout is ignored (inference only).
     """
 
-    def __init__(self, layers: nn.ModuleList, config, max_density: float | None = None, backend: str = "auto") -> None:
+    def __init__(self, layers: nn.ModuleList, config, max_density: float | None = None, backend: str = "auto",
+                 relative_bias: RelativeBias | None = None) -> None:  # fmt: skip
         super().__init__()
         if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
             raise SparseBertError("the sparse encoder supports absolute position embeddings only")
-        if not all(is_bert_style(b) for b in layers):
-            raise SparseBertError("the sparse encoder needs BERT-style blocks (attention/intermediate/output)")
+        if not all(block_parts(b) for b in layers):
+            raise SparseBertError("the sparse encoder needs BERT- or MPNet-style blocks (see LAYOUTS)")
+        self.relative_bias = relative_bias
         self.num_heads = config.num_attention_heads
         self.hidden = config.hidden_size
         self.head_dim = self.hidden // self.num_heads
@@ -154,8 +189,9 @@ class SparseEncoder(nn.Module):
         return ws
 
     def _attention(
-        self, qkv: torch.Tensor, batch: int, seq: int, mask: torch.Tensor | None, ctx: torch.Tensor
-    ) -> torch.Tensor:
+        self, qkv: torch.Tensor, batch: int, seq: int, mask: torch.Tensor | None, ctx: torch.Tensor,
+        head_offsets: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """Scaled dot-product attention on the feature-major Q/K/V, written into ``ctx`` (hidden, tokens).
 
         The compiled kernel (``kernels.attention_fm``) where it runs: AVX-512, and a mask of one row per
@@ -165,15 +201,16 @@ class SparseEncoder(nn.Module):
         ops than in GEMMs. Several: per head, Q^T's slice (dim, batch, seq) permuted to (batch, seq, dim) has
         one batch stride and a unit stride, which batched GEMM takes as a transposed operand; this was ~2x
         faster than ``scaled_dot_product_attention`` on permuted or copied tensors at batch 32 (BENCHMARKS.md,
-        "Kernel choice"), and than batching the heads, which needs copies there (section 7).
+        "Kernel choice"), and than batching the heads, which needs copies there (section 7). ``head_offsets``
+        (batch, heads, seq, seq), the mask with MPNet's relative bias added, replaces ``mask`` on torch's path.
         """
         h, d, nh = self.hidden, self.head_dim, self.num_heads
         scale = 1.0 / math.sqrt(d)
-        if attention_available() and (mask is None or mask.shape[1] == 1):
+        if head_offsets is None and attention_available() and (mask is None or mask.shape[1] == 1):
             return attention_fm(qkv, batch, nh, None if mask is None else mask[:, 0].contiguous(), scale, ctx)
         if batch == 1:
             q, k, v = qkv[:h].view(nh, d, seq).transpose(1, 2), qkv[h : 2 * h].view(nh, d, seq), qkv[2 * h :]
-            probs = self._softmax(q, k, mask, scale)
+            probs = self._softmax(q, k, mask if head_offsets is None else head_offsets[0], scale)
             torch.bmm(v.view(nh, d, seq), probs.transpose(1, 2), out=ctx.view(nh, d, seq))
             return ctx
         for i in range(nh):
@@ -181,7 +218,8 @@ class SparseEncoder(nn.Module):
             q = qkv[rows].view(d, batch, seq).permute(1, 2, 0)  # (batch, seq, dim)
             k = qkv[h:][rows].view(d, batch, seq).permute(1, 0, 2)  # (batch, dim, seq)
             v = qkv[2 * h :][rows].view(d, batch, seq).permute(1, 0, 2)  # (batch, dim, seq)
-            out = torch.bmm(v, self._softmax(q, k, mask, scale).transpose(1, 2))  # (batch, dim, seq) = V^T P^T
+            offset = mask if head_offsets is None else head_offsets[:, i]
+            out = torch.bmm(v, self._softmax(q, k, offset, scale).transpose(1, 2))  # (batch, dim, seq) = V^T P^T
             ctx[rows].view(d, batch, seq).copy_(out.permute(1, 0, 2))
         return ctx
 
@@ -199,8 +237,12 @@ class SparseEncoder(nn.Module):
         x = ws["x"]
         x.copy_(hidden_states.detach().reshape(batch * seq, hidden).t())
         mask = self._additive_mask(attention_mask, batch)
+        offsets = None  # MPNet: the relative bias (the same in every layer) and the mask, added once per call
+        if self.relative_bias is not None:
+            bias = self.relative_bias(seq)[None]
+            offsets = bias.expand(batch, -1, -1, -1).contiguous() if mask is None else bias + mask[:, None]
         for layer in self.layers:
-            ctx = self._attention(layer.qkv(x, out=ws["qkv"]), batch, seq, mask, ws["ctx"])
+            ctx = self._attention(layer.qkv(x, out=ws["qkv"]), batch, seq, mask, ws["ctx"], offsets)
             a = layer.ln_attn(layer.out(ctx, residual=x, out=ws["a"]))
             u = layer.act(layer.up(a, out=ws["u"]))
             x = layer.ln_out(layer.down(u, residual=a, out=x))
