@@ -274,13 +274,17 @@ def test_sparsified_model_matches_the_dense_masked_model(config_cls, attn, expec
         torch.testing.assert_close(logits, l_ref, rtol=1e-4, atol=1e-5)
 
 
-def _attention_reference(qkv: torch.Tensor, batch: int, heads: int, mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d) + mask) V in float64, from the feature-major fused Q/K/V, feature-major out."""
+def _attention_reference(qkv: torch.Tensor, batch: int, heads: int, mask: torch.Tensor | None,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """softmax(Q K^T / sqrt(d) + mask + bias) V in float64, from the feature-major fused Q/K/V, feature-major
+    out; ``bias`` (heads, queries, keys)."""
     hidden, seq = qkv.shape[0] // 3, qkv.shape[1] // batch
     q, k, v = (t.double().reshape(heads, hidden // heads, batch, seq).permute(2, 0, 3, 1) for t in qkv.split(hidden))
     scores = q @ k.transpose(-1, -2) / (hidden // heads) ** 0.5
     if mask is not None:
         scores = scores + mask.double()[:, None, None, :]
+    if bias is not None:
+        scores = scores + bias.double()[None]
     return (torch.softmax(scores, -1) @ v).permute(1, 3, 0, 2).reshape(hidden, batch * seq).float()
 
 
@@ -296,10 +300,12 @@ def test_fused_attention_matches_softmax_attention(batch, seq, heads, dim):
     mask[-1, seq // 2 :] = torch.finfo(torch.float32).min
     if batch > 2:
         mask[1] = torch.finfo(torch.float32).min
-    for m in (None, mask):
+    bias = 3 * torch.randn(heads, seq, seq, generator=gen)  # MPNet's relative positions: any table
+    for m, b in ((None, None), (mask, None), (None, bias), (mask, bias)):
         out = torch.full((heads * dim, batch * seq), float("nan"))
-        got = attention_fm(qkv, batch, heads, m, 1 / dim**0.5, out)
-        torch.testing.assert_close(got, _attention_reference(qkv, batch, heads, m), rtol=1e-5, atol=2e-5)
+        key_major = None if b is None else b.transpose(1, 2).contiguous()
+        got = attention_fm(qkv, batch, heads, m, 1 / dim**0.5, out, key_major)
+        torch.testing.assert_close(got, _attention_reference(qkv, batch, heads, m, b), rtol=1e-5, atol=2e-5)
 
 
 def test_the_torch_attention_path_matches_where_the_kernel_does_not_run(monkeypatch):

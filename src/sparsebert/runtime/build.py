@@ -125,7 +125,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.layer_norm_fm_f32.restype = None
     lib.int8_supported.restype = c_int
     lib.attention_supported.restype = c_int
-    lib.attention_fm_f32.argtypes = [i64, i64, i64, i64, ptr, ptr, c_float, ptr, c_int]
+    lib.attention_fm_f32.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, c_float, ptr, c_int]
     lib.attention_fm_f32.restype = None
     if lib.int8_supported():
         lib.quantize_b4.argtypes = [i64, i64, i64, ptr, ptr, ptr, c_int]

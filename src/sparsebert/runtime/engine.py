@@ -114,13 +114,15 @@ class RelativeBias:
         self.table = encoder.relative_attention_bias.weight.detach().float().clone()
         self.bucket = encoder.relative_position_bucket
         self.num_buckets = encoder.relative_attention_bias.num_embeddings
-        self._cache: dict[int, torch.Tensor] = {}
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, seq: int) -> torch.Tensor:
+    def __call__(self, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (heads, queries, keys) table, and the same key-major (heads, keys, queries) for the kernel."""
         if seq not in self._cache:
             positions = torch.arange(seq)
             buckets = self.bucket(positions[None, :] - positions[:, None], num_buckets=self.num_buckets)
-            self._cache = {seq: self.table[buckets].permute(2, 0, 1).contiguous()}  # the last length only
+            bias = self.table[buckets].permute(2, 0, 1).contiguous()
+            self._cache = {seq: (bias, bias.transpose(1, 2).contiguous())}  # the last length only
         return self._cache[seq]
 
 
@@ -190,7 +192,7 @@ class SparseEncoder(nn.Module):
 
     def _attention(
         self, qkv: torch.Tensor, batch: int, seq: int, mask: torch.Tensor | None, ctx: torch.Tensor,
-        head_offsets: torch.Tensor | None = None,
+        bias: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """Scaled dot-product attention on the feature-major Q/K/V, written into ``ctx`` (hidden, tokens).
 
@@ -201,16 +203,18 @@ class SparseEncoder(nn.Module):
         ops than in GEMMs. Several: per head, Q^T's slice (dim, batch, seq) permuted to (batch, seq, dim) has
         one batch stride and a unit stride, which batched GEMM takes as a transposed operand; this was ~2x
         faster than ``scaled_dot_product_attention`` on permuted or copied tensors at batch 32 (BENCHMARKS.md,
-        "Kernel choice"), and than batching the heads, which needs copies there (section 7). ``head_offsets``
-        (batch, heads, seq, seq), the mask with MPNet's relative bias added, replaces ``mask`` on torch's path.
+        "Kernel choice"), and than batching the heads, which needs copies there (section 7). ``bias``: MPNet's
+        relative-position table (``RelativeBias``), added to every sequence's scores on either path.
         """
         h, d, nh = self.hidden, self.head_dim, self.num_heads
         scale = 1.0 / math.sqrt(d)
-        if head_offsets is None and attention_available() and (mask is None or mask.shape[1] == 1):
-            return attention_fm(qkv, batch, nh, None if mask is None else mask[:, 0].contiguous(), scale, ctx)
+        if attention_available() and (mask is None or mask.shape[1] == 1):
+            rows = None if mask is None else mask[:, 0].contiguous()
+            return attention_fm(qkv, batch, nh, rows, scale, ctx, None if bias is None else bias[1])
+        offsets = mask if bias is None else bias[0][None] if mask is None else bias[0][None] + mask[:, None]
         if batch == 1:
             q, k, v = qkv[:h].view(nh, d, seq).transpose(1, 2), qkv[h : 2 * h].view(nh, d, seq), qkv[2 * h :]
-            probs = self._softmax(q, k, mask if head_offsets is None else head_offsets[0], scale)
+            probs = self._softmax(q, k, offsets if bias is None else offsets[0], scale)
             torch.bmm(v.view(nh, d, seq), probs.transpose(1, 2), out=ctx.view(nh, d, seq))
             return ctx
         for i in range(nh):
@@ -218,7 +222,7 @@ class SparseEncoder(nn.Module):
             q = qkv[rows].view(d, batch, seq).permute(1, 2, 0)  # (batch, seq, dim)
             k = qkv[h:][rows].view(d, batch, seq).permute(1, 0, 2)  # (batch, dim, seq)
             v = qkv[2 * h :][rows].view(d, batch, seq).permute(1, 0, 2)  # (batch, dim, seq)
-            offset = mask if head_offsets is None else head_offsets[:, i]
+            offset = offsets if bias is None else offsets[:, i]
             out = torch.bmm(v, self._softmax(q, k, offset, scale).transpose(1, 2))  # (batch, dim, seq) = V^T P^T
             ctx[rows].view(d, batch, seq).copy_(out.permute(1, 0, 2))
         return ctx
@@ -237,12 +241,9 @@ class SparseEncoder(nn.Module):
         x = ws["x"]
         x.copy_(hidden_states.detach().reshape(batch * seq, hidden).t())
         mask = self._additive_mask(attention_mask, batch)
-        offsets = None  # MPNet: the relative bias (the same in every layer) and the mask, added once per call
-        if self.relative_bias is not None:
-            bias = self.relative_bias(seq)[None]
-            offsets = bias.expand(batch, -1, -1, -1).contiguous() if mask is None else bias + mask[:, None]
+        bias = None if self.relative_bias is None else self.relative_bias(seq)  # MPNet: the same in every layer
         for layer in self.layers:
-            ctx = self._attention(layer.qkv(x, out=ws["qkv"]), batch, seq, mask, ws["ctx"], offsets)
+            ctx = self._attention(layer.qkv(x, out=ws["qkv"]), batch, seq, mask, ws["ctx"], bias)
             a = layer.ln_attn(layer.out(ctx, residual=x, out=ws["a"]))
             u = layer.act(layer.up(a, out=ws["u"]))
             x = layer.ln_out(layer.down(u, residual=a, out=x))

@@ -186,13 +186,16 @@ def attention_available() -> bool:
 
 
 def attention_fm(
-    qkv: torch.Tensor, batch: int, heads: int, mask: torch.Tensor | None, scale: float, out: torch.Tensor
-) -> torch.Tensor:
-    """``softmax(Q^T K * scale + mask) V^T`` per sequence and head, into ``out`` (hidden, tokens).
+    qkv: torch.Tensor, batch: int, heads: int, mask: torch.Tensor | None, scale: float, out: torch.Tensor,
+    bias_km: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """``softmax(Q^T K * scale + mask + bias) V^T`` per sequence and head, into ``out`` (hidden, tokens).
 
     ``qkv`` is the fused projection's (3 * hidden, batch * seq) output, feature-major; ``mask`` an additive
-    (batch, seq) row over each sequence's keys, or None. One call for every head and sequence: no copies
-    into a head-major layout and no scores tensor (BENCHMARKS.md, "Runtime", section 11).
+    (batch, seq) row over each sequence's keys, or None; ``bias_km`` an additive (heads, keys, queries) table
+    shared by every sequence (MPNet's relative positions, key-major as the kernel reads it), or None. One call
+    for every head and sequence: no copies into a head-major layout and no scores tensor (BENCHMARKS.md,
+    "Runtime", section 11).
     """
     hidden, tokens = out.shape
     _check(qkv, "QKV")
@@ -204,8 +207,13 @@ def attention_fm(
         _check(mask, "mask")
         if mask.shape != (batch, seq):
             raise SparseBertError(f"attention_fm: mask must have shape ({batch}, {seq}), got {tuple(mask.shape)}")
+    if bias_km is not None:
+        _check(bias_km, "bias")
+        if bias_km.shape != (heads, seq, seq):
+            want = (heads, seq, seq)
+            raise SparseBertError(f"attention_fm: bias must have shape {want}, got {tuple(bias_km.shape)}")
     library().attention_fm_f32(
-        batch, seq, heads, hidden // heads, pointer(qkv), pointer(mask), float(scale), pointer(out),
+        batch, seq, heads, hidden // heads, pointer(qkv), pointer(mask), pointer(bias_km), float(scale), pointer(out),
         torch.get_num_threads(),
     )  # fmt: skip
     return out

@@ -197,9 +197,11 @@ static inline void two_rows(const float* x0, const float* x1, int64_t xs, const 
 // One chunk of up to 16 * NV queries [i0, i0 + w) of one (sequence, head). P holds the scores transposed,
 // key-major (row j: key j against every query of the chunk), so the softmax over keys runs lane-wise
 // (16 queries per vector, no horizontal reduction) and the context product reads each key's row whole.
+// Bias: this head's additive (S keys, S queries) table, key-major like P (MPNet's relative positions), or null.
 template <int NV>
 static void attention_chunk(int64_t S, int64_t D, int64_t N, const float* Q, const float* K, const float* V,
-                            const float* mask, float scale, float* C, int64_t i0, int64_t w, float* P) {
+                            const float* mask, const float* bias, float scale, float* C, int64_t i0, int64_t w,
+                            float* P) {
     const int64_t LD = 16 * NV;
     __mmask16 live[NV];
     for (int v = 0; v < NV; ++v) live[v] = live16(w - 16 * v);
@@ -210,8 +212,13 @@ static void attention_chunk(int64_t S, int64_t D, int64_t N, const float* Q, con
         const __m512 s = _mm512_set1_ps(scale);
         const __m512 m0 = _mm512_set1_ps(mask ? mask[j] : 0.0f), m1 = _mm512_set1_ps(mask ? mask[j1] : 0.0f);
         for (int v = 0; v < NV; ++v) {
-            _mm512_store_ps(P + j * LD + 16 * v, _mm512_fmadd_ps(a0[v], s, m0));
-            if (j + 1 < S) _mm512_store_ps(P + (j + 1) * LD + 16 * v, _mm512_fmadd_ps(a1[v], s, m1));
+            __m512 b0 = m0, b1 = m1;
+            if (bias) {
+                b0 = _mm512_add_ps(b0, _mm512_maskz_loadu_ps(live[v], bias + j * S + i0 + 16 * v));
+                b1 = _mm512_add_ps(b1, _mm512_maskz_loadu_ps(live[v], bias + j1 * S + i0 + 16 * v));
+            }
+            _mm512_store_ps(P + j * LD + 16 * v, _mm512_fmadd_ps(a0[v], s, b0));
+            if (j + 1 < S) _mm512_store_ps(P + (j + 1) * LD + 16 * v, _mm512_fmadd_ps(a1[v], s, b1));
         }
     }
     __m512 inv[NV];
@@ -237,7 +244,7 @@ static void attention_chunk(int64_t S, int64_t D, int64_t N, const float* Q, con
 }
 // attention_chunk for 1..8 vectors of queries, by the count a chunk needs.
 static void (*const CHUNKS[8])(int64_t, int64_t, int64_t, const float*, const float*, const float*, const float*,
-                               float, float*, int64_t, int64_t, float*) = {
+                               const float*, float, float*, int64_t, int64_t, float*) = {
     attention_chunk<1>, attention_chunk<2>, attention_chunk<3>, attention_chunk<4>,
     attention_chunk<5>, attention_chunk<6>, attention_chunk<7>, attention_chunk<8>};
 #endif
@@ -254,11 +261,12 @@ int attention_supported() {
 
 // softmax(Q^T K * scale + mask) V^T for every sequence and head, on the feature-major Q, K, V that one fused
 // projection wrote (QKV[3H, B*S]: rows h*D.. of each third are head h's) into CTX[H, B*S]; mask: an additive
-// (B, S) row per sequence over its keys, or null. No copy into a (batch, heads, tokens, dim) layout, no
+// (B, S) row per sequence over its keys, or null; bias: an additive (NH, S keys, S queries) table shared by
+// the sequences (MPNet's relative positions), or null. No copy into a (batch, heads, tokens, dim) layout, no
 // scores tensor in memory beyond one chunk per thread, and the softmax runs on the scores while they are hot.
 #ifdef __AVX512F__
 void attention_fm_f32(int64_t B, int64_t S, int64_t NH, int64_t D, const float* QKV, const float* mask,
-                      float scale, float* CTX, int nthreads) {
+                      const float* bias, float scale, float* CTX, int nthreads) {
     const int64_t H = NH * D, N = B * S;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t bh = 0; bh < B * NH; ++bh) {
@@ -274,15 +282,17 @@ void attention_fm_f32(int64_t B, int64_t S, int64_t NH, int64_t D, const float* 
         const float* K = QKV + H * N + off;
         const float* V = QKV + 2 * H * N + off;
         const float* m = mask ? mask + b * S : nullptr;
+        const float* bh_bias = bias ? bias + h * S * S : nullptr;
         for (int64_t i0 = 0; i0 < S; i0 += 128) {
             const int64_t w = std::min<int64_t>(128, S - i0);
-            CHUNKS[(w + 15) / 16 - 1](S, D, N, Q, K, V, m, scale, CTX + off, i0, w, P);
+            CHUNKS[(w + 15) / 16 - 1](S, D, N, Q, K, V, m, bh_bias, scale, CTX + off, i0, w, P);
         }
     }
 }
 #else
 // Never called (attention_supported() says 0); kept so that the library exports the same symbols everywhere.
-void attention_fm_f32(int64_t, int64_t, int64_t, int64_t, const float*, const float*, float, float*, int) {}
+void attention_fm_f32(int64_t, int64_t, int64_t, int64_t, const float*, const float*, const float*, float, float*,
+                      int) {}
 #endif
 
 // int8 products on 1x4 blocks (AVX512-VNNI): W in block-CSR — per row, the index g of each kept block of
