@@ -200,3 +200,55 @@ def test_a_classification_head_is_refused_for_a_regression_task(runs, tmp_path, 
     write_tsv(stsb / "dev.tsv", STSB_HEADER, rows)
     code = cli("evaluate", "--model", runs["teacher"], "--task", "stsb", "--data-dir", stsb)
     _one_line_error(capsys, code, "a classification head but task stsb is a regression task")
+
+
+def _fake_checkpoint(folder: Path, step: int | None) -> Path:
+    """A checkpoint folder with one file; a manifest unless ``step`` is None (an older version's)."""
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(bytes([step or 0]) * 64)
+    if step is not None:
+        checkpoints.write_manifest(folder, step)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("present", "latest", "previous"),
+    [
+        ({"checkpoint.tmp": 8, "checkpoint.prev": 6}, 8, 6),  # killed after the last checkpoint was moved aside
+        ({"checkpoint.tmp": 8, "checkpoint": 6}, 8, 6),  # killed after the older one was discarded
+        ({"checkpoint.tmp": 8, "checkpoint": 6, "checkpoint.prev": 4}, 8, 6),  # killed before that
+        ({"checkpoint.prev": 6, "checkpoint.trash": 4}, 6, None),  # killed while discarding
+        ({"checkpoint": None}, None, None),  # an older version's folder: taken as it is
+        ({"checkpoint.old": None, "checkpoint.tmp": None}, None, None),  # an older version killed mid-swap
+    ],
+)
+def test_every_state_a_kill_can_leave_settles_to_the_newest_good_checkpoint(present, latest, previous, tmp_path):
+    for name, step in present.items():
+        _fake_checkpoint(tmp_path / name, step)
+    assert checkpoints.exists(tmp_path)
+    settled = checkpoints.settle(tmp_path)
+    assert settled.step == latest and settled.notes == []
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == (["checkpoint"] if previous is None else ["checkpoint", "checkpoint.prev"])
+    if latest is not None:
+        assert checkpoints.step_of(tmp_path / "checkpoint") == latest
+    if previous is not None:
+        assert checkpoints.step_of(tmp_path / "checkpoint.prev") == previous
+    assert checkpoints.settle(tmp_path).step == latest  # settling again changes nothing
+
+
+def test_a_finished_run_is_not_resumed_from_a_leftover_checkpoint(runs, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(runs["straight"], out)
+    _fake_checkpoint(out / "checkpoint.prev", 6)  # a kill while the finished run dropped its checkpoints
+    code = cli(*runs["args"], "--output-dir", out, "--resume")
+    _one_line_error(capsys, code, "holds a finished run")
+    assert (out / "checkpoint.prev").is_dir()
+
+
+def test_a_tracker_whose_package_is_missing_is_one_line(runs, tmp_path, monkeypatch, capsys):
+    from sparsebert import train
+
+    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: None)
+    code = cli(*runs["args"], "--output-dir", tmp_path / "o", "--report-to", "wandb")
+    _one_line_error(capsys, code, "--report-to wandb needs the package: pip install wandb")

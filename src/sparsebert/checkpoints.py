@@ -3,10 +3,11 @@
 Hours of training sit behind a checkpoint, and run folders live on disks that fill up, copies that are
 cut short and hands that edit files. So a checkpoint is written into ``checkpoint.tmp``, its manifest
 (the step and the SHA-256 of each file, read back from disk) written last, and only then rotated in:
-``checkpoint`` becomes ``checkpoint.prev``, ``checkpoint.tmp`` becomes ``checkpoint``. On resume every
-candidate is checked against its manifest and the newest good one is used; a damaged one is moved aside
-(renamed, never deleted) with a line saying so. A kill at any point of a save leaves at least one good
-checkpoint: a torn ``checkpoint.tmp`` has no manifest (or fails it) and is not used.
+``checkpoint`` becomes ``checkpoint.prev``, ``checkpoint.tmp`` becomes ``checkpoint``. Folders are deleted
+only after a rename to ``checkpoint.trash``, so a kill in the middle of a deletion leaves nothing that looks
+like a checkpoint. On resume every candidate is checked against its manifest and the newest good one is
+used; a damaged one is moved aside (renamed, never deleted) with a line saying so. A kill at any point of a
+save, or of the settling on resume, leaves at least one good checkpoint under a name this module reads.
 """
 
 from __future__ import annotations
@@ -23,14 +24,21 @@ from accelerate import Accelerator
 from sparsebert.errors import SparseBertError
 
 LATEST, PREVIOUS, PARTIAL = "checkpoint", "checkpoint.prev", "checkpoint.tmp"
+TRASH, LEGACY_OLD = "checkpoint.trash", "checkpoint.old"  # LEGACY_OLD: what older versions swapped through
 MANIFEST = "sparsebert_checkpoint.json"
-WAY_OUT = "restore the run folder from a copy, or start the run again with --overwrite"
+WAY_OUT = (
+    "restore the folder from a copy, or start the run again (--overwrite; for a stage of compress or compare, "
+    "delete the stage's folder and continue with --resume)"
+)
 log = logging.getLogger(__name__)
 
 
 def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_manifest(folder: Path, step: int) -> None:
@@ -64,18 +72,27 @@ def step_of(folder: Path) -> int:
     return int(json.loads((folder / MANIFEST).read_text())["step"])
 
 
+def discard(folder: Path) -> None:
+    """Delete a folder of ours through a rename, so that a kill mid-deletion leaves only ``checkpoint.trash``."""
+    trash = folder.parent / TRASH
+    if trash.exists():
+        shutil.rmtree(trash)
+    folder.rename(trash)
+    shutil.rmtree(trash)
+
+
 def save(accelerator: Accelerator, out: Path, step: int) -> None:
     """Write a checkpoint of everything the accelerator holds (model, optimizer, registered objects)."""
     tmp = out / PARTIAL
     if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+        discard(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_manifest(tmp, step)
         if (out / PREVIOUS).exists():
-            shutil.rmtree(out / PREVIOUS)
+            discard(out / PREVIOUS)
         if (out / LATEST).exists():
             (out / LATEST).rename(out / PREVIOUS)
         tmp.rename(out / LATEST)
@@ -84,7 +101,7 @@ def save(accelerator: Accelerator, out: Path, step: int) -> None:
 
 def exists(out: Path) -> bool:
     """Whether the folder holds anything a resume could start from (good or not: ``settle`` decides)."""
-    return any((out / name / MANIFEST).exists() for name in (LATEST, PREVIOUS, PARTIAL)) or (out / LATEST).is_dir()
+    return any((out / name).is_dir() for name in (LATEST, PREVIOUS, LEGACY_OLD)) or (out / PARTIAL / MANIFEST).exists()
 
 
 @dataclass
@@ -96,35 +113,48 @@ class Settled:
 def settle(out: Path) -> Settled | None:
     """Pick the newest good checkpoint and make it ``checkpoint`` (the next older good one ``checkpoint.prev``).
 
-    Damaged candidates are renamed ``<name>.damaged`` (nothing deleted); a torn ``checkpoint.tmp`` without
-    a manifest goes. None when there is no checkpoint; a one-line error when there are some and none is good.
+    Damaged candidates are renamed ``<name>.damaged`` (nothing deleted); a torn ``checkpoint.tmp`` without a
+    manifest goes. A run folder written by an older version (no manifest anywhere) resumes from its
+    ``checkpoint`` unchecked. None when there is no checkpoint; a one-line error, touching nothing, when none
+    is good.
     """
+    _recover_legacy(out)
     found = {name: out / name for name in (LATEST, PARTIAL, PREVIOUS) if (out / name).is_dir()}
-    if not found:
-        return None
-    if set(found) == {LATEST} and not (found[LATEST] / MANIFEST).exists():
-        return Settled(None, [])  # written by an older sparsebert: no digests to check
-    problems = {name: problem(folder) for name, folder in found.items()}
-    torn = {name for name, wrong in problems.items() if name == PARTIAL and not (found[name] / MANIFEST).exists()}
+    unchecked = {name for name, folder in found.items() if not (folder / MANIFEST).exists()}
+    problems = {name: problem(folder) for name, folder in found.items() if name not in unchecked}
     good = sorted(((step_of(found[name]), name) for name, wrong in problems.items() if wrong is None), reverse=True)
-    damaged = {name: wrong for name, wrong in problems.items() if wrong is not None and name not in torn}
-    if not good and not damaged:  # only a first save, cut short: a fresh start
-        shutil.rmtree(found[PARTIAL])
+    damaged = {name: wrong for name, wrong in problems.items() if wrong is not None}
+    # a folder with no manifest at all was written by an older version: its checkpoint is taken as it is
+    legacy = LATEST if not problems and LATEST in unchecked else None
+    if not good and legacy is None:
+        if damaged:  # nothing is moved or deleted: the user decides
+            listed = "; ".join(f"{name}: {wrong}" for name, wrong in damaged.items())
+            raise SparseBertError(f"{out}: no good checkpoint to resume from ({listed}); {WAY_OUT}")
+        if PARTIAL in found:
+            discard(found[PARTIAL])  # only a first save, cut short: a fresh start
         return None
-    if not good:  # nothing is moved or deleted: the user decides
-        listed = "; ".join(f"{name}: {wrong}" for name, wrong in damaged.items())
-        raise SparseBertError(f"{out}: no good checkpoint to resume from ({listed}); {WAY_OUT}")
     notes = []
-    for name in torn:
-        shutil.rmtree(found[name])  # our own save, cut short before it was complete: nothing to keep
     for name, wrong in damaged.items():
         aside = _aside(out, name)
         found[name].rename(aside)
         notes.append(f"{out / name} is damaged ({wrong}); moved to {aside.name}")
-    _arrange(out, [name for _, name in good[:2]])
+    step = good[0][0] if good else None
+    _arrange(out, [name for _, name in good[:2]] if good else [legacy])  # leftovers go with the unchosen
     if notes:
-        notes.append(f"resuming from the checkpoint of step {good[0][0]}")
-    return Settled(good[0][0], notes)
+        notes.append(f"resuming from the checkpoint of step {step}" if good else "resuming from the older checkpoint")
+    return Settled(step, notes)
+
+
+def _recover_legacy(out: Path) -> None:
+    """Older versions swapped through ``checkpoint.old`` and deleted in place: finish what a kill cut short."""
+    if (out / TRASH).exists():
+        shutil.rmtree(out / TRASH)
+    old = out / LEGACY_OLD
+    if old.is_dir():
+        if (out / LATEST).is_dir():
+            shutil.rmtree(old)  # the new one was in place: the old one is stale
+        else:
+            old.rename(out / LATEST)  # killed between the two renames: the old one is the complete one
 
 
 def _aside(out: Path, name: str) -> Path:
@@ -136,16 +166,21 @@ def _aside(out: Path, name: str) -> Path:
 
 
 def _arrange(out: Path, newest_first: list[str]) -> None:
-    """Rename the chosen folders to ``checkpoint`` and ``checkpoint.prev`` (through temporary names)."""
-    staged = []
-    for name in newest_first:
-        (out / name).rename(out / f"{name}.settling")
-        staged.append(out / f"{name}.settling")
-    for name in (LATEST, PREVIOUS, PARTIAL):  # what was not chosen: an older good copy, beyond the two kept
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
-    for folder, name in zip(staged, (LATEST, PREVIOUS), strict=False):
-        folder.rename(out / name)
+    """Give the chosen folders the names ``checkpoint`` and ``checkpoint.prev``, discarding the others first.
+    Each rename goes to a free name, so every state a kill can leave is one that ``settle`` reads again."""
+    targets = dict(zip(newest_first, (LATEST, PREVIOUS), strict=False))
+    for name in (LATEST, PREVIOUS, PARTIAL):
+        if (out / name).is_dir() and name not in targets:
+            discard(out / name)
+    pending = {src: dst for src, dst in targets.items() if src != dst}
+    while pending:
+        free = [src for src, dst in pending.items() if not (out / dst).exists()]
+        if not free:  # a swap: through checkpoint.tmp, which settle reads (the folder has its manifest)
+            src = next(iter(pending))
+            (out / src).rename(out / PARTIAL)
+            pending[PARTIAL] = pending.pop(src)
+            continue
+        (out / free[0]).rename(out / pending.pop(free[0]))
 
 
 def load(accelerator: Accelerator, out: Path) -> None:
@@ -153,7 +188,7 @@ def load(accelerator: Accelerator, out: Path) -> None:
     folder = out / LATEST
     try:
         accelerator.load_state(str(folder))
-    except Exception as exc:
+    except Exception as exc:  # a foreign or damaged file fails in many ways; none may be a traceback
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise SparseBertError(
             f"{folder}: could not load the checkpoint ({type(exc).__name__}: {first}); {WAY_OUT}"
@@ -164,4 +199,4 @@ def remove(out: Path) -> None:
     """A finished run keeps no checkpoint (the damaged copies moved aside stay for the user to look at)."""
     for name in (LATEST, PREVIOUS, PARTIAL):
         if (out / name).exists():
-            shutil.rmtree(out / name)
+            discard(out / name)

@@ -206,6 +206,6 @@ class JsonlLog:
         later steps (they run again), so that every step is logged once. A line torn by a kill goes too."""
         if not self.path.exists():
             return
-        records = self.read()
+        records = [r for r in self.read() if r.get("step") is None or isinstance(r["step"], (int, float))]
         kept = [r for r in records if r.get("step") is None or r["step"] <= step]
-        atomic_write_text(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+        atomic_write_text(self.path, "".join(json.dumps(finite_json(r), allow_nan=False) + "\n" for r in kept))

@@ -85,6 +85,7 @@ def teacher_first(config: CompressConfig, finetune: Callable) -> Iterator[tuple[
     with claimed_by_main_process(out, overwrite=config.overwrite, resume=config.resume):
         if PartialState().is_main_process and not (config.resume and (out / "config.yaml").exists()):
             atomic_write_text(out / "config.yaml", to_yaml(config))  # what `--resume` alone starts from
+        PartialState().wait_for_everyone()  # the folder is claimed (and emptied) before any rank looks inside
         teacher, student = stage_configs(config, out)
         run_stage(teacher, finetune)
         yield out, student

@@ -54,9 +54,9 @@ def changed_options(config: TrainConfig, out: Path) -> str:
 
 def check_resume(config: TrainConfig, out: Path) -> None:
     """A resumed run must be the run that was interrupted: refuse options that change its result."""
+    if (out / "metrics.json").exists():  # also when a kill left a checkpoint behind after the model was saved
+        raise SparseBertError(f"{out} holds a finished run; nothing to resume (use --overwrite to redo it)")
     if not (out / checkpoints.LATEST).exists():
-        if (out / "metrics.json").exists():
-            raise SparseBertError(f"{out} holds a finished run; nothing to resume (use --overwrite to redo it)")
         return
     changed = changed_options(config, out)
     if changed:
@@ -65,6 +65,8 @@ def check_resume(config: TrainConfig, out: Path) -> None:
 
 def _settle(config: TrainConfig, out: Path) -> None:
     """On resume: the newest good checkpoint in place (damaged ones moved aside, said), the options checked."""
+    if (out / "metrics.json").exists():
+        check_resume(config, out)  # a finished run: refused before anything is moved
     settled = checkpoints.settle(out)
     for note in settled.notes if settled else []:
         log.warning("%s", note)

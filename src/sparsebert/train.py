@@ -13,11 +13,13 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import hashlib
+import importlib.util
 import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +75,9 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     """
     config.mixed_precision = resolve_mixed_precision(config.mixed_precision)
     trackers = [] if config.report_to == "none" else [config.report_to]
+    needs = {"tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb",)}.get(config.report_to, ())
+    if needs and not any(importlib.util.find_spec(name) for name in needs):  # accelerate would drop it silently
+        raise SparseBertError(f"--report-to {config.report_to} needs the package: pip install {needs[0]}")
     accelerator = new_accelerator(
         mixed_precision=config.mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -249,23 +254,24 @@ class Loop:
         bar = tqdm(total=self.n_steps, initial=self.state.step, desc=f"train ({self.precision})",
                    disable=not self.accelerator.is_local_main_process)  # fmt: skip
         started = time.perf_counter()
-        with StopRequest() as self.stop:
-            while self.state.step < self.n_steps:
-                self.train_loader.set_epoch(self.state.epoch)
-                skip = self.state.batch_in_epoch  # a resumed run continues mid-epoch
-                loader = self.accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
-                for batch in loader:
-                    self.train_step(batch)
-                    bar.update(1)
-                    for hook in self.hooks:
-                        hook.on_step_end(self)
-                    if self.state.step >= self.n_steps:
-                        break
-                else:
-                    self.state.epoch += 1
-                    self.state.batch_in_epoch = 0
-        bar.close()
-        return self._end(time.perf_counter() - started)
+        with finishing_trackers(self.accelerator):
+            with StopRequest() as self.stop:
+                while self.state.step < self.n_steps:
+                    self.train_loader.set_epoch(self.state.epoch)
+                    skip = self.state.batch_in_epoch  # a resumed run continues mid-epoch
+                    loader = self.accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
+                    for batch in loader:
+                        self.train_step(batch)
+                        bar.update(1)
+                        for hook in self.hooks:
+                            hook.on_step_end(self)
+                        if self.state.step >= self.n_steps:
+                            break
+                    else:
+                        self.state.epoch += 1
+                        self.state.batch_in_epoch = 0
+            bar.close()
+            return self._end(time.perf_counter() - started)  # outside the stop request: Ctrl-C here stops at once
 
     def _build(self) -> None:
         """Optimizer, Accelerate's preparation, LR schedule, the hooks' start (registrations, resume)."""
@@ -341,11 +347,20 @@ class Loop:
         in_sync = len(set(digests)) == 1
         self.log({"event": "end", "train_seconds": round(elapsed, 2), "rank_digests": digests,
                   "ranks_in_sync": in_sync})  # fmt: skip
-        for tracker in acc.trackers:  # not acc.end_training(): it also leaves the process group, which later jobs use
-            tracker.finish()
         if not in_sync:
             raise SparseBertError(f"processes ended with different weights: {digests}")
         return metrics
+
+
+@contextmanager
+def finishing_trackers(accelerator: Accelerator) -> Iterator[None]:
+    """The trackers are finished however the run ends (a stop request and a divergence too). Not
+    ``accelerator.end_training()``: it also leaves the process group, which the next job of a process uses."""
+    try:
+        yield
+    finally:
+        for tracker in accelerator.trackers:
+            tracker.finish()
 
 
 def all_reduce_gradients(accelerator: Accelerator, modules: list[nn.Module]) -> None:
