@@ -1,8 +1,9 @@
 """Write a magnitude-pruned model folder to feed `sparsebert export` / `sparsebert bench --model`.
 
-``--model bert-base`` is a randomly initialised BertModel of BERT-base shape (BertConfig() defaults);
-``--model minilm-l6`` is the real embedded MiniLM-L6 weights. Both are pruned per matrix, without any
-fine-tuning: this is for size and speed measurements, not accuracy.
+``--model bert-base`` is a randomly initialised BertModel of BERT-base shape (BertConfig() defaults); any
+other name is real weights: ``minilm-l6``, ``mpnet-base`` or a model folder (a fine-tuned one keeps its task
+head). Pruned per matrix by magnitude, without any fine-tuning, so each matrix has the density of a
+student pruned per matrix: this is for size and speed measurements, not accuracy.
 
     .venv/bin/python bench/make_pruned_model.py --model minilm-l6 --sparsity 0.95 --output-dir /tmp/minilm-95
 """
@@ -13,7 +14,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from sparsebert.pruning import Pruner, sparsity_report
 from sparsebert.runtime.bench import random_pruned_model
@@ -22,7 +23,7 @@ from sparsebert.sources import resolve_model
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=["bert-base", "minilm-l6"], required=True)
+    p.add_argument("--model", required=True, help="bert-base (random weights), or a model name or folder")
     p.add_argument("--sparsity", type=float, required=True)
     p.add_argument("--output-dir", required=True)
     args = p.parse_args()
@@ -32,8 +33,10 @@ def main() -> None:
     if args.model == "bert-base":
         model = random_pruned_model("bert-base", args.sparsity)
     else:
-        source = resolve_model("minilm-l6")
-        model = AutoModel.from_pretrained(source).eval()
+        source = resolve_model(args.model)
+        heads = AutoConfig.from_pretrained(source).architectures or []
+        auto = AutoModelForSequenceClassification if any("SequenceClassification" in a for a in heads) else AutoModel
+        model = auto.from_pretrained(source).eval()
         Pruner.one_shot(model, args.sparsity)
         AutoTokenizer.from_pretrained(source).save_pretrained(out)
     model.save_pretrained(out)

@@ -35,8 +35,9 @@ from sparsebert.options import require
 from sparsebert.pipeline import run_stage, teacher_first
 from sparsebert.pruning import sparsity_report
 from sparsebert.runs import check_paths, claimed, finish, metrics_record
+from sparsebert.scoring import prediction_files
 from sparsebert.strategies import TABLE, initial_student, pruner_factory
-from sparsebert.train import Loop, TrainJob, make_accelerator, new_accelerator
+from sparsebert.train import Loop, TrainJob, make_accelerator, new_accelerator, prepared_splits
 from sparsebert.train import evaluate as evaluate_loaders
 
 
@@ -80,10 +81,10 @@ def finetune(config: FinetuneConfig) -> RunResult:
     with claimed(config, accelerator) as (out, log):
         log.write({"event": "config", "source": data.source, "train_examples": len(data.train)})
         train, dev = task_data.train_loader(data, tokenizer, config), task_data.eval_loaders(data, tokenizer, config)
-        job = TrainJob(model, classification_step, train, dev, data.task)
+        job = TrainJob(model, classification_step, train, dev)
         loop = Loop(accelerator, config, job, out, log, standard_hooks())
         metrics = loop.run()
-        files = {"metrics.json": metrics_record(data, metrics)}
+        files = {**prediction_files(dev), "metrics.json": metrics_record(data, metrics)}
         seconds = finish(accelerator, loop.model, tokenizer, config.max_seq_length, files, started, out, log)
         return RunResult(out, metrics, seconds)
 
@@ -98,6 +99,8 @@ def prune(config: PruneConfig) -> RunResult:
     started = time.perf_counter()
     accelerator = make_accelerator(config)
     data = task_data.load_data(config)
+    if config.augment and data.task.extractive_qa:  # before any model is loaded
+        raise SparseBertError(f"--augment rewrites sentences and their labels; task {data.task.name} has spans")
     tokenizer = load_tokenizer(config.teacher)
     teacher = load_model(config.teacher, data.task) if strategy.distills else None  # the others learn from labels
     student = initial_student(config, teacher, tokenizer, data.task)
@@ -116,36 +119,56 @@ def prune(config: PruneConfig) -> RunResult:
                 log.write({"event": "note", "message": note})
         head_lr = config.head_lr if config.head_lr and config.head_lr != config.lr else None
         train, dev = task_data.train_loader(data, tokenizer, config), task_data.eval_loaders(data, tokenizer, config)
-        job = TrainJob(student, step_fn, train, dev, data.task, extra, head_lr)
+        job = TrainJob(student, step_fn, train, dev, extra, head_lr)
         hooks = standard_hooks(pruner_factory(config), config.prune_end if config.average_weights else None)
         loop = Loop(accelerator, config, job, out, log, hooks)
         metrics = loop.run()
         report = sparsity_report(accelerator.unwrap_model(loop.model))
-        files = {"sparsity.json": report, "metrics.json": metrics_record(data, metrics)}
+        files = {"sparsity.json": report, **prediction_files(dev), "metrics.json": metrics_record(data, metrics)}
         seconds = finish(accelerator, loop.model, tokenizer, config.max_seq_length, files, started, out, log)
         return RunResult(out, metrics, seconds, report)
 
 
 def evaluate(config: EvaluateConfig) -> RunResult:
-    """Dev metrics of a saved model; the metrics.json record in ``details`` (written to --output if given)."""
+    """Dev metrics of a saved model; the metrics.json record in ``details`` (written to --output if given).
+
+    Extractive QA also writes its answers beside --output (``<stem>.predictions.json``, the official SQuAD
+    prediction format), and returns them in ``details["predictions"]``.
+    """
     require(config, "model", "task")
     if config.output:
         check_output_file(config.output, [config.model, config.data_dir, config.dev_file])
     started = time.perf_counter()
     accelerator = new_accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision))
     data = task_data.load_data(config, need_train=False)
+    if config.output and data.task.extractive_qa:
+        check_output_file(predictions_path(config.output, "predictions.json"), [config.model, config.dev_file])
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, data.task)
-    config = dataclasses.replace(config, max_seq_length=inference_length(config.max_seq_length, tokenizer, model))
-    loaders = task_data.eval_loaders(data, tokenizer, config)
+    length = inference_length(config.max_seq_length, tokenizer, model, data.task.max_length)
+    config = dataclasses.replace(config, max_seq_length=length)
+    splits = task_data.eval_loaders(data, tokenizer, config)
     model = fast_attention(model, accelerator.mixed_precision, accelerator.device)
-    prepared = accelerator.prepare(model, *loaders.values())
-    metrics = evaluate_loaders(prepared[0], dict(zip(loaders, prepared[1:], strict=True)), data.task, accelerator)
+    prepared = accelerator.prepare(model, *(s.loader for s in splits.values()))
+    metrics = evaluate_loaders(prepared[0], prepared_splits(splits, prepared[1:]), accelerator)
     record = metrics_record(data, metrics)
+    predictions = prediction_files(splits)
     if config.output and accelerator.is_main_process:
+        for name, obj in predictions.items():  # before the metrics, as in a run folder
+            atomic_write_json(predictions_path(config.output, name), obj)
         atomic_write_json(config.output, record)
+    details = dict(record)
+    if "predictions.json" in predictions:
+        details["predictions"] = predictions["predictions.json"]
     output = Path(config.output) if config.output else None
-    return RunResult(output, metrics, time.perf_counter() - started, details=record)
+    return RunResult(output, metrics, time.perf_counter() - started, details=details)
+
+
+def predictions_path(output: str | Path, name: str) -> Path:
+    """Where evaluate writes a predictions file: beside its --output, ``m.json`` -> ``m.predictions.json``
+    (``m.predictions_mismatched.json`` for another split)."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.{name}")
 
 
 def compress(config: CompressConfig) -> RunResult:

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from sparsebert import strategies
 from sparsebert.distill import LossWeights
 from sparsebert.errors import SparseBertError
-from sparsebert.options import TRAINED_LENGTH, at_least, check_choices, check_text_columns, opt, positive
+from sparsebert.options import at_least, check_choices, check_text_columns, opt, positive
 from sparsebert.pruning import PRUNE_BLOCKS, PRUNE_CRITERIA
-from sparsebert.tasks import DEFAULT_LENGTH
+from sparsebert.tasks import DEFAULT_LENGTH, task_length
 
 STRATEGIES = tuple(strategies.TABLE)
 LR_SCHEDULES = ("linear", "constant")
@@ -29,21 +29,33 @@ class DataOptions:
     task: str | None = opt(
         None,
         "GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli), movie-sentiment, movie-rating, "
-        "or classification / regression for your own files",
+        "squad (SQuAD v1.1 question answering), or classification / regression for your own files",
         group="data",
     )
-    data_dir: str | None = opt(None, "folder in the classic GLUE layout (train.tsv, dev.tsv)", group="data")
-    dataset: str | None = opt(None, "hub dataset name, e.g. glue (needs network)", group="data")
-    dev_file: str | None = opt(None, "your own CSV/TSV/JSONL dev file", group="data")
+    data_dir: str | None = opt(
+        None, "folder in the classic GLUE layout (train.tsv, dev.tsv; squad: train-v1.1.json, dev-v1.1.json)",
+        group="data",
+    )  # fmt: skip
+    dataset: str | None = opt(None, "hub dataset name, e.g. glue or squad (needs network)", group="data")
+    dev_file: str | None = opt(None, "your own CSV/TSV/JSONL dev file (squad: SQuAD JSON)", group="data")
     text_columns: list[str] | None = opt(None, "comma-separated text column(s) of your files", group="data")
     label_column: str | None = opt(None, "label column of your files", group="data")
     max_eval_examples: int | None = opt(None, "a fixed random sample of N dev examples", group="data")
     eval_batch_size: int = opt(64, "dev batch size", group="data")
-    max_seq_length: int = opt(DEFAULT_LENGTH, "truncate inputs to N tokens", group="data")
+    # None until a task is named: the task's own length (squad's windows are 384 tokens, the rest 128).
+    max_seq_length: int | None = opt(
+        None, f"truncate inputs to N tokens (default: the task's, 384 for squad, else {DEFAULT_LENGTH})", group="data"
+    )
+    doc_stride: int = opt(
+        128, "squad: tokens shared by consecutive windows of a context longer than --max-seq-length",
+        group="question answering",
+    )  # fmt: skip
+    max_answer_length: int = opt(30, "squad: the longest answer predicted, in tokens", group="question answering")
 
     def __post_init__(self) -> None:
         """Check every value on construction: errors come before any model is loaded or file written."""
-        at_least(self, ("eval_batch_size",), 1)
+        at_least(self, ("eval_batch_size", "max_answer_length"), 1)
+        at_least(self, ("doc_stride",), 0)
         if self.max_seq_length is not None:
             at_least(self, ("max_seq_length",), 2)
         check_text_columns(self)
@@ -85,6 +97,11 @@ class TrainConfig(DataOptions):
     )  # fmt: skip
 
     def __post_init__(self) -> None:
+        # Resolved here, on construction, so that config.yaml records the length that ran and a resumed run or
+        # a finished compress stage compares like with like; a job whose task is set later resolves it when
+        # it loads the data (``data.load_data``).
+        if self.max_seq_length is None:
+            self.max_seq_length = task_length(self.task)
         super().__post_init__()
         at_least(self, ("batch_size", "log_every"), 1)
         at_least(self, ("save_every",), 0)
@@ -244,17 +261,17 @@ class CompareConfig(CompressConfig):
                 raise SparseBertError(f"--sparsities must lie in [0, 1), got {sparsity}")
 
 
-
-
 @dataclass
 class EvaluateConfig(DataOptions):
     """``sparsebert evaluate``: dev metrics of a saved model."""
 
     model: str | None = opt(None, "model folder (ordinary or compressed) or name", group="model")
-    output: str | None = opt(None, "write metrics.json here", group="run")
+    output: str | None = opt(
+        None, "write metrics.json here (squad: and the answers, {question id: text}, beside it as "
+        "<name>.predictions.json)", group="run",
+    )  # fmt: skip
     mixed_precision: str = opt("no", "no (default): fp32, exact; auto: bf16 where native", choices=PRECISIONS)
-    max_seq_length: int | None = opt(None, TRAINED_LENGTH, group="data")
-
-
-
-
+    max_seq_length: int | None = opt(
+        None, "truncate inputs to N tokens (default: the length the model was trained at, else the task's: 384 "
+        f"for squad, {DEFAULT_LENGTH} for the others)", group="data",
+    )  # fmt: skip

@@ -3,6 +3,8 @@
 Every problem with the user's files becomes a one-line ``SparseBertError`` naming the file and line.
 Examples are tokenised once without padding; ``DataCollatorWithPadding`` pads each batch to its own
 longest sequence (dynamic padding), which is what makes short-sentence tasks cheap on a CPU.
+Extractive QA (SQuAD) reads its own JSON and cuts contexts into windows (``sparsebert.qa``); each dev split
+comes with the scorer that turns the model's outputs into the task's metrics (``sparsebert.scoring``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from sparsebert.errors import SparseBertError
 from sparsebert.packaged import PACKAGED_TASKS, packaged_task_dir
+from sparsebert.qa import QAExample, model_inputs, prepare_eval_features, prepare_train_features, read_squad
+from sparsebert.scoring import EvalSplit, LabelScorer, SpanScorer
 from sparsebert.tasks import TaskSpec, get_task
 
 csv.field_size_limit(sys.maxsize)
@@ -37,8 +41,8 @@ class TaskData:
     """A task's resolved spec (labels known) with its train and dev splits."""
 
     task: TaskSpec
-    train: list[Example]
-    dev: dict[str, list[Example]]  # "dev" first; MNLI adds "dev_mismatched"
+    train: list[Example] | list[QAExample]  # QAExample for extractive QA (SQuAD)
+    dev: dict[str, list[Example] | list[QAExample]]  # "dev" first; MNLI adds "dev_mismatched"
     source: str
 
 
@@ -252,6 +256,51 @@ def _from_hub(task: TaskSpec, dataset: str, need_train: bool) -> tuple[list[Exam
     return train, {name: convert(split) for name, split in task.hub_dev_splits.items()}
 
 
+def _squad_from_hub(dataset: str, splits: dict[str, str], need_train: bool) -> tuple[list, dict]:
+    """SQuAD from the hub (``squad``: splits train and validation), as ``QAExample``s."""
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(dataset)
+    except Exception as exc:  # the hub raises many types; the user needs the message, not a traceback
+        raise SparseBertError(f"could not load {dataset} from the hub: {exc}") from None
+
+    def convert(split: str) -> list[QAExample]:
+        return [
+            QAExample(row["id"], row["question"], row["context"],
+                      list(zip(row["answers"]["text"], row["answers"]["answer_start"], strict=True)))
+            for row in ds[split]
+        ]  # fmt: skip
+
+    return (convert("train") if need_train else []), {name: convert(split) for name, split in splits.items()}
+
+
+def _squad_splits(task: TaskSpec, source: DataSource, need_train: bool) -> tuple[list, dict]:
+    """SQuAD v1.1 (official JSON) from a folder (``train-v1.1.json``, ``dev-v1.1.json``), the user's files or
+    the hub. Every dev question needs its answers: they are what the dev split is scored against, and a file
+    without them should fail now, not after the training."""
+    if source.dataset:
+        return _squad_from_hub(source.dataset, task.hub_dev_splits, need_train)
+    if source.data_dir:
+        folder = Path(source.data_dir)
+        if not folder.is_dir():
+            raise SparseBertError(f"{folder}: data directory not found")
+        train_path, dev_paths = folder / task.train_file, {s: folder / name for s, name in task.dev_files.items()}
+    else:
+        if not source.dev_file or (need_train and not source.train_file):
+            raise SparseBertError("--train-file and --dev-file go together (evaluate needs --dev-file only)")
+        train_path, dev_paths = Path(source.train_file or ""), {"dev": Path(source.dev_file)}
+    train = read_squad(train_path, require_answers=True) if need_train else []
+    dev = {split: read_squad(path, require_answers=False) for split, path in dev_paths.items()}
+    for split, examples in dev.items():
+        unanswered = next((e for e in examples if not e.answers), None)
+        if unanswered is not None:
+            raise SparseBertError(
+                f"{dev_paths[split]}: question {unanswered.id} has no answers; a dev file needs them to be scored"
+            )
+    return train, dev
+
+
 def load_task_data(
     task: TaskSpec,
     source: DataSource,
@@ -268,7 +317,9 @@ def load_task_data(
         if task.name not in PACKAGED_TASKS:
             raise SparseBertError(f"task {task.name} needs data: --data-dir, --dataset or --train-file/--dev-file")
         source = replace(source, data_dir=str(packaged_task_dir(task.name)))
-    if source.data_dir:
+    if task.extractive_qa:
+        train, dev = _squad_splits(task, source, need_train)
+    elif source.data_dir:
         train, dev = _from_glue_dir(task, Path(source.data_dir), need_train)
     elif source.dataset:
         train, dev = _from_hub(task, source.dataset, need_train)
@@ -283,7 +334,7 @@ def load_task_data(
     return TaskData(task, train, dev, source.describe())
 
 
-def subsample(examples: list[Example], n: int, seed: int = 0) -> list[Example]:
+def subsample(examples: list, n: int, seed: int = 0) -> list:
     """A fixed random sample of ``n`` examples, in file order (files are often sorted by label)."""
     if n >= len(examples):
         return examples
@@ -379,7 +430,12 @@ def make_loader(
 
 
 def load_data(config, need_train: bool = True) -> TaskData:
-    """A job's task data from its data options (``--task``, ``--data-dir`` / ``--dataset`` / files)."""
+    """A job's task data from its data options (``--task``, ``--data-dir`` / ``--dataset`` / files).
+
+    A training job whose ``max_seq_length`` is still unresolved (its task was set after the configuration
+    was built) gets the task's length here, before config.yaml is written; evaluate keeps None (the length
+    the model was trained at, ``models.inference_length``).
+    """
     source = DataSource(
         data_dir=config.data_dir,
         dataset=config.dataset,
@@ -388,8 +444,11 @@ def load_data(config, need_train: bool = True) -> TaskData:
         text_columns=tuple(config.text_columns) if config.text_columns else None,
         label_column=config.label_column,
     )
+    task = get_task(config.task)
+    if need_train and config.max_seq_length is None:
+        config.max_seq_length = task.max_length
     return load_task_data(
-        get_task(config.task),
+        task,
         source,
         need_train=need_train,
         max_train_examples=getattr(config, "max_train_examples", None),
@@ -397,18 +456,28 @@ def load_data(config, need_train: bool = True) -> TaskData:
     )
 
 
-def eval_loaders(data: TaskData, tokenizer: PreTrainedTokenizerBase, config) -> dict[str, DataLoader]:
-    """Dev batches in order of length (least padding; the metrics do not depend on the order)."""
-    loaders = {}
+def eval_loaders(data: TaskData, tokenizer: PreTrainedTokenizerBase, config) -> dict[str, EvalSplit]:
+    """Each dev split's batches with its scorer. Classification: in order of length (least padding; the
+    metrics do not depend on the order). Extractive QA: the windows in order, since post-processing ties
+    each row of logits to its window, and the model sees them without the post-processing keys."""
+    splits = {}
     for split, examples in data.dev.items():
-        features = sorted(encode(examples, tokenizer, config.max_seq_length), key=lambda f: len(f["input_ids"]))
-        loaders[split] = make_loader(features, tokenizer, config.eval_batch_size, shuffle=False)
-    return loaders
+        if data.task.extractive_qa:
+            features = prepare_eval_features(examples, tokenizer, config.max_seq_length, config.doc_stride)
+            inputs, scorer = model_inputs(features), SpanScorer(examples, features, config.max_answer_length)
+        else:
+            inputs = sorted(encode(examples, tokenizer, config.max_seq_length), key=lambda f: len(f["input_ids"]))
+            scorer = LabelScorer(data.task)
+        splits[split] = EvalSplit(make_loader(inputs, tokenizer, config.eval_batch_size, shuffle=False), scorer)
+    return splits
 
 
 def train_loader(data: TaskData, tokenizer: PreTrainedTokenizerBase, config) -> DataLoader:
     """Shuffled (by default length-grouped) training batches; the incomplete last batch is skipped,
-    as in the reference."""
-    features = encode(data.train, tokenizer, config.max_seq_length)
+    as in the reference. Extractive QA trains on windows, each labelled with its answer's token span."""
+    if data.task.extractive_qa:
+        features = prepare_train_features(data.train, tokenizer, config.max_seq_length, config.doc_stride)
+    else:
+        features = encode(data.train, tokenizer, config.max_seq_length)
     return make_loader(features, tokenizer, config.batch_size, shuffle=True, drop_last=True,
                        group_by_length=config.group_by_length, seed=config.seed)  # fmt: skip

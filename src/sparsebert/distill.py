@@ -132,6 +132,44 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return (-targets * F.log_softmax(student_logits / temperature, dim=-1)).mean() * temperature**2
 
 
+def span_soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                            temperature: float) -> torch.Tensor:  # fmt: skip
+    """Extractive QA's prediction term: the soft cross-entropy over token positions of the start logits and of
+    the end logits, each ``(batch, 2, tokens)`` (start, end), summed over positions and averaged over the
+    batch and the two, times temperature².
+
+    Summed over positions rather than averaged (``soft_cross_entropy`` averages over classes): a batch's
+    width is its own longest window (dynamic padding), so an average would weigh each batch by 1/width and
+    shrink the term ~200x at 384 tokens next to a two-class task's.
+    """
+    targets = F.softmax(teacher_logits / temperature, dim=-1)
+    per_row = (-targets * F.log_softmax(student_logits / temperature, dim=-1)).sum(-1)
+    return per_row.mean() * temperature**2
+
+
+def head_logits(outputs) -> torch.Tensor:
+    """A model's task outputs as one tensor: the logits (batch, classes), or for a question-answering head the
+    start and end logits stacked as (batch, 2, tokens)."""
+    if hasattr(outputs, "start_logits"):
+        return torch.stack((outputs.start_logits, outputs.end_logits), dim=1)
+    return outputs.logits
+
+
+def label_cross_entropy(student_logits: torch.Tensor, batch: dict) -> torch.Tensor | None:
+    """The student's cross-entropy to the batch's labels, logged beside the losses (not trained on), or None
+    where there is none: no labels, or regression. For a span head, the mean of the start and end terms."""
+    logits = student_logits.detach().float()
+    if logits.ndim == 3 and "start_positions" in batch:
+        positions = (batch["start_positions"], batch["end_positions"])
+        return sum(F.cross_entropy(logits[:, i], positions[i]) for i in (0, 1)) / 2
+    if logits.ndim == 2 and logits.shape[-1] > 1 and batch.get("labels") is not None:
+        return F.cross_entropy(logits, batch["labels"])
+    return None
+
+
+LABEL_KEYS = ("labels", "start_positions", "end_positions")  # what the loss reads; the models never see them
+
+
 @dataclass
 class DistillOutput:
     """The total loss and its detached parts (for logging, without a device sync per step)."""
@@ -191,6 +229,10 @@ class DistillationLoss(nn.Module):
     def prediction_loss(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None
     ) -> torch.Tensor:
+        """Soft cross-entropy to the teacher (extractive QA: over the start and the end positions, logits of
+        shape (batch, 2, tokens), see ``head_logits``), or the regression MSE."""
+        if student_logits.ndim == 3:
+            return span_soft_cross_entropy(student_logits, teacher_logits, self.temperature)
         if student_logits.shape[-1] > 1:
             return soft_cross_entropy(student_logits, teacher_logits, self.temperature)
         s = student_logits.squeeze(-1)
@@ -237,15 +279,15 @@ def distillation_step(teacher: nn.Module, student: nn.Module, loss_fn: Distillat
     teacher forward (no grad), student forward, the three losses. ``bench/`` times this same function.
 
     The student's cross-entropy to the labels is logged too (not trained on): it is the "fitting
-    ability" curve that makes strategies comparable.
+    ability" curve that makes strategies comparable. Extractive QA distils the start and end logits
+    (``head_logits``); the attention and hidden terms do not depend on the head.
     """
     t_rec = AttentionScoreRecorder(teacher.module if hasattr(teacher, "module") else teacher)
     s_rec = AttentionScoreRecorder(student)
     want_hidden, want_attn = bool(loss_fn.weights.hidden), bool(loss_fn.weights.attention)
 
     def step_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        labels = batch.get("labels")
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
         mask = inputs.get("attention_mask")
         with torch.no_grad(), t_rec:
             t_out = teacher(**inputs, output_hidden_states=want_hidden)
@@ -253,11 +295,12 @@ def distillation_step(teacher: nn.Module, student: nn.Module, loss_fn: Distillat
         with s_rec:
             s_out = model(**inputs, output_hidden_states=want_hidden)
             s_scores = s_rec.scores(mask) if want_attn else None
-        result = loss_fn(
-            s_out.logits, t_out.logits, s_out.hidden_states, t_out.hidden_states, s_scores, t_scores, labels
-        )
-        if labels is not None and s_out.logits.shape[-1] > 1:
-            result.parts["label_ce"] = F.cross_entropy(s_out.logits.detach().float(), labels)
+        s_logits = head_logits(s_out)
+        result = loss_fn(s_logits, head_logits(t_out), s_out.hidden_states, t_out.hidden_states, s_scores, t_scores,
+                         batch.get("labels"))  # fmt: skip
+        label_ce = label_cross_entropy(s_logits, batch)
+        if label_ce is not None:
+            result.parts["label_ce"] = label_ce
         return result.loss, result.parts
 
     return step_fn
@@ -268,9 +311,9 @@ def regression_scale(data: TaskData, how: str) -> float:
     "variance"), so the term has the same size whatever the labels' units (in a rating's units, -4..4, it
     made two thirds of the loss where a classifier's three terms are of one size; BENCHMARKS.md
     "Regression at 90%"); 1 for "none" and for classification."""
-    labels = [float(e.label) for e in data.train]
-    if not data.task.is_regression or how == "none" or len(labels) < 2:
+    if not data.task.is_regression or how == "none" or len(data.train) < 2:
         return 1.0
+    labels = [float(e.label) for e in data.train]
     return max(statistics.pvariance(labels), 1e-6)
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedTokenizerBase,
@@ -29,7 +30,8 @@ def load_tokenizer(name: str | os.PathLike) -> PreTrainedTokenizerBase:
 
 
 def load_model(name: str | os.PathLike, task: TaskSpec) -> nn.Module:
-    """A sequence-classification model for ``task``; a fresh head when the weights have none.
+    """A sequence-classification model for ``task`` (a question-answering one for extractive QA); a fresh
+    head when the weights have none.
 
     Label names are written into the config so the saved model is self-describing.
     """
@@ -39,6 +41,9 @@ def load_model(name: str | os.PathLike, task: TaskSpec) -> nn.Module:
         check_head(name, [type(model).__name__], model.config, task)
         return model
     config = read_pretrained(AutoConfig.from_pretrained, resolved)
+    check_head(name, config.architectures, config, task)
+    if task.extractive_qa:  # one start and one end logit per token
+        return read_pretrained(AutoModelForQuestionAnswering.from_pretrained, resolved, num_labels=2)
     kwargs: dict = {"num_labels": task.num_labels}
     if task.is_regression:
         kwargs["problem_type"] = "regression"
@@ -46,21 +51,44 @@ def load_model(name: str | os.PathLike, task: TaskSpec) -> nn.Module:
         kwargs["id2label"] = dict(enumerate(task.labels))
         kwargs["label2id"] = {label: i for i, label in enumerate(task.labels)}
         kwargs["problem_type"] = "single_label_classification"
-    check_head(name, config.architectures, config, task)
     return read_pretrained(AutoModelForSequenceClassification.from_pretrained, resolved, **kwargs)
 
 
+HEADS = {"SequenceClassification": "a sequence-classification head", "QuestionAnswering": "a question-answering head"}
+
+
+def head_kind(architectures: list[str] | None) -> str | None:
+    """Which task head (a key of ``HEADS``) the saved architectures name; None for a bare encoder or another head
+    (a masked-LM checkpoint), which loads with a fresh head of the task's kind."""
+    for kind in HEADS:
+        if architectures and any(kind in a for a in architectures):
+            return kind
+    return None
+
+
 def check_head(name: str | os.PathLike, architectures: list[str] | None, config, task: TaskSpec) -> None:
-    """A saved task head must be the task's: the same kind (regression or classes), as many outputs, and
-    its labels not in another order.
+    """A saved task head must be the task's: the same kind (question answering, regression or classes), as many
+    outputs, and its labels not in another order.
 
     Loading overwrites the saved label names with the task's, so a head that names the task's labels in
     another order (a hub MNLI model's contradiction/neutral/entailment) would be scored and saved under
     wrong names. Names that are not the task's (``LABEL_0``, ``POSITIVE`` for SST-2's ``1``) cannot be
     checked and pass.
     """
-    if not (architectures and any("SequenceClassification" in a for a in architectures)):
-        return  # no head: a fresh one is made
+    saved = head_kind(architectures)
+    wanted = "QuestionAnswering" if task.extractive_qa else "SequenceClassification"
+    if saved is not None and saved != wanted:
+        raise SparseBertError(
+            f"model {name} has {HEADS[saved]} but task {task.name} needs {HEADS[wanted]}; "
+            "use a model fine-tuned for the task, or a pre-trained one"
+        )
+    if saved != "SequenceClassification":
+        return  # no head (a fresh one is made), or a question-answering head for extractive QA
+    _check_classes(name, config, task)
+
+
+def _check_classes(name: str | os.PathLike, config, task: TaskSpec) -> None:
+    """A saved classification or regression head against the task's kind, label count and label order."""
     regression = getattr(config, "problem_type", None) == "regression"
     if regression != task.is_regression and getattr(config, "problem_type", None) is not None:
         kinds = ("a classification", "a regression")
@@ -84,16 +112,18 @@ def check_head(name: str | os.PathLike, architectures: list[str] | None, config,
     )
 
 
-def inference_length(given: int | None, tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> int:
+def inference_length(
+    given: int | None, tokenizer: PreTrainedTokenizerBase, model: nn.Module, default: int = DEFAULT_LENGTH
+) -> int:
     """Tokens to truncate to at inference: ``given``, else the length the model was trained at.
 
     sparsebert saves that length as the tokenizer's ``model_max_length`` (so it travels with the model,
     exported folders included); other tokenizers carry their architecture's limit or a huge sentinel,
-    bounded here by the model's positions and, for the sentinel, by 128.
+    bounded here by the model's positions and, for the sentinel, by ``default`` (the task's length).
     """
     if given is not None:
         return given
-    saved = tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else DEFAULT_LENGTH
+    saved = tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else default
     positions = getattr(model.config, "max_position_embeddings", None) or saved
     return min(saved, positions)
 

@@ -25,7 +25,7 @@ from sparsebert.data import read_labelled_file
 from sparsebert.errors import SparseBertError
 from sparsebert.export import load
 from sparsebert.io import atomic_write_text, check_output_file
-from sparsebert.models import check_head, inference_length, load_tokenizer
+from sparsebert.models import check_head, head_kind, inference_length, load_tokenizer
 from sparsebert.options import TRAINED_LENGTH, at_least, check_choices, check_text_columns, opt
 from sparsebert.runtime.ops import SPARSE_BACKENDS
 from sparsebert.tasks import get_task
@@ -65,6 +65,8 @@ class PredictConfig:
         check_choices(self)
 
 
+NO_QA = "predict labels sentences and does not answer questions yet; evaluate --output writes a SQuAD file's answers"
+
 
 @dataclass
 class PredictResult:
@@ -81,6 +83,8 @@ def read_inputs(config: PredictConfig) -> list[tuple[int, tuple[str, ...]]]:
         rows = read_labelled_file(path, tuple(config.text_columns), None)
     elif config.task:
         task = get_task(config.task)
+        if task.extractive_qa:
+            raise SparseBertError(NO_QA)
         glue = path.suffix == ".tsv"
         rows = read_labelled_file(path, task.text_columns, None, header=task.header, glue_format=glue)
     else:
@@ -140,6 +144,8 @@ def predict(config: PredictConfig) -> PredictResult:
     model = load(config.model).eval()
     if not hasattr(model, "num_labels"):
         raise SparseBertError(f"{config.model} has no task head to predict with")
+    if head_kind([type(model).__name__]) == "QuestionAnswering":
+        raise SparseBertError(f"{config.model} has a question-answering head: {NO_QA}")
     if config.task:  # the task asks for its labels (or scores): the head must give them
         check_head(config.model, [type(model).__name__], model.config, get_task(config.task))
     config = dataclasses.replace(config, max_seq_length=inference_length(config.max_seq_length, tokenizer, model))

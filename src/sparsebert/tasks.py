@@ -2,6 +2,8 @@
 
 Columns are header names, or 0-based positions for header-less files (CoLA). ``labels`` lists the
 label strings as they appear in the files (their order fixes the class ids); ``None`` means regression.
+SQuAD (``extractive_qa``) has neither columns nor labels: its files are the official JSON (``sparsebert.qa``)
+and its answers are spans of the context.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sparsebert.errors import SparseBertError
+
+DEFAULT_LENGTH = 128  # tokens, when neither the options, the task nor the model say otherwise
 
 
 @dataclass(frozen=True)
@@ -22,9 +26,13 @@ class TaskSpec:
     dev_files: dict[str, str] = field(default_factory=lambda: {"dev": "dev.tsv"})
     header: bool = True
     skip_malformed: bool = False  # QQP's train file has a few broken rows; GLUE's reference skips them
-    hub: tuple[str, str] | None = None  # (dataset, config) on the Hugging Face hub
+    hub: tuple[str, str | None] | None = None  # (dataset, config) on the Hugging Face hub
     hub_text_columns: tuple[str, ...] = ()
     hub_dev_splits: dict[str, str] = field(default_factory=lambda: {"dev": "validation"})
+    # Answers are spans of a context (SQuAD): a question-answering head, windows of the context, EM/F1.
+    extractive_qa: bool = False
+    # Tokens per input (a window, for extractive QA) when --max-seq-length is not given.
+    max_length: int = DEFAULT_LENGTH
 
     @property
     def is_regression(self) -> bool:
@@ -36,7 +44,6 @@ class TaskSpec:
 
 
 BINARY = ("0", "1")
-DEFAULT_LENGTH = 128  # tokens, when neither the options nor the model say otherwise
 NLI2 = ("entailment", "not_entailment")
 
 TASKS: dict[str, TaskSpec] = {
@@ -131,6 +138,19 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("movie-sentiment", ("sentence",), "label", BINARY, ("accuracy", "f1")),
         # The same snippets as regression on their mean human rating (-4 .. 4).
         TaskSpec("movie-rating", ("sentence",), "label", None, ("pearson", "spearman")),
+        # SQuAD v1.1 in its official JSON; 384-token windows are the length BERT's SQuAD results use.
+        TaskSpec(
+            "squad",
+            (),
+            "answers",
+            (),
+            ("exact_match", "f1"),
+            train_file="train-v1.1.json",
+            dev_files={"dev": "dev-v1.1.json"},
+            hub=("squad", None),
+            extractive_qa=True,
+            max_length=384,
+        ),
     ]
 }
 
@@ -154,3 +174,12 @@ def get_task(name: str) -> TaskSpec:
         return GENERIC[key]
     known = ", ".join([*TASKS, *GENERIC])
     raise SparseBertError(f"unknown task {name!r}; known tasks: {known}")
+
+
+def task_length(name: str | None) -> int | None:
+    """The task's default number of tokens per input, or None for no task or an unknown one (that error is
+    ``get_task``'s, raised where the data is loaded)."""
+    try:
+        return get_task(name).max_length if name else None
+    except SparseBertError:
+        return None

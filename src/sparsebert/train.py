@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -38,9 +37,8 @@ from sparsebert.config import TrainConfig
 from sparsebert.errors import SparseBertError
 from sparsebert.hardware import resolve_mixed_precision
 from sparsebert.io import JsonlLog
-from sparsebert.metrics import compute_metrics, predictions_from_logits
 from sparsebert.models import fast_attention
-from sparsebert.tasks import TaskSpec
+from sparsebert.scoring import EvalSplit
 
 StepFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]  # (prepared model, batch)
 
@@ -138,23 +136,31 @@ def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loaders: dict[str, DataLoader], task: TaskSpec, accelerator: Accelerator, desc: str = "eval"
+    model: nn.Module, splits: dict[str, EvalSplit], accelerator: Accelerator, desc: str = "eval"
 ) -> dict[str, float]:
-    """GLUE metrics on every dev split: ``dev`` keys as-is, other splits suffixed (``accuracy_mismatched``)."""
+    """The task's metrics on every dev split: ``dev`` keys as-is, other splits suffixed (``accuracy_mismatched``).
+
+    Each split's scorer (``sparsebert.scoring``) keeps what it needs of every batch's outputs (gathered from
+    every process) and turns it into the metrics: the labels' for classification, EM/F1 for extractive QA.
+    """
     model.eval()
     results: dict[str, float] = {}
-    for split, loader in loaders.items():
-        logits, labels = [], []
-        for batch in tqdm(loader, desc=f"{desc} {split}", leave=False, disable=not accelerator.is_local_main_process):
-            out = model(**{k: v for k, v in batch.items() if k != "labels"})
-            lg, lb = accelerator.gather_for_metrics((out.logits.float(), batch["labels"]))
-            logits.append(lg.cpu().numpy())
-            labels.append(lb.cpu().numpy())
-        preds = predictions_from_logits(task, np.concatenate(logits))
-        metrics = compute_metrics(task, preds, np.concatenate(labels))
+    for split, evaluated in splits.items():
+        collected = []
+        bar = tqdm(evaluated.loader, desc=f"{desc} {split}", leave=False, disable=not accelerator.is_local_main_process)
+        for batch in bar:
+            outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
+            collected.append(evaluated.scorer.collect(batch, outputs, accelerator))
+        metrics = evaluated.scorer.score(collected)
         suffix = "" if split == "dev" else "_" + split.removeprefix("dev_")
         results.update({f"{k}{suffix}": v for k, v in metrics.items()})
     return results
+
+
+def prepared_splits(splits: dict[str, EvalSplit], loaders: list[DataLoader]) -> dict[str, EvalSplit]:
+    """The splits with the loaders Accelerate prepared (in the same order), each keeping its scorer (the same
+    object: a QA scorer's last answers are read from the job's splits once the loop is over)."""
+    return {name: EvalSplit(loader, s.scorer) for (name, s), loader in zip(splits.items(), loaders, strict=True)}
 
 
 def weights_digest(model: nn.Module, masks: list[torch.Tensor] = (), extra: list[nn.Module] = ()) -> str:
@@ -226,13 +232,12 @@ class Hook:
 
 @dataclass
 class TrainJob:
-    """What a command hands the loop: the model, how a batch becomes a loss, the data and the task."""
+    """What a command hands the loop: the model, how a batch becomes a loss, the data and how it is scored."""
 
     model: nn.Module
     step_fn: StepFn
     train_loader: DataLoader
-    eval_loaders: dict[str, DataLoader]
-    task: TaskSpec
+    eval_splits: dict[str, EvalSplit]  # each dev split's batches and scorer
     extra_modules: list[nn.Module] = field(default_factory=list)  # trained beside the model (a projection)
     head_lr: float | None = None
 
@@ -284,9 +289,9 @@ class Loop:
         for module in job.extra_modules:
             module.to(acc.device)
         model = fast_attention(job.model, acc.mixed_precision, acc.device)
-        prepared = acc.prepare(model, self.optimizer, job.train_loader, *job.eval_loaders.values())
+        prepared = acc.prepare(model, self.optimizer, job.train_loader, *(s.loader for s in job.eval_splits.values()))
         self.model, self.optimizer, self.train_loader = prepared[:3]
-        self.eval_loaders = dict(zip(job.eval_loaders, prepared[3:], strict=True))
+        self.eval_splits = prepared_splits(job.eval_splits, prepared[3:])
         # Counted per process after sharding; the scheduler is stepped once per optimizer step.
         self.n_steps = total_steps(cfg, len(self.train_loader))
         warmup = int(cfg.warmup_ratio * self.n_steps)
@@ -325,7 +330,7 @@ class Loop:
             self.parts[k] = self.parts.get(k, 0) + v
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.model, self.eval_loaders, self.job.task, self.accelerator)
+        return evaluate(self.model, self.eval_splits, self.accelerator)
 
     def log(self, record: dict) -> None:
         """One record into log.jsonl (main process) and its numbers into the trackers, if any."""
