@@ -12,7 +12,6 @@ save, or of the settling on resume, leaves at least one good checkpoint under a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from sparsebert.errors import SparseBertError
+from sparsebert.io import file_digest
 
 LATEST, PREVIOUS, PARTIAL = "checkpoint", "checkpoint.prev", "checkpoint.tmp"
 TRASH, LEGACY_OLD = "checkpoint.trash", "checkpoint.old"  # LEGACY_OLD: what older versions swapped through
@@ -31,14 +31,6 @@ WAY_OUT = (
     "delete the stage's folder and continue with --resume)"
 )
 log = logging.getLogger(__name__)
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(folder: Path, step: int) -> None:

@@ -14,7 +14,6 @@ the values themselves in fp16 and caps the fp16 ratio below 18x; CSR is also wha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from sparsebert.errors import SparseBertError
-from sparsebert.io import atomic_write_json, publish_dir
+from sparsebert.io import atomic_write_json, file_digest, publish_dir
 from sparsebert.layers import find_prunable_linears
 from sparsebert.sources import read_pretrained, resolve_model
 
@@ -87,14 +86,6 @@ def _encode_csr(weight: torch.Tensor, values: torch.dtype) -> dict[str, torch.Te
 CHECKED_FILES = ("dense.safetensors", "sparse.safetensors", "config.json")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_manifest(folder: Path) -> dict:
     """The manifest, checked: format, version, and each file's SHA-256 (a changed byte is refused)."""
     try:
@@ -111,7 +102,7 @@ def _read_manifest(folder: Path) -> dict:
     for name, expected in manifest.get("sha256", {}).items():  # exports from before checksums have none
         if not (folder / name).is_file():
             raise SparseBertError(f"{folder / name}: missing from the compressed model")
-        if _sha256(folder / name) != expected:
+        if file_digest(folder / name) != expected:
             raise SparseBertError(f"{folder / name}: checksum mismatch (the file is damaged or was changed)")
     return manifest
 
@@ -208,7 +199,7 @@ def _write_export(staging: Path, module: nn.Module, source: Path | None, split: 
         "sparse": split.matrices,
         "aliases": split.aliases,
         "pruned_sparsity": split.pruned_sparsity,
-        "sha256": {name: _sha256(staging / name) for name in CHECKED_FILES},
+        "sha256": {name: file_digest(staging / name) for name in CHECKED_FILES},
     }
     atomic_write_json(staging / MANIFEST, manifest)
 
