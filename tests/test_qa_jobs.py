@@ -207,3 +207,25 @@ def test_span_distillation_is_the_mean_soft_cross_entropy_of_starts_and_ends():
     ce = [torch.nn.functional.cross_entropy(student[:, i], batch[k]) for i, k in enumerate(batch)]
     assert float(label_cross_entropy(student, batch)) == pytest.approx(float(sum(ce) / 2))
     assert label_cross_entropy(student, {}) is None
+
+
+def test_padding_positions_do_not_change_a_window_s_span_loss():
+    """The same window, alone or in a batch padded wider, gets the same distilled span loss."""
+    from sparsebert.distill import span_masked, span_soft_cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(1, 2, 6, generator=gen), torch.randn(1, 2, 6, generator=gen)
+    alone = span_soft_cross_entropy(student, teacher, 2.0)
+    wide = [torch.cat([t, 5 * torch.randn(1, 2, 4, generator=gen)], dim=-1) for t in (student, teacher)]
+    mask = torch.tensor([[1] * 6 + [0] * 4])
+    padded = span_soft_cross_entropy(span_masked(wide[0], mask), span_masked(wide[1], mask), 2.0)
+    assert float(padded) == pytest.approx(float(alone), rel=1e-5)
+
+
+def test_evaluate_cuts_windows_as_the_model_was_trained(qa_teacher, squad_dir, tmp_path):
+    """The run's --doc-stride travels with the model: evaluate without it scores what the run scored."""
+    output = tmp_path / "m.json"
+    assert json.loads((qa_teacher / "config.json").read_text())["sparsebert_doc_stride"] == 8
+    assert cli("evaluate", "--model", qa_teacher, "--task", "squad", "--data-dir", squad_dir, "--output", output) == 0
+    reported = json.loads((qa_teacher / "metrics.json").read_text())["metrics"]
+    assert json.loads(output.read_text())["metrics"] == pytest.approx(reported)

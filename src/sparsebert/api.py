@@ -30,7 +30,7 @@ from sparsebert.errors import SparseBertError
 from sparsebert.hardware import resolve_mixed_precision
 from sparsebert.hooks import standard_hooks
 from sparsebert.io import atomic_write_json, check_output_file, read_json
-from sparsebert.models import fast_attention, inference_length, load_model, load_tokenizer
+from sparsebert.models import fast_attention, inference_length, inference_stride, load_model, load_tokenizer
 from sparsebert.options import require
 from sparsebert.pipeline import run_stage, teacher_first
 from sparsebert.pruning import sparsity_report
@@ -85,7 +85,7 @@ def finetune(config: FinetuneConfig) -> RunResult:
         loop = Loop(accelerator, config, job, out, log, standard_hooks())
         metrics = loop.run()
         files = {**prediction_files(dev), "metrics.json": metrics_record(data, metrics)}
-        seconds = finish(accelerator, loop.model, tokenizer, config.max_seq_length, files, started, out, log)
+        seconds = finish(accelerator, loop.model, tokenizer, config, files, started, out, log)
         return RunResult(out, metrics, seconds)
 
 
@@ -125,7 +125,7 @@ def prune(config: PruneConfig) -> RunResult:
         metrics = loop.run()
         report = sparsity_report(accelerator.unwrap_model(loop.model))
         files = {"sparsity.json": report, **prediction_files(dev), "metrics.json": metrics_record(data, metrics)}
-        seconds = finish(accelerator, loop.model, tokenizer, config.max_seq_length, files, started, out, log)
+        seconds = finish(accelerator, loop.model, tokenizer, config, files, started, out, log)
         return RunResult(out, metrics, seconds, report)
 
 
@@ -146,7 +146,8 @@ def evaluate(config: EvaluateConfig) -> RunResult:
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, data.task)
     length = inference_length(config.max_seq_length, tokenizer, model, data.task.max_length)
-    config = dataclasses.replace(config, max_seq_length=length)
+    stride = inference_stride(config.doc_stride, model, length)
+    config = dataclasses.replace(config, max_seq_length=length, doc_stride=stride)
     splits = task_data.eval_loaders(data, tokenizer, config)
     model = fast_attention(model, accelerator.mixed_precision, accelerator.device)
     prepared = accelerator.prepare(model, *(s.loader for s in splits.values()))

@@ -14,7 +14,7 @@ from sparsebert.distill import LossWeights
 from sparsebert.errors import SparseBertError
 from sparsebert.options import at_least, check_choices, check_text_columns, opt, positive
 from sparsebert.pruning import PRUNE_BLOCKS, PRUNE_CRITERIA
-from sparsebert.tasks import DEFAULT_LENGTH, task_length
+from sparsebert.tasks import DEFAULT_LENGTH, DOC_STRIDE, task_length
 
 STRATEGIES = tuple(strategies.TABLE)
 LR_SCHEDULES = ("linear", "constant")
@@ -46,16 +46,17 @@ class DataOptions:
     max_seq_length: int | None = opt(
         None, f"truncate inputs to N tokens (default: the task's, 384 for squad, else {DEFAULT_LENGTH})", group="data"
     )
-    doc_stride: int = opt(
-        128, "squad: tokens shared by consecutive windows of a context longer than --max-seq-length",
-        group="question answering",
+    doc_stride: int | None = opt(
+        None, f"squad: tokens shared by consecutive windows of a context longer than --max-seq-length (default: "
+        f"{DOC_STRIDE}; evaluate: the model's)", group="question answering",
     )  # fmt: skip
     max_answer_length: int = opt(30, "squad: the longest answer predicted, in tokens", group="question answering")
 
     def __post_init__(self) -> None:
         """Check every value on construction: errors come before any model is loaded or file written."""
         at_least(self, ("eval_batch_size", "max_answer_length"), 1)
-        at_least(self, ("doc_stride",), 0)
+        if self.doc_stride is not None:
+            at_least(self, ("doc_stride",), 0)
         if self.max_seq_length is not None:
             at_least(self, ("max_seq_length",), 2)
         check_text_columns(self)
@@ -102,6 +103,8 @@ class TrainConfig(DataOptions):
         # it loads the data (``data.load_data``).
         if self.max_seq_length is None:
             self.max_seq_length = task_length(self.task)
+        if self.doc_stride is None:
+            self.doc_stride = DOC_STRIDE
         super().__post_init__()
         at_least(self, ("batch_size", "log_every"), 1)
         at_least(self, ("save_every",), 0)

@@ -155,6 +155,15 @@ def head_logits(outputs) -> torch.Tensor:
     return outputs.logits
 
 
+def span_masked(logits: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Span logits (batch, 2, tokens) with the padding positions pushed far below any real one, so that the
+    softmax over positions (the teacher's targets, the student's log-probabilities) is the same for a window
+    whatever the width of the batch it lands in; classification logits pass unchanged."""
+    if logits.ndim != 3 or attention_mask is None:
+        return logits
+    return logits.masked_fill(attention_mask[:, None, :] == 0, -1e4)
+
+
 def label_cross_entropy(student_logits: torch.Tensor, batch: dict) -> torch.Tensor | None:
     """The student's cross-entropy to the batch's labels, logged beside the losses (not trained on), or None
     where there is none: no labels, or regression. For a span head, the mean of the start and end terms."""
@@ -295,8 +304,8 @@ def distillation_step(teacher: nn.Module, student: nn.Module, loss_fn: Distillat
         with s_rec:
             s_out = model(**inputs, output_hidden_states=want_hidden)
             s_scores = s_rec.scores(mask) if want_attn else None
-        s_logits = head_logits(s_out)
-        result = loss_fn(s_logits, head_logits(t_out), s_out.hidden_states, t_out.hidden_states, s_scores, t_scores,
+        s_logits, t_logits = span_masked(head_logits(s_out), mask), span_masked(head_logits(t_out), mask)
+        result = loss_fn(s_logits, t_logits, s_out.hidden_states, t_out.hidden_states, s_scores, t_scores,
                          batch.get("labels"))  # fmt: skip
         label_ce = label_cross_entropy(s_logits, batch)
         if label_ce is not None:

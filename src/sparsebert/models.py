@@ -22,7 +22,7 @@ from transformers import (
 from sparsebert.errors import SparseBertError
 from sparsebert.export import is_compressed, load  # the compressed format is accepted everywhere
 from sparsebert.sources import read_pretrained, resolve_model
-from sparsebert.tasks import DEFAULT_LENGTH, TaskSpec
+from sparsebert.tasks import DEFAULT_LENGTH, DOC_STRIDE, TaskSpec
 
 
 def load_tokenizer(name: str | os.PathLike) -> PreTrainedTokenizerBase:
@@ -126,6 +126,14 @@ def inference_length(
     saved = tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else default
     positions = getattr(model.config, "max_position_embeddings", None) or saved
     return min(saved, positions)
+
+
+def inference_stride(given: int | None, model: nn.Module, length: int) -> int:
+    """Extractive QA's window overlap at inference: ``given``, else the one the model was trained with
+    (``sparsebert_doc_stride``, saved with it), else BERT's 128 at 384 tokens, a third of shorter windows."""
+    if given is not None:
+        return given
+    return getattr(model.config, "sparsebert_doc_stride", None) or min(DOC_STRIDE, length // 3)
 
 
 def fast_attention(model: nn.Module, precision: str, device: torch.device | str) -> nn.Module:

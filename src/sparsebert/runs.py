@@ -32,6 +32,7 @@ from sparsebert.io import (
     publish_dir,
 )
 from sparsebert.options import saved_options, to_yaml
+from sparsebert.tasks import get_task
 
 RESUME_MAY_CHANGE = ("output_dir", "overwrite", "resume", "log_every", "eval_every", "save_every", "report_to")
 INPUTS = ("data_dir", "train_file", "dev_file", "teacher", "student", "model", "dense_student")
@@ -102,16 +103,23 @@ def metrics_record(data: TaskData, metrics: dict[str, float]) -> dict:
 
 
 def finish(
-    accelerator: Accelerator, model: nn.Module, tokenizer, max_length: int, files: dict[str, dict], started: float,
-    out: Path, run_log: JsonlLog,
+    accelerator: Accelerator, model: nn.Module, tokenizer, config: TrainConfig, files: dict[str, dict],
+    started: float, out: Path, run_log: JsonlLog,
 ) -> float:  # fmt: skip
     """Save the model atomically, write the JSON files (metrics.json last: it marks a finished run), drop
-    the checkpoints. Returns the run's wall time, also logged as the ``saved`` event."""
+    the checkpoints. Returns the run's wall time, also logged as the ``saved`` event.
+
+    What inference needs to cut inputs as training did travels with the model: the length (the tokenizer's
+    ``model_max_length``) and, for extractive QA, the windows' overlap (``sparsebert_doc_stride`` in
+    config.json)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         staging = out / ".staging"
-        accelerator.unwrap_model(model).save_pretrained(staging, safe_serialization=True)
-        tokenizer.model_max_length = max_length  # what evaluate and predict truncate to by default
+        unwrapped = accelerator.unwrap_model(model)
+        if get_task(config.task).extractive_qa:
+            unwrapped.config.sparsebert_doc_stride = config.doc_stride
+        unwrapped.save_pretrained(staging, safe_serialization=True)
+        tokenizer.model_max_length = config.max_seq_length  # what evaluate and predict truncate to by default
         tokenizer.save_pretrained(staging)
         publish_dir(staging, out)
         for name, obj in files.items():

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from sparsebert.errors import SparseBertError
 
 DEFAULT_LENGTH = 128  # tokens, when neither the options, the task nor the model say otherwise
+DOC_STRIDE = 128  # extractive QA: tokens shared by consecutive windows (BERT's SQuAD setting, at 384 tokens)
 
 
 @dataclass(frozen=True)
