@@ -150,17 +150,6 @@ def test_a_head_of_the_other_kind_is_a_one_line_error(qa_teacher, tiny_model_dir
     assert len(err.splitlines()) == 1 and "question-answering head" in err and "task sst2" in err
 
 
-def test_predict_refuses_question_answering_in_one_line(qa_teacher, tmp_path, capsys):
-    inputs = tmp_path / "in.jsonl"
-    inputs.write_text('{"text": "good film"}\n')
-    args = ["predict", "--model", qa_teacher, "--input", inputs, "--output", tmp_path / "p.jsonl"]
-    assert cli(*args, "--text-columns", "text") == 2
-    assert "question-answering head: predict labels sentences" in capsys.readouterr().err
-    assert cli(*args, "--task", "squad") == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "does not answer questions yet" in err
-
-
 def test_a_dev_file_without_answers_is_refused_before_any_training(squad_dir, tiny_model_dir, tmp_path, capsys):
     articles = squad_articles(1, 3, two_golds=False)
     articles["data"][0]["paragraphs"][0]["qas"][2]["answers"] = []

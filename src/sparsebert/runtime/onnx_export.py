@@ -43,6 +43,8 @@ class FirstOutput(nn.Module):
     ) -> torch.Tensor:
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        if getattr(out, "start_logits", None) is not None:  # a span head: (batch, tokens, 2), as qa_outputs gives
+            return torch.stack((out.start_logits, out.end_logits), dim=-1)
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
