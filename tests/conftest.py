@@ -3,6 +3,7 @@ made by the tests (no network, no shared data)."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -103,3 +104,52 @@ def outputs_of(model_dir: Path, texts: list[str]) -> torch.Tensor:
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     with torch.no_grad():
         return model(**tok(texts, return_tensors="pt", padding=True)).logits
+
+
+# Extractive QA (SQuAD v1.1): tiny articles from the tiny vocabulary, windows that overflow at 32 tokens.
+QA_WINDOWS = ["--max-seq-length", "32", "--doc-stride", "8"]
+QA_FAST = [*QA_WINDOWS, "--batch-size", "16", "--eval-batch-size", "8", "--log-every", "2", "--eval-every", "0",
+        "--mixed-precision", "no"]  # fmt: skip
+
+
+def squad_articles(n_contexts: int, seed: int, two_golds: bool) -> dict:
+    """SQuAD v1.1 JSON: contexts of 45 words from the tiny vocabulary, each holding its six POSITIVE words once;
+    question k of a context asks for the word after POSITIVE[k] ("what is <word>"; "what" is [UNK]), and the
+    answer is that word with its successor. Dev questions also accept the one word (the official dev set has
+    several answers per question)."""
+    rng = random.Random(seed)
+    paragraphs = []
+    for c in range(n_contexts):
+        words = [rng.choice(FILLER + NEGATIVE) for _ in range(45)]
+        places = rng.sample(range(0, 44, 2), len(POSITIVE))  # never the last word: every answer has two
+        for word, place in zip(POSITIVE, places, strict=True):
+            words[place] = word
+        context = " ".join(words)
+        qas = []
+        for k, (word, place) in enumerate(zip(POSITIVE, places, strict=True)):
+            start = len(" ".join(words[:place])) + (1 if place else 0)
+            text = f"{word} {words[place + 1]}"
+            answers = [{"text": text, "answer_start": start}]
+            if two_golds:
+                answers.append({"text": word, "answer_start": start})
+            qas.append({"id": f"s{seed}-c{c}-q{k}", "question": f"what is {word}", "answers": answers})
+        paragraphs.append({"context": context, "qas": qas})
+    return {"version": "1.1", "data": [{"title": "tiny", "paragraphs": paragraphs}]}
+
+
+@pytest.fixture(scope="session")
+def squad_dir(tmp_path_factory) -> Path:
+    """train-v1.1.json (48 questions) and dev-v1.1.json (24 questions) in a folder, as SQuAD is distributed."""
+    path = tmp_path_factory.mktemp("squad")
+    (path / "train-v1.1.json").write_text(json.dumps(squad_articles(8, 1, two_golds=False)))
+    (path / "dev-v1.1.json").write_text(json.dumps(squad_articles(4, 2, two_golds=True)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def qa_teacher(tiny_model_dir, squad_dir, tmp_path_factory) -> Path:
+    """A tiny span model trained at 32 tokens with windows sharing 8 (both saved with it), shared by the QA tests."""
+    out = tmp_path_factory.mktemp("qa-runs") / "teacher"
+    args = ["--model", tiny_model_dir, "--task", "squad", "--data-dir", squad_dir, "--output-dir", out]
+    assert cli("finetune", *args, "--max-steps", "12", "--lr", "3e-3", *QA_FAST) == 0
+    return out

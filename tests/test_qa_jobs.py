@@ -4,12 +4,13 @@ overflow (``--max-seq-length 32 --doc-stride 8``), and the QA parts of options, 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FILLER, NEGATIVE, POSITIVE, cli
+from conftest import QA_FAST as FAST
+from conftest import QA_WINDOWS as WINDOWS
+from conftest import cli, squad_articles
 from transformers import AutoConfig, BertConfig, BertForSequenceClassification
 
 from sparsebert.config import EvaluateConfig, FinetuneConfig, PruneConfig
@@ -21,52 +22,6 @@ from sparsebert.distill import (
     span_soft_cross_entropy,
 )
 from sparsebert.qa import read_squad, squad_metrics
-
-WINDOWS = ["--max-seq-length", "32", "--doc-stride", "8"]
-FAST = [*WINDOWS, "--batch-size", "16", "--eval-batch-size", "8", "--log-every", "2", "--eval-every", "0",
-        "--mixed-precision", "no"]  # fmt: skip
-
-
-def squad_articles(n_contexts: int, seed: int, two_golds: bool) -> dict:
-    """SQuAD v1.1 JSON: contexts of 45 words from the tiny vocabulary, each holding its six POSITIVE words once;
-    question k of a context asks for the word after POSITIVE[k] ("what is <word>"; "what" is [UNK]), and the
-    answer is that word with its successor. Dev questions also accept the one word (the official dev set has
-    several answers per question)."""
-    rng = random.Random(seed)
-    paragraphs = []
-    for c in range(n_contexts):
-        words = [rng.choice(FILLER + NEGATIVE) for _ in range(45)]
-        places = rng.sample(range(0, 44, 2), len(POSITIVE))  # never the last word: every answer has two
-        for word, place in zip(POSITIVE, places, strict=True):
-            words[place] = word
-        context = " ".join(words)
-        qas = []
-        for k, (word, place) in enumerate(zip(POSITIVE, places, strict=True)):
-            start = len(" ".join(words[:place])) + (1 if place else 0)
-            text = f"{word} {words[place + 1]}"
-            answers = [{"text": text, "answer_start": start}]
-            if two_golds:
-                answers.append({"text": word, "answer_start": start})
-            qas.append({"id": f"s{seed}-c{c}-q{k}", "question": f"what is {word}", "answers": answers})
-        paragraphs.append({"context": context, "qas": qas})
-    return {"version": "1.1", "data": [{"title": "tiny", "paragraphs": paragraphs}]}
-
-
-@pytest.fixture(scope="module")
-def squad_dir(tmp_path_factory) -> Path:
-    """train-v1.1.json (48 questions) and dev-v1.1.json (24 questions) in a folder, as SQuAD is distributed."""
-    path = tmp_path_factory.mktemp("squad")
-    (path / "train-v1.1.json").write_text(json.dumps(squad_articles(8, 1, two_golds=False)))
-    (path / "dev-v1.1.json").write_text(json.dumps(squad_articles(4, 2, two_golds=True)))
-    return path
-
-
-@pytest.fixture(scope="module")
-def qa_teacher(tiny_model_dir, squad_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("qa-runs") / "teacher"
-    args = ["--model", tiny_model_dir, "--task", "squad", "--data-dir", squad_dir, "--output-dir", out]
-    assert cli("finetune", *args, "--max-steps", "12", "--lr", "3e-3", *FAST) == 0
-    return out
 
 
 def dev_ids(squad_dir: Path) -> set[str]:

@@ -10,31 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import cli
-from test_qa_jobs import FAST, squad_articles
 from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
 
 from sparsebert.export import export_compressed, load
 from sparsebert.pruning import Pruner
 from sparsebert.qa import read_squad
 from sparsebert.runtime import SparseEncoder, sparsify
-
-
-@pytest.fixture(scope="module")
-def squad_dir(tmp_path_factory) -> Path:
-    """train-v1.1.json (48 questions) and dev-v1.1.json (24 questions, 45-word contexts: several windows each)."""
-    path = tmp_path_factory.mktemp("squad")
-    (path / "train-v1.1.json").write_text(json.dumps(squad_articles(8, 1, two_golds=False)))
-    (path / "dev-v1.1.json").write_text(json.dumps(squad_articles(4, 2, two_golds=True)))
-    return path
-
-
-@pytest.fixture(scope="module")
-def qa_teacher(tiny_model_dir, squad_dir, tmp_path_factory) -> Path:
-    """A tiny span model trained at 32 tokens with windows sharing 8 (both saved with it)."""
-    out = tmp_path_factory.mktemp("qa-runtime") / "teacher"
-    args = ["--model", tiny_model_dir, "--task", "squad", "--data-dir", squad_dir, "--output-dir", out]
-    assert cli("finetune", *args, "--max-steps", "12", "--lr", "3e-3", *FAST) == 0
-    return out
 
 
 @pytest.fixture(scope="module")
