@@ -55,10 +55,8 @@ class DataOptions:
     def __post_init__(self) -> None:
         """Check every value on construction: errors come before any model is loaded or file written."""
         at_least(self, ("eval_batch_size", "max_answer_length"), 1)
-        if self.doc_stride is not None:
-            at_least(self, ("doc_stride",), 0)
-        if self.max_seq_length is not None:
-            at_least(self, ("max_seq_length",), 2)
+        at_least(self, ("doc_stride",), 0)
+        at_least(self, ("max_seq_length",), 2)
         check_text_columns(self)
         check_choices(self)
 
@@ -108,10 +106,8 @@ class TrainConfig(DataOptions):
         super().__post_init__()
         at_least(self, ("batch_size", "log_every"), 1)
         at_least(self, ("save_every",), 0)
-        if self.max_steps is not None:
-            at_least(self, ("max_steps",), 1)
-        if self.eval_every is not None:
-            at_least(self, ("eval_every",), 0)
+        at_least(self, ("max_steps",), 1)
+        at_least(self, ("eval_every",), 0)
         positive(self, ("lr", "epochs"))
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise SparseBertError(f"--weight-decay must be >= 0, got {self.weight_decay}")
@@ -188,8 +184,7 @@ class PruneOptions:
         at_least(self, ("prune_updates",), 1)
         at_least(self, ("augment",), 0)
         positive(self, ("temperature",))
-        if self.head_lr is not None:
-            positive(self, ("head_lr",))
+        positive(self, ("head_lr",))
         LossWeights.parse(self.loss_weights)  # the one rule, checked before anything runs
 
 
@@ -238,8 +233,7 @@ class CompressConfig(PruneOptions, StudentSchedule, TrainConfig):
         super().__post_init__()
         self.validate_pruning()
         positive(self, ("teacher_epochs", "teacher_lr"))
-        if self.teacher_max_steps is not None:
-            at_least(self, ("teacher_max_steps",), 1)
+        at_least(self, ("teacher_max_steps",), 1)
 
 
 @dataclass

@@ -49,16 +49,18 @@ def check_text_columns(config: object) -> None:
 
 
 def at_least(config: object, names: tuple[str, ...], low: int) -> None:
+    """Each named option is at least ``low``; one left unset (None: "the default decides later") passes."""
     for name in names:
         value = getattr(config, name)
-        if value < low:
+        if value is not None and value < low:
             raise SparseBertError(f"{flag(name)} must be >= {low}, got {value}")
 
 
 def positive(config: object, names: tuple[str, ...]) -> None:
+    """Each named option is a finite number > 0; one left unset (None) passes."""
     for name in names:
         value = getattr(config, name)
-        if not (math.isfinite(value) and value > 0):
+        if value is not None and not (math.isfinite(value) and value > 0):
             raise SparseBertError(f"{flag(name)} must be a positive number, got {value}")
 
 

@@ -77,14 +77,10 @@ class PredictConfig:
     threads: int | None = opt(None, "CPU threads (default: PyTorch's)", group="predict")
 
     def __post_init__(self) -> None:
-        at_least(self, ("batch_size", "max_answer_length"), 1)
-        if self.doc_stride is not None:
-            at_least(self, ("doc_stride",), 0)
-        if self.max_seq_length is not None:
-            at_least(self, ("max_seq_length",), 2)
+        at_least(self, ("batch_size", "max_answer_length", "threads"), 1)
+        at_least(self, ("doc_stride",), 0)
+        at_least(self, ("max_seq_length",), 2)
         check_text_columns(self)
-        if self.threads is not None:
-            at_least(self, ("threads",), 1)
         check_choices(self)
 
 
