@@ -106,6 +106,16 @@ def _convert_layer(block: nn.Module, max_density: float | None, backend: str) ->
     )
 
 
+@dataclass
+class _Offsets:
+    """What every layer adds to its attention scores, as the path that runs takes it (``_scores_offsets``)."""
+
+    kernel: bool  # the compiled kernel runs
+    scores: torch.Tensor | None  # kernel: (batch, keys) mask rows; torch: (batch, q or 1, keys) or per head
+    bias_km: torch.Tensor | None  # kernel: MPNet's (heads, keys, queries) table
+    per_head: bool  # torch: scores are (batch, heads, queries, keys), the mask with MPNet's bias added
+
+
 class RelativeBias:
     """MPNet's relative-position bias, (heads, seq, seq) in float32, computed once per sequence length from
     the encoder's bucket embedding and bucketing rule (the HF encoder's own ``relative_position_bucket``)."""
@@ -190,10 +200,21 @@ class SparseEncoder(nn.Module):
             self._local.ws = ws
         return ws
 
+    def _scores_offsets(self, mask: torch.Tensor | None, seq: int) -> _Offsets:
+        """What every layer adds to its attention scores (the mask, MPNet's relative bias), prepared once per
+        call in the form the path that will run takes: the kernel's mask rows and key-major table, or for
+        torch's path the mask, with the bias added once per call rather than once per layer."""
+        table = None if self.relative_bias is None else self.relative_bias(seq)  # the same in every layer
+        if attention_available() and (mask is None or mask.shape[1] == 1):
+            rows = None if mask is None else mask[:, 0].contiguous()
+            return _Offsets(True, rows, None if table is None else table[1], False)
+        if table is None:
+            return _Offsets(False, mask, None, False)
+        return _Offsets(False, table[0][None] if mask is None else table[0][None] + mask[:, None], None, True)
+
     def _attention(
-        self, qkv: torch.Tensor, batch: int, seq: int, mask: torch.Tensor | None, ctx: torch.Tensor,
-        bias: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+        self, qkv: torch.Tensor, batch: int, seq: int, offsets: _Offsets, ctx: torch.Tensor
+    ) -> torch.Tensor:
         """Scaled dot-product attention on the feature-major Q/K/V, written into ``ctx`` (hidden, tokens).
 
         The compiled kernel (``kernels.attention_fm``) where it runs: AVX-512, and a mask of one row per
@@ -203,18 +224,16 @@ class SparseEncoder(nn.Module):
         ops than in GEMMs. Several: per head, Q^T's slice (dim, batch, seq) permuted to (batch, seq, dim) has
         one batch stride and a unit stride, which batched GEMM takes as a transposed operand; this was ~2x
         faster than ``scaled_dot_product_attention`` on permuted or copied tensors at batch 32 (BENCHMARKS.md,
-        "Kernel choice"), and than batching the heads, which needs copies there (section 7). ``bias``: MPNet's
-        relative-position table (``RelativeBias``), added to every sequence's scores on either path.
+        "Kernel choice"), and than batching the heads, which needs copies there (section 7). ``offsets``: the
+        mask and MPNet's relative-position bias as the path takes them (``_scores_offsets``).
         """
         h, d, nh = self.hidden, self.head_dim, self.num_heads
         scale = 1.0 / math.sqrt(d)
-        if attention_available() and (mask is None or mask.shape[1] == 1):
-            rows = None if mask is None else mask[:, 0].contiguous()
-            return attention_fm(qkv, batch, nh, rows, scale, ctx, None if bias is None else bias[1])
-        offsets = mask if bias is None else bias[0][None] if mask is None else bias[0][None] + mask[:, None]
+        if offsets.kernel:
+            return attention_fm(qkv, batch, nh, offsets.scores, scale, ctx, offsets.bias_km)
         if batch == 1:
             q, k, v = qkv[:h].view(nh, d, seq).transpose(1, 2), qkv[h : 2 * h].view(nh, d, seq), qkv[2 * h :]
-            probs = self._softmax(q, k, offsets if bias is None else offsets[0], scale)
+            probs = self._softmax(q, k, offsets.scores[0] if offsets.per_head else offsets.scores, scale)
             torch.bmm(v.view(nh, d, seq), probs.transpose(1, 2), out=ctx.view(nh, d, seq))
             return ctx
         for i in range(nh):
@@ -222,7 +241,7 @@ class SparseEncoder(nn.Module):
             q = qkv[rows].view(d, batch, seq).permute(1, 2, 0)  # (batch, seq, dim)
             k = qkv[h:][rows].view(d, batch, seq).permute(1, 0, 2)  # (batch, dim, seq)
             v = qkv[2 * h :][rows].view(d, batch, seq).permute(1, 0, 2)  # (batch, dim, seq)
-            offset = offsets if bias is None else offsets[:, i]
+            offset = offsets.scores[:, i] if offsets.per_head else offsets.scores
             out = torch.bmm(v, self._softmax(q, k, offset, scale).transpose(1, 2))  # (batch, dim, seq) = V^T P^T
             ctx[rows].view(d, batch, seq).copy_(out.permute(1, 0, 2))
         return ctx
@@ -240,10 +259,9 @@ class SparseEncoder(nn.Module):
         ws = self._workspace(batch * seq)
         x = ws["x"]
         x.copy_(hidden_states.detach().reshape(batch * seq, hidden).t())
-        mask = self._additive_mask(attention_mask, batch)
-        bias = None if self.relative_bias is None else self.relative_bias(seq)  # MPNet: the same in every layer
+        offsets = self._scores_offsets(self._additive_mask(attention_mask, batch), seq)
         for layer in self.layers:
-            ctx = self._attention(layer.qkv(x, out=ws["qkv"]), batch, seq, mask, ws["ctx"], bias)
+            ctx = self._attention(layer.qkv(x, out=ws["qkv"]), batch, seq, offsets, ws["ctx"])
             a = layer.ln_attn(layer.out(ctx, residual=x, out=ws["a"]))
             u = layer.act(layer.up(a, out=ws["u"]))
             x = layer.ln_out(layer.down(u, residual=a, out=x))
