@@ -67,3 +67,28 @@ def test_a_smaller_pretrained_student_is_used_as_is_when_it_fits_the_budget():
     assert nonzero_linear_weights(cut) == pytest.approx(0.1 * encoder_linear_weights(model.config), rel=0.3)
     own = fit_dense_student(model, model.config, 0.5)
     assert own.config.num_hidden_layers == 3  # the model itself is cut down as before
+
+
+def test_an_mpnet_dense_student_slices_the_relative_bias_and_distils():
+    """mpnet-base (BERT-base's shapes) is the 12-layer model the paper's sparse-vs-dense claim is measured on:
+    its dense student keeps the first heads of the relative-position table and trains against the teacher."""
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    from sparsebert.distill import DistillationLoss, LossWeights, attention_comparable, distillation_step
+
+    torch.manual_seed(0)
+    config = MPNetConfig(vocab_size=60, hidden_size=48, num_hidden_layers=4, num_attention_heads=6,
+                         intermediate_size=96, num_labels=2)  # fmt: skip
+    teacher = MPNetForSequenceClassification(config).eval()
+    student = make_dense_student(teacher, 0.95)
+    layers, hidden, heads, _ = dense_shape(config, 0.95)
+    assert (student.config.num_hidden_layers, student.config.hidden_size) == (layers, hidden) and hidden < 48
+    table = student.mpnet.encoder.relative_attention_bias.weight
+    assert torch.equal(table, teacher.mpnet.encoder.relative_attention_bias.weight[:, :heads])
+    assert not attention_comparable(student.config, teacher.config)  # fewer heads: no attention term
+    loss_fn = DistillationLoss(student.config, teacher.config, LossWeights(attention=0.0))
+    step = distillation_step(teacher, student, loss_fn)
+    ids = torch.randint(0, 60, (2, 10), generator=torch.Generator().manual_seed(1))
+    loss, _ = step(student, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])})
+    loss.backward()
+    assert torch.isfinite(loss) and student.mpnet.encoder.layer[0].intermediate.dense.weight.grad.abs().sum() > 0

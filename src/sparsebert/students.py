@@ -56,9 +56,9 @@ def fit_dense_student(student: nn.Module, reference_config, sparsity: float) -> 
 def make_dense_student(model: nn.Module, sparsity: float) -> nn.Module:
     """A layer-dropped, narrowed copy of ``model`` (its pre-trained weights, sliced)."""
     config = model.config
-    if getattr(config, "model_type", None) not in ("bert", "roberta", "electra"):
+    if getattr(config, "model_type", None) not in ("bert", "roberta", "electra", "mpnet"):
         raise SparseBertError(
-            f"dense students are built for BERT, RoBERTa and ELECTRA configs, not {config.model_type}"
+            f"dense students are built for BERT, RoBERTa, ELECTRA and MPNet configs, not {config.model_type}"
         )
     layers, hidden, heads, intermediate = dense_shape(config, sparsity)
     new_config = copy.deepcopy(config)
