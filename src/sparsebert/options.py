@@ -229,4 +229,3 @@ def require(config: object, *names: str) -> None:
     missing = [n for n in names if getattr(config, n) in (None, "")]
     if missing:
         raise SparseBertError("missing required option(s): " + ", ".join("--" + m.replace("_", "-") for m in missing))
-

@@ -212,9 +212,7 @@ class SparseEncoder(nn.Module):
             return _Offsets(False, mask, None, False)
         return _Offsets(False, table[0][None] if mask is None else table[0][None] + mask[:, None], None, True)
 
-    def _attention(
-        self, qkv: torch.Tensor, batch: int, seq: int, offsets: _Offsets, ctx: torch.Tensor
-    ) -> torch.Tensor:
+    def _attention(self, qkv: torch.Tensor, batch: int, seq: int, offsets: _Offsets, ctx: torch.Tensor) -> torch.Tensor:
         """Scaled dot-product attention on the feature-major Q/K/V, written into ``ctx`` (hidden, tokens).
 
         The compiled kernel (``kernels.attention_fm``) where it runs: AVX-512, and a mask of one row per
