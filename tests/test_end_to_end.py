@@ -623,7 +623,7 @@ def test_every_job_returns_a_run_result(teacher, sst_dir, tmp_path):
     from sparsebert import api
     from sparsebert.config import EvaluateConfig
 
-    config = EvaluateConfig(model=teacher, task="sst2", data_dir=str(sst_dir), output=str(tmp_path / "m.json"))
+    config = EvaluateConfig.of(model=teacher, task="sst2", data_dir=str(sst_dir), output=str(tmp_path / "m.json"))
     result = api.evaluate(config)
     assert isinstance(result, api.RunResult) and result.output_dir == tmp_path / "m.json"
     assert result.details == json.loads((tmp_path / "m.json").read_text())

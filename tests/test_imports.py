@@ -3,8 +3,9 @@
 The graph is read from the source with ``ast`` (nothing is imported), so it sees every ``import`` and
 ``from ... import`` of ``sparsebert`` wherever it is written: at module level, inside functions (a lazy
 import still ties the two modules together, and a cycle through it only waits for the right call
-order to fail), under ``if``/``try``. ``from sparsebert.x import y`` is an edge to ``sparsebert.x.y`` when
-``y`` is a submodule, else to ``sparsebert.x``. Parent packages are not edges: Python initialises
+order to fail), under ``if``/``try`` — but not under ``if TYPE_CHECKING:``, which never runs (an
+annotation's name only). ``from sparsebert.x import y`` is an edge to ``sparsebert.x.y`` when ``y`` is a
+submodule, else to ``sparsebert.x``. Parent packages are not edges: Python initialises
 them before their submodules, whatever the order, so they close no cycle that can fail — and as
 edges they would put every module on one cycle. This checks what each module imports itself; what a
 process really loads, parent packages included (``sparsebert/__init__`` runs before any submodule, and
@@ -63,7 +64,11 @@ def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     outside: dict[str, set[str]] = {name: set() for name in files}
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        typing_only = {id(n) for block in ast.walk(tree) if _type_checking(block) for n in ast.walk(block)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -82,6 +87,11 @@ def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     for name in edges:
         edges[name].discard(name)
     return edges, outside
+
+
+def _type_checking(node: ast.AST) -> bool:
+    """An ``if TYPE_CHECKING:`` block (its imports serve annotations only)."""
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
 
 
 def import_groups(edges: dict[str, set[str]]) -> list[set[str]]:
@@ -163,7 +173,8 @@ def test_the_graph_sees_module_and_function_level_imports():
     assert "sparsebert.runtime.ops" in edges["sparsebert.runtime.engine"]  # module level
     assert "sparsebert.export" in edges["sparsebert.runtime.onnx_export"]  # inside export_onnx
     assert "sparsebert.config" in edges["sparsebert.cli"]  # `from sparsebert import config`: the submodule
-    assert "sparsebert.api" in edges["sparsebert"] and "accelerate" in outside["sparsebert.train"]
+    assert "accelerate" in outside["sparsebert.train"]
+    assert "sparsebert.config" not in edges["sparsebert.data"]  # under `if TYPE_CHECKING:`: annotations only
 
 
 def test_the_package_has_no_import_cycle():

@@ -83,8 +83,8 @@ def test_two_processes_answer_as_one(qa_teacher, squad_dir, tmp_path):
 def test_squad_files_can_be_given_one_by_one(qa_teacher, squad_dir, tmp_path):
     from sparsebert import api
 
-    config = EvaluateConfig(model=str(qa_teacher), task="squad", dev_file=str(squad_dir / "dev-v1.1.json"),
-                            doc_stride=8, max_eval_examples=6)  # fmt: skip
+    config = EvaluateConfig.of(model=str(qa_teacher), task="squad", dev_file=str(squad_dir / "dev-v1.1.json"),
+                               doc_stride=8, max_eval_examples=6)  # fmt: skip
     result = api.evaluate(config)
     assert result.output_dir is None and result.details["num_examples"] == 6
     assert len(result.details["predictions"]) == 6
@@ -132,11 +132,11 @@ def test_squad_from_the_hub_layout_becomes_examples(monkeypatch):
 
 
 def test_max_seq_length_is_the_task_s_unless_given():
-    assert FinetuneConfig(task="squad").max_seq_length == 384
-    assert PruneConfig(task="sst2").max_seq_length == 128
-    assert FinetuneConfig(task="squad", max_seq_length=256).max_seq_length == 256
-    assert FinetuneConfig().max_seq_length is None  # resolved when the data is loaded
-    assert EvaluateConfig(task="squad").max_seq_length is None  # the length the model was trained at
+    assert FinetuneConfig.of(task="squad").data.max_seq_length == 384
+    assert PruneConfig.of(task="sst2").data.max_seq_length == 128
+    assert FinetuneConfig.of(task="squad", max_seq_length=256).data.max_seq_length == 256
+    assert FinetuneConfig().data.max_seq_length is None  # resolved when the data is loaded
+    assert EvaluateConfig.of(task="squad").data.max_seq_length is None  # the length the model was trained at
 
 
 def test_span_distillation_is_the_mean_soft_cross_entropy_of_starts_and_ends():

@@ -352,9 +352,9 @@ def test_a_finished_stage_is_reused_only_with_its_own_options(teacher_dir):
     from sparsebert.config import FinetuneConfig
 
     saved = yaml.safe_load((teacher_dir / "config.yaml").read_text())
-    same = FinetuneConfig(**saved)
+    same = FinetuneConfig.of(**saved)
     assert api.run_stage(same, lambda config: pytest.fail("a finished stage ran again")) is False
-    changed = dataclasses.replace(same, lr=2 * same.lr)
+    changed = dataclasses.replace(same, training=dataclasses.replace(same.training, lr=2 * same.training.lr))
     with pytest.raises(SparseBertError, match=r"holds a finished run with other options .*--lr"):
         api.run_stage(changed, lambda config: pytest.fail("ran"))
 

@@ -1,9 +1,12 @@
 """The Python API: one function per job. The CLI is a thin layer over these.
 
     from sparsebert import FinetuneConfig, PruneConfig, finetune, prune
-    finetune(FinetuneConfig(model="minilm-l6", task="mrpc", data_dir="glue/MRPC", output_dir="runs/teacher"))
-    prune(PruneConfig(teacher="runs/teacher", student="minilm-l6", task="mrpc", data_dir="glue/MRPC",
-                      sparsity=0.9, output_dir="runs/sparse"))
+    finetune(FinetuneConfig.of(model="minilm-l6", task="mrpc", data_dir="glue/MRPC", output_dir="runs/teacher"))
+    prune(PruneConfig.of(teacher="runs/teacher", student="minilm-l6", task="mrpc", data_dir="glue/MRPC",
+                         sparsity=0.9, output_dir="runs/sparse"))
+
+A configuration is composed of option groups (``config.data.task``, ``config.training.lr``,
+``config.pruning.sparsity``: ``sparsebert.config``); ``.of`` takes the flat names the flags use.
 
 A run writes to its output folder: the model and tokenizer in HF format, ``metrics.json``,
 ``config.yaml`` (the resolved configuration), ``log.jsonl``; ``prune`` adds ``sparsity.json``.
@@ -14,9 +17,8 @@ student starts, how it is pruned), ``distill`` (the step), ``train`` + ``hooks``
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +26,7 @@ from torch import nn
 
 from sparsebert import data as task_data
 from sparsebert.augment import WordNeighbours, augment
-from sparsebert.config import CompressConfig, EvaluateConfig, FinetuneConfig, PruneConfig, TrainConfig
+from sparsebert.config import CompressConfig, DataOptions, EvaluateConfig, FinetuneConfig, PruneConfig
 from sparsebert.distill import prepare_distillation, regression_scale
 from sparsebert.errors import SparseBertError
 from sparsebert.hardware import resolve_mixed_precision
@@ -62,25 +64,26 @@ def classification_step(model: nn.Module, batch: dict) -> tuple[torch.Tensor, di
     return model(**batch).loss, {}
 
 
-def check_length(config: TrainConfig, model: nn.Module) -> None:
+def check_length(data: DataOptions, model: nn.Module) -> None:
     positions = getattr(model.config, "max_position_embeddings", None)
-    if positions and config.max_seq_length > positions:
-        raise SparseBertError(f"--max-seq-length {config.max_seq_length} is over the model's {positions} positions")
+    if positions and data.max_seq_length > positions:
+        raise SparseBertError(f"--max-seq-length {data.max_seq_length} is over the model's {positions} positions")
 
 
 def finetune(config: FinetuneConfig) -> RunResult:
-    """Fine-tune ``config.model`` on the task's labels (the teacher, or a baseline)."""
+    """Fine-tune ``config.model.model`` on the task's labels (the teacher, or a baseline)."""
     require(config, "model", "task", "output_dir")
     check_paths(config)
     started = time.perf_counter()
     accelerator = make_accelerator(config)
-    data = task_data.load_data(config)
-    tokenizer = load_tokenizer(config.model)
-    model = load_model(config.model, data.task)
-    check_length(config, model)
+    data = task_data.load_data(config.data, config.training)
+    tokenizer = load_tokenizer(config.model.model)
+    model = load_model(config.model.model, data.task)
+    check_length(config.data, model)
     with claimed(config, accelerator) as (out, log):
         log.write({"event": "config", "source": data.source, "train_examples": len(data.train)})
-        train, dev = task_data.train_loader(data, tokenizer, config), task_data.eval_loaders(data, tokenizer, config)
+        train = task_data.train_loader(data, tokenizer, config.data, config.training)
+        dev = task_data.eval_loaders(data, tokenizer, config.data)
         job = TrainJob(model, classification_step, train, dev)
         loop = Loop(accelerator, config, job, out, log, standard_hooks())
         metrics = loop.run()
@@ -90,37 +93,40 @@ def finetune(config: FinetuneConfig) -> RunResult:
 
 
 def prune(config: PruneConfig) -> RunResult:
-    """Prune the student to ``config.sparsity`` (by ``config.strategy``, SparseBERT by default)."""
+    """Prune the student to ``config.pruning.sparsity`` (by its ``strategy``, SparseBERT by default)."""
     require(config, "teacher", "task", "output_dir")
-    strategy = TABLE[config.strategy]
+    pruning, models = config.pruning, config.models
+    strategy = TABLE[pruning.strategy]
     if strategy.student_from != "teacher":
         require(config, "student")
     check_paths(config)
     started = time.perf_counter()
     accelerator = make_accelerator(config)
-    data = task_data.load_data(config)
-    if config.augment and data.task.extractive_qa:  # before any model is loaded
+    data = task_data.load_data(config.data, config.training)
+    if pruning.augment and data.task.extractive_qa:  # before any model is loaded
         raise SparseBertError(f"--augment rewrites sentences and their labels; task {data.task.name} has spans")
-    tokenizer = load_tokenizer(config.teacher)
-    teacher = load_model(config.teacher, data.task) if strategy.distills else None  # the others learn from labels
-    student = initial_student(config, teacher, tokenizer, data.task)
-    check_length(config, student)
-    if config.augment:
+    tokenizer = load_tokenizer(models.teacher)
+    teacher = load_model(models.teacher, data.task) if strategy.distills else None  # the others learn from labels
+    student = initial_student(models, pruning, teacher, tokenizer, data.task)
+    check_length(config.data, student)
+    if pruning.augment:
         embeddings = (teacher if teacher is not None else student).get_input_embeddings().weight
-        data.train = augment(data.train, WordNeighbours(tokenizer, embeddings), config.augment, seed=config.seed)
+        neighbours = WordNeighbours(tokenizer, embeddings)
+        data.train = augment(data.train, neighbours, pruning.augment, seed=config.training.seed)
     with claimed(config, accelerator) as (out, log):
         log.write({"event": "config", "source": data.source, "train_examples": len(data.train),
-                   "strategy": config.strategy})  # fmt: skip
+                   "strategy": pruning.strategy})  # fmt: skip
         step_fn, extra = classification_step, []
         if strategy.distills:
-            scale = regression_scale(data, config.regression_scale)
-            step_fn, extra, note = prepare_distillation(config, teacher, student, accelerator, scale)
+            scale = regression_scale(data, pruning.regression_scale)
+            step_fn, extra, note = prepare_distillation(pruning, teacher, student, accelerator, scale)
             if note:
                 log.write({"event": "note", "message": note})
-        head_lr = config.head_lr if config.head_lr and config.head_lr != config.lr else None
-        train, dev = task_data.train_loader(data, tokenizer, config), task_data.eval_loaders(data, tokenizer, config)
+        head_lr = pruning.head_lr if pruning.head_lr and pruning.head_lr != config.training.lr else None
+        train = task_data.train_loader(data, tokenizer, config.data, config.training)
+        dev = task_data.eval_loaders(data, tokenizer, config.data)
         job = TrainJob(student, step_fn, train, dev, extra, head_lr)
-        hooks = standard_hooks(pruner_factory(config), config.prune_end if config.average_weights else None)
+        hooks = standard_hooks(pruner_factory(pruning), pruning.prune_end if pruning.average_weights else None)
         loop = Loop(accelerator, config, job, out, log, hooks)
         metrics = loop.run()
         report = sparsity_report(accelerator.unwrap_model(loop.model))
@@ -136,33 +142,33 @@ def evaluate(config: EvaluateConfig) -> RunResult:
     prediction format), and returns them in ``details["predictions"]``.
     """
     require(config, "model", "task")
-    if config.output:
-        check_output_file(config.output, [config.model, config.data_dir, config.dev_file])
+    name, output = config.model.model, config.evaluation.output
+    if output:
+        check_output_file(output, [name, config.data.data_dir, config.data.dev_file])
     started = time.perf_counter()
-    accelerator = new_accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision))
-    data = task_data.load_data(config, need_train=False)
-    if config.output and data.task.extractive_qa:
-        check_output_file(predictions_path(config.output, "predictions.json"), [config.model, config.dev_file])
-    tokenizer = load_tokenizer(config.model)
-    model = load_model(config.model, data.task)
-    length = inference_length(config.max_seq_length, tokenizer, model, data.task.max_length)
-    stride = inference_stride(config.doc_stride, model, length)
-    config = dataclasses.replace(config, max_seq_length=length, doc_stride=stride)
-    splits = task_data.eval_loaders(data, tokenizer, config)
+    accelerator = new_accelerator(mixed_precision=resolve_mixed_precision(config.evaluation.mixed_precision))
+    data = task_data.load_data(config.data)
+    if output and data.task.extractive_qa:
+        check_output_file(predictions_path(output, "predictions.json"), [name, config.data.dev_file])
+    tokenizer = load_tokenizer(name)
+    model = load_model(name, data.task)
+    length = inference_length(config.data.max_seq_length, tokenizer, model, data.task.max_length)
+    stride = inference_stride(config.data.doc_stride, model, length)
+    splits = task_data.eval_loaders(data, tokenizer, replace(config.data, max_seq_length=length, doc_stride=stride))
     model = fast_attention(model, accelerator.mixed_precision, accelerator.device)
     prepared = accelerator.prepare(model, *(s.loader for s in splits.values()))
     metrics = evaluate_loaders(prepared[0], prepared_splits(splits, prepared[1:]), accelerator)
     record = metrics_record(data, metrics)
     predictions = prediction_files(splits)
-    if config.output and accelerator.is_main_process:
-        for name, obj in predictions.items():  # before the metrics, as in a run folder
-            atomic_write_json(predictions_path(config.output, name), obj)
-        atomic_write_json(config.output, record)
+    if output and accelerator.is_main_process:
+        for file, obj in predictions.items():  # before the metrics, as in a run folder
+            atomic_write_json(predictions_path(output, file), obj)
+        atomic_write_json(output, record)
     details = dict(record)
     if "predictions.json" in predictions:
         details["predictions"] = predictions["predictions.json"]
-    output = Path(config.output) if config.output else None
-    return RunResult(output, metrics, time.perf_counter() - started, details=details)
+    written = Path(output) if output else None
+    return RunResult(written, metrics, time.perf_counter() - started, details=details)
 
 
 def predictions_path(output: str | Path, name: str) -> Path:

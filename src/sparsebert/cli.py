@@ -62,11 +62,12 @@ def run(argv: list[str] | None = None) -> int:
     if args.command in ("fetch-defaults", "fetch-model"):
         return _fetch(args)
     from sparsebert.io import check_not_an_input
-    from sparsebert.options import config_from_args
+    from sparsebert.options import config_from_args, flat_options
 
     config = config_from_args(config_class(args.command), args)
-    if getattr(config, "output_dir", None):  # the recipe is an input too: never inside the folder a run may empty
-        check_not_an_input(config.output_dir, [args.config])
+    output_dir = flat_options(config).get("output_dir")
+    if output_dir:  # the recipe is an input too: never inside the folder a run may empty
+        check_not_an_input(output_dir, [args.config])
     return JOBS[args.command](config)
 
 
@@ -101,7 +102,7 @@ def _train_job(config) -> int:
     from sparsebert import api
     from sparsebert.io import read_json
 
-    result = (api.prune if hasattr(config, "teacher") else api.finetune)(config)
+    result = (api.prune if hasattr(config, "pruning") else api.finetune)(config)
     print(format_metrics(read_json(result.output_dir / "metrics.json")))
     if result.sparsity is not None:
         print(f"sparsity of the pruned layers: {100 * result.sparsity['overall']:.2f}%")
@@ -142,7 +143,7 @@ def _compare(config) -> int:
     for r in results["runs"]:
         metrics = "  ".join(f"{k} {_percent(v)}" for k, v in r["metrics"].items())
         print(f"{r['strategy']:<22} {100 * r['sparsity']:5.1f}%  nonzero {r['nonzero_params']:>10,}  {metrics}")
-    print(f"results in {config.output_dir}/results.json, results.csv, metric_vs_sparsity.png, train_loss.png")
+    print(f"results in {config.run.output_dir}/results.json, results.csv, metric_vs_sparsity.png, train_loss.png")
     return 0
 
 

@@ -10,6 +10,7 @@ logged alongside their loss).
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import time
@@ -40,8 +41,8 @@ REDO = "delete that run's folder and continue with --resume (it runs again), or 
 
 def collect(out: Path, config: CompareConfig) -> dict:
     runs = []
-    for strategy in config.strategies:
-        for sparsity in config.sparsities:
+    for strategy in config.compare.strategies:
+        for sparsity in config.compare.sparsities:
             run_dir = out / f"{strategy}-{sparsity:g}"
             if not (run_dir / "metrics.json").exists():
                 continue
@@ -56,7 +57,7 @@ def collect(out: Path, config: CompareConfig) -> dict:
                 }
             )
     teacher = read_json(out / "teacher" / "metrics.json", ("metrics",), REDO)["metrics"]
-    return {"task": get_task(config.task).name, "teacher": teacher, "runs": runs}
+    return {"task": get_task(config.data.task).name, "teacher": teacher, "runs": runs}
 
 
 def write_csv(path: Path, results: dict) -> None:
@@ -114,13 +115,15 @@ def compare(config: CompareConfig) -> RunResult:
     """Run (or, with ``--resume``, continue) the sweep and write its results and plots (in ``details``)."""
     started = time.perf_counter()
     with teacher_first(config, finetune) as (out, template):
-        for strategy in config.strategies:
-            for sparsity in config.sparsities:
+        for strategy in config.compare.strategies:
+            for sparsity in config.compare.sparsities:
+                dense_student = TABLE[strategy].student_from == "pretrained-cut" and config.compare.dense_student
                 run_cfg = dataclasses.replace(
-                    template, strategy=strategy, sparsity=sparsity, output_dir=str(out / f"{strategy}-{sparsity:g}")
+                    copy.deepcopy(template),
+                    pruning=dataclasses.replace(template.pruning, strategy=strategy, sparsity=sparsity),
+                    run=dataclasses.replace(template.run, output_dir=str(out / f"{strategy}-{sparsity:g}")),
+                    models=dataclasses.replace(template.models, student=dense_student or template.models.student),
                 )
-                if TABLE[strategy].student_from == "pretrained-cut" and config.dense_student:
-                    run_cfg.student = config.dense_student
                 run_stage(run_cfg, prune)
         results = collect(out, config)
         if PartialState().is_main_process:

@@ -1,6 +1,15 @@
 """The training jobs' options (finetune, prune, compress, compare, evaluate), each declared once with ``opt``
-(``sparsebert.options``: dataclass defaults < YAML recipe < flags). Choices come from the modules that own
-them (strategies, pruning, the trackers here). The resolved configuration is saved beside every result
+(``sparsebert.options``: dataclass defaults < YAML recipe < flags) in one group, and each job's
+configuration composed of groups, as ``run_glue.py`` composes its model / data / training arguments:
+
+    finetune  model  data  training               run
+    prune     models data  training(student) pruning run
+    compress  model  data  training(student) pruning run  teacher
+    compare   ... compress's ...  compare
+    evaluate  model  data  evaluation
+
+Code reads ``config.training.lr``; flags, recipes and ``config.yaml`` say ``lr``. Choices come from the
+modules that own them (strategies, pruning, tasks). The resolved configuration is saved beside every result
 (``config.yaml``), so a run can be repeated.
 """
 
@@ -8,11 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from sparsebert import strategies
 from sparsebert.distill import LossWeights
 from sparsebert.errors import SparseBertError
-from sparsebert.options import at_least, check_choices, check_text_columns, opt, positive
+from sparsebert.options import at_least, build_config, check_choices, check_text_columns, group, opt, positive
 from sparsebert.pruning import PRUNE_BLOCKS, PRUNE_CRITERIA
 from sparsebert.tasks import DEFAULT_LENGTH, DOC_STRIDE, task_length
 
@@ -24,7 +34,8 @@ REPORT_TO = ("none", "tensorboard", "wandb")  # accelerate's trackers that write
 
 @dataclass
 class DataOptions:
-    """The task and its data (one source), as every command that reads a task takes them."""
+    """The task and its dev data (one source), as every command that reads a task takes them; what a
+    training job trains on is in its training group."""
 
     task: str | None = opt(
         None,
@@ -44,8 +55,9 @@ class DataOptions:
     eval_batch_size: int = opt(64, "dev batch size", group="data")
     # None until a task is named: the task's own length (squad's windows are 384 tokens, the rest 128).
     max_seq_length: int | None = opt(
-        None, f"truncate inputs to N tokens (default: the task's, 384 for squad, else {DEFAULT_LENGTH})", group="data"
-    )
+        None, f"truncate inputs to N tokens (default: training, the task's: 384 for squad, else {DEFAULT_LENGTH}; "
+        "evaluate: the length the model was trained at, else the task's)", group="data",
+    )  # fmt: skip
     doc_stride: int | None = opt(
         None, f"squad: tokens shared by consecutive windows of a context longer than --max-seq-length (default: "
         f"{DOC_STRIDE}; evaluate: the model's)", group="question answering",
@@ -62,10 +74,10 @@ class DataOptions:
 
 
 @dataclass
-class TrainConfig(DataOptions):
-    """Options shared by every training command: the task, its data, the optimisation."""
+class TrainingOptions:
+    """What a training job trains on and how it optimises (the fine-tuning defaults; ``prune`` starts from
+    ``STUDENT_TRAINING``)."""
 
-    output_dir: str | None = opt(None, "where the model, metrics.json, config.yaml and log.jsonl go", group="run")
     train_file: str | None = opt(None, "your own CSV/TSV/JSONL training file", group="data")
     max_train_examples: int | None = opt(None, "a fixed random sample of N training examples", group="data")
     epochs: float = opt(3.0, "training epochs (fractions allowed)")
@@ -88,27 +100,13 @@ class TrainConfig(DataOptions):
         choices=PRECISIONS,
     )
     group_by_length: bool = opt(True, "training batches of similar length (less padding), HF Trainer's convention")
-    overwrite: bool = opt(False, "replace a non-empty output folder that sparsebert wrote", group="run")
-    resume: bool = opt(False, "continue from the last checkpoint", group="run")
-    report_to: str = opt(
-        "none", "also send the log's series to accelerate's trackers (tensorboard: pip install tensorboardX)",
-        choices=REPORT_TO, group="run",
-    )  # fmt: skip
 
     def __post_init__(self) -> None:
-        # Resolved here, on construction, so that config.yaml records the length that ran and a resumed run or
-        # a finished compress stage compares like with like; a job whose task is set later resolves it when
-        # it loads the data (``data.load_data``).
-        if self.max_seq_length is None:
-            self.max_seq_length = task_length(self.task)
-        if self.doc_stride is None:
-            self.doc_stride = DOC_STRIDE
-        super().__post_init__()
         at_least(self, ("batch_size", "log_every"), 1)
-        at_least(self, ("save_every",), 0)
-        at_least(self, ("max_steps",), 1)
-        at_least(self, ("eval_every",), 0)
+        at_least(self, ("save_every", "eval_every"), 0)
+        at_least(self, ("max_steps", "max_train_examples"), 1)
         positive(self, ("lr", "epochs"))
+        check_choices(self)
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise SparseBertError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.warmup_ratio < 1:
@@ -117,15 +115,71 @@ class TrainConfig(DataOptions):
             raise SparseBertError(f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
 
 
+def student_training() -> TrainingOptions:
+    """The student's schedule, where pruning differs from fine-tuning.
+
+    The paper holds 3e-5 constant over ~27,000 steps. Over the few thousand steps a user can afford, the
+    masks move for 90% of the run and the larger steps taken while they move are what bring the student
+    back: a 3e-4 peak, decayed linearly after a 2% warm-up, kept MiniLM-L6 at 90% 2.2-3.7 points (MRPC)
+    and 0.016-0.027 Pearson (movie-rating) closer to its teacher than a 1e-4 peak, on each of three paired
+    seeds, and 0.8-1.4 points on movie-sentiment's two (BENCHMARKS.md, "A higher learning rate", "The new
+    defaults").
+    """
+    return TrainingOptions(lr=3e-4, warmup_ratio=0.02)
+
+
+STUDENT_TRAINING = "the student's schedule (student_training: a 3e-4 peak after a 2% warm-up)"
+
+
 @dataclass
-class FinetuneConfig(TrainConfig):
-    """``sparsebert finetune``: train the teacher on labels."""
+class RunOptions:
+    """Where a training job writes, and what it does with a folder that is already there."""
 
-    model: str | None = opt(None, "pre-trained model: minilm-l6, a local folder, or a hub id", group="model")
+    output_dir: str | None = opt(None, "where the model, metrics.json, config.yaml and log.jsonl go", group="run")
+    overwrite: bool = opt(False, "replace a non-empty output folder that sparsebert wrote", group="run")
+    resume: bool = opt(False, "continue from the last checkpoint", group="run")
+    report_to: str = opt(
+        "none", "also send the log's series to accelerate's trackers (tensorboard: pip install tensorboardX)",
+        choices=REPORT_TO, group="run",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 @dataclass
-class PruneOptions:
+class ModelOptions:
+    """The one model a job starts from or reads."""
+
+    model: str | None = opt(
+        None, "a model name (minilm-l6, minilm-l3, mpnet-base), a local folder, or a hub id; compress: teacher "
+        "and student start from it; evaluate: a saved model folder (ordinary or compressed)", group="model",
+    )  # fmt: skip
+
+
+@dataclass
+class TeacherStudent:
+    """``prune``'s two models."""
+
+    teacher: str | None = opt(None, "fine-tuned teacher folder (from `sparsebert finetune`)", group="model")
+    student: str | None = opt(None, "pre-trained student (usually the teacher's base model)", group="model")
+
+
+@dataclass
+class TeacherSchedule:
+    """``compress``'s teacher stage: its own length and rate (the student's are the training group's)."""
+
+    teacher_epochs: float = opt(3.0, "epochs of the teacher's fine-tuning", group="teacher")
+    teacher_max_steps: int | None = opt(None, "stop the teacher after N steps", group="teacher")
+    teacher_lr: float = opt(5e-5, "the teacher's learning rate (linear decay)", group="teacher")
+
+    def __post_init__(self) -> None:
+        positive(self, ("teacher_epochs", "teacher_lr"))
+        at_least(self, ("teacher_max_steps",), 1)
+
+
+@dataclass
+class PruningOptions:
     """What SparseBERT adds: the sparsity schedule and the distillation losses."""
 
     sparsity: float = opt(0.9, "target sparsity of the pruned layers (0.95 = 20x)", group="pruning")
@@ -175,7 +229,7 @@ class PruneOptions:
         "the last ones", group="pruning",
     )  # fmt: skip
 
-    def validate_pruning(self) -> None:
+    def __post_init__(self) -> None:
         """Check the pruning options before any model is loaded (errors come before slow work)."""
         if not 0.0 <= self.sparsity < 1.0:
             raise SparseBertError(f"sparsity must satisfy 0 <= sparsity < 1, got {self.sparsity}")
@@ -186,59 +240,12 @@ class PruneOptions:
         positive(self, ("temperature",))
         positive(self, ("head_lr",))
         LossWeights.parse(self.loss_weights)  # the one rule, checked before anything runs
+        check_choices(self)
 
 
 @dataclass
-class StudentSchedule:
-    """The student's learning-rate schedule, where pruning differs from fine-tuning.
-
-    The paper holds 3e-5 constant over ~27,000 steps. Over the few thousand steps a user can afford, the
-    masks move for 90% of the run and the larger steps taken while they move are what bring the student
-    back: a 3e-4 peak, decayed linearly after a 2% warm-up, kept MiniLM-L6 at 90% 2.2-3.7 points (MRPC)
-    and 0.016-0.027 Pearson (movie-rating) closer to its teacher than a 1e-4 peak, on each of three paired
-    seeds, and 0.8-1.4 points on movie-sentiment's two (BENCHMARKS.md, "A higher learning rate", "The new
-    defaults").
-    """
-
-    lr: float = opt(3e-4, "the student's peak learning rate (AdamW; the paper: 3e-5 over ~100x more steps)")
-    warmup_ratio: float = opt(0.02, "fraction of the student's run with a linear LR warm-up")
-    lr_schedule: str = opt(
-        "linear", "the student's LR after the warm-up: linear decay to 0, or constant (the paper)",
-        choices=LR_SCHEDULES,
-    )  # fmt: skip
-
-
-@dataclass
-class PruneConfig(PruneOptions, StudentSchedule, TrainConfig):
-    """``sparsebert prune``: prune the pre-trained student while distilling from the teacher."""
-
-    teacher: str | None = opt(None, "fine-tuned teacher folder (from `sparsebert finetune`)", group="model")
-    student: str | None = opt(None, "pre-trained student (usually the teacher's base model)", group="model")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.validate_pruning()
-
-
-@dataclass
-class CompressConfig(PruneOptions, StudentSchedule, TrainConfig):
-    """``sparsebert compress``: fine-tune the teacher, then prune the student, then report."""
-
-    model: str | None = opt(None, "pre-trained model (teacher and student start from it)", group="model")
-    teacher_epochs: float = opt(3.0, "epochs of the teacher's fine-tuning", group="teacher")
-    teacher_max_steps: int | None = opt(None, "stop the teacher after N steps", group="teacher")
-    teacher_lr: float = opt(5e-5, "the teacher's learning rate (linear decay)", group="teacher")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.validate_pruning()
-        positive(self, ("teacher_epochs", "teacher_lr"))
-        at_least(self, ("teacher_max_steps",), 1)
-
-
-@dataclass
-class CompareConfig(CompressConfig):
-    """``sparsebert compare``: every strategy at every sparsity, one shared teacher."""
+class CompareOptions:
+    """``compare``'s grid: every strategy at every sparsity, one teacher."""
 
     sparsities: list[float] = opt(
         help="comma-separated sparsities", factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.97], group="compare"
@@ -251,24 +258,105 @@ class CompareConfig(CompressConfig):
         group="compare",
     )  # fmt: skip
 
+
     def __post_init__(self) -> None:
-        super().__post_init__()
+        check_choices(self)
         for sparsity in self.sparsities:
             if not 0.0 <= sparsity < 1.0:
                 raise SparseBertError(f"--sparsities must lie in [0, 1), got {sparsity}")
 
 
 @dataclass
-class EvaluateConfig(DataOptions):
-    """``sparsebert evaluate``: dev metrics of a saved model."""
+class EvaluationOptions:
+    """``evaluate``'s output and precision (fp32 by default: the figure a saved model is judged by)."""
 
-    model: str | None = opt(None, "model folder (ordinary or compressed) or name", group="model")
     output: str | None = opt(
         None, "write metrics.json here (squad: and the answers, {question id: text}, beside it as "
         "<name>.predictions.json)", group="run",
     )  # fmt: skip
-    mixed_precision: str = opt("no", "no (default): fp32, exact; auto: bf16 where native", choices=PRECISIONS)
-    max_seq_length: int | None = opt(
-        None, "truncate inputs to N tokens (default: the length the model was trained at, else the task's: 384 "
-        f"for squad, {DEFAULT_LENGTH} for the others)", group="data",
-    )  # fmt: skip
+    mixed_precision: str = opt(
+        "no", "no (default): fp32, exact; auto: bf16 where native", choices=PRECISIONS, group="run"
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+
+
+class JobConfig:
+    """What every job's configuration offers beside its groups."""
+
+    @classmethod
+    def of(cls, **options: Any):
+        """The configuration from flat options, as a recipe spells them: ``PruneConfig.of(task="mrpc", lr=1e-4)``."""
+        return build_config(cls, **options)
+
+
+def resolve_length(data: DataOptions) -> None:
+    """A training job's length and stride, resolved on construction so that config.yaml records what ran and
+    a resumed run or a finished compress stage compares like with like (a job whose task is set later
+    resolves it when it loads the data: ``data.load_data``)."""
+    if data.max_seq_length is None:
+        data.max_seq_length = task_length(data.task)
+    if data.doc_stride is None:
+        data.doc_stride = DOC_STRIDE
+
+
+@dataclass
+class FinetuneConfig(JobConfig):
+    """``sparsebert finetune``: train the teacher on labels."""
+
+    model: ModelOptions = group(ModelOptions)
+    data: DataOptions = group(DataOptions)
+    training: TrainingOptions = group(TrainingOptions)
+    run: RunOptions = group(RunOptions)
+
+    def __post_init__(self) -> None:
+        resolve_length(self.data)
+
+
+@dataclass
+class PruneConfig(JobConfig):
+    """``sparsebert prune``: prune the pre-trained student while distilling from the teacher."""
+
+    models: TeacherStudent = group(TeacherStudent)
+    data: DataOptions = group(DataOptions)
+    training: TrainingOptions = group(student_training, STUDENT_TRAINING)
+    pruning: PruningOptions = group(PruningOptions)
+    run: RunOptions = group(RunOptions)
+
+    def __post_init__(self) -> None:
+        resolve_length(self.data)
+
+
+@dataclass
+class CompressConfig(JobConfig):
+    """``sparsebert compress``: fine-tune the teacher, then prune the student, then report."""
+
+    model: ModelOptions = group(ModelOptions)
+    data: DataOptions = group(DataOptions)
+    training: TrainingOptions = group(student_training, STUDENT_TRAINING)
+    pruning: PruningOptions = group(PruningOptions)
+    run: RunOptions = group(RunOptions)
+    teacher: TeacherSchedule = group(TeacherSchedule)
+
+    def __post_init__(self) -> None:
+        resolve_length(self.data)
+
+
+TrainingJob = FinetuneConfig | PruneConfig  # one run folder trained by the loop (compress runs one of each)
+
+
+@dataclass
+class CompareConfig(CompressConfig):
+    """``sparsebert compare``: compress's stages for every strategy at every sparsity, one shared teacher."""
+
+    compare: CompareOptions = group(CompareOptions)
+
+
+@dataclass
+class EvaluateConfig(JobConfig):
+    """``sparsebert evaluate``: dev metrics of a saved model."""
+
+    model: ModelOptions = group(ModelOptions)
+    data: DataOptions = group(DataOptions)
+    evaluation: EvaluationOptions = group(EvaluationOptions)

@@ -16,6 +16,7 @@ import random
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -26,6 +27,9 @@ from sparsebert.packaged import PACKAGED_TASKS, packaged_task_dir
 from sparsebert.qa import QAExample, model_inputs, prepare_eval_features, prepare_train_features, read_squad
 from sparsebert.scoring import EvalSplit, LabelScorer, SpanScorer
 from sparsebert.tasks import TaskSpec, get_task
+
+if TYPE_CHECKING:
+    from sparsebert.config import DataOptions, TrainingOptions
 
 csv.field_size_limit(sys.maxsize)
 
@@ -429,55 +433,59 @@ def make_loader(
     )
 
 
-def load_data(config, need_train: bool = True) -> TaskData:
-    """A job's task data from its data options (``--task``, ``--data-dir`` / ``--dataset`` / files).
+def load_data(options: DataOptions, training: TrainingOptions | None = None) -> TaskData:
+    """A job's task data from its data options (``--task``, ``--data-dir`` / ``--dataset`` / files) and, for
+    a training job, its training options (``--train-file``, ``--max-train-examples``).
 
     A training job whose ``max_seq_length`` is still unresolved (its task was set after the configuration
     was built) gets the task's length here, before config.yaml is written; evaluate keeps None (the length
     the model was trained at, ``models.inference_length``).
     """
     source = DataSource(
-        data_dir=config.data_dir,
-        dataset=config.dataset,
-        train_file=getattr(config, "train_file", None),
-        dev_file=config.dev_file,
-        text_columns=tuple(config.text_columns) if config.text_columns else None,
-        label_column=config.label_column,
+        data_dir=options.data_dir,
+        dataset=options.dataset,
+        train_file=training.train_file if training else None,
+        dev_file=options.dev_file,
+        text_columns=tuple(options.text_columns) if options.text_columns else None,
+        label_column=options.label_column,
     )
-    task = get_task(config.task)
-    if need_train and config.max_seq_length is None:
-        config.max_seq_length = task.max_length
+    task = get_task(options.task)
+    if training is not None and options.max_seq_length is None:
+        options.max_seq_length = task.max_length
     return load_task_data(
         task,
         source,
-        need_train=need_train,
-        max_train_examples=getattr(config, "max_train_examples", None),
-        max_eval_examples=config.max_eval_examples,
+        need_train=training is not None,
+        max_train_examples=training.max_train_examples if training else None,
+        max_eval_examples=options.max_eval_examples,
     )
 
 
-def eval_loaders(data: TaskData, tokenizer: PreTrainedTokenizerBase, config) -> dict[str, EvalSplit]:
+def eval_loaders(data: TaskData, tokenizer: PreTrainedTokenizerBase, options: DataOptions) -> dict[str, EvalSplit]:
     """Each dev split's batches with its scorer. Classification: in order of length (least padding; the
     metrics do not depend on the order). Extractive QA: the windows in order, since post-processing ties
     each row of logits to its window, and the model sees them without the post-processing keys."""
     splits = {}
+    length = options.max_seq_length
     for split, examples in data.dev.items():
         if data.task.extractive_qa:
-            features = prepare_eval_features(examples, tokenizer, config.max_seq_length, config.doc_stride)
-            inputs, scorer = model_inputs(features), SpanScorer(examples, features, config.max_answer_length)
+            features = prepare_eval_features(examples, tokenizer, length, options.doc_stride)
+            inputs, scorer = model_inputs(features), SpanScorer(examples, features, options.max_answer_length)
         else:
-            inputs = sorted(encode(examples, tokenizer, config.max_seq_length), key=lambda f: len(f["input_ids"]))
+            inputs = sorted(encode(examples, tokenizer, length), key=lambda f: len(f["input_ids"]))
             scorer = LabelScorer(data.task)
-        splits[split] = EvalSplit(make_loader(inputs, tokenizer, config.eval_batch_size, shuffle=False), scorer)
+        splits[split] = EvalSplit(make_loader(inputs, tokenizer, options.eval_batch_size, shuffle=False), scorer)
     return splits
 
 
-def train_loader(data: TaskData, tokenizer: PreTrainedTokenizerBase, config) -> DataLoader:
+def train_loader(
+    data: TaskData, tokenizer: PreTrainedTokenizerBase, options: DataOptions, training: TrainingOptions
+) -> DataLoader:
     """Shuffled (by default length-grouped) training batches; the incomplete last batch is skipped,
     as in the reference. Extractive QA trains on windows, each labelled with its answer's token span."""
     if data.task.extractive_qa:
-        features = prepare_train_features(data.train, tokenizer, config.max_seq_length, config.doc_stride)
+        features = prepare_train_features(data.train, tokenizer, options.max_seq_length, options.doc_stride)
     else:
-        features = encode(data.train, tokenizer, config.max_seq_length)
-    return make_loader(features, tokenizer, config.batch_size, shuffle=True, drop_last=True,
-                       group_by_length=config.group_by_length, seed=config.seed)  # fmt: skip
+        features = encode(data.train, tokenizer, options.max_seq_length)
+    return make_loader(features, tokenizer, training.batch_size, shuffle=True, drop_last=True,
+                       group_by_length=training.group_by_length, seed=training.seed)  # fmt: skip

@@ -328,7 +328,7 @@ def regression_scale(data: TaskData, how: str) -> float:
 
 def prepare_distillation(config, teacher: nn.Module, student: nn.Module, accelerator, scale: float):
     """The distilling strategies' step and the modules it trains beside the student (a projection), from
-    ``prune``'s options (``loss_weights``, ``temperature``, ``regression_target``). The teacher is prepared
+    ``prune``'s pruning options (``loss_weights``, ``temperature``, ``regression_target``). The teacher is prepared
     for evaluation on the accelerator. Returns (step_fn, extra modules, a note for the log or None)."""
     from sparsebert.models import fast_attention
 

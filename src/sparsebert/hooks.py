@@ -82,7 +82,7 @@ class Logging(Hook):
 
     def on_step_end(self, loop: Loop) -> None:
         step = loop.state.step
-        if step % loop.config.log_every and step != loop.n_steps:
+        if step % loop.config.training.log_every and step != loop.n_steps:
             return
         check_finite(loop)
         acc, n = loop.accelerator, len(loop.losses)
@@ -99,7 +99,7 @@ class Evaluation(Hook):
     """Dev metrics every ``eval_every`` steps (the final evaluation is the loop's)."""
 
     def on_step_end(self, loop: Loop) -> None:
-        every, step = loop.config.eval_every, loop.state.step
+        every, step = loop.config.training.eval_every, loop.state.step
         if every and step % every == 0 and step < loop.n_steps:
             record = {"step": step, "event": "eval", "metrics": loop.evaluate()}
             for hook in loop.hooks:
@@ -115,14 +115,14 @@ class Checkpointing(Hook):
     steps and at the last step (an interrupt in the final evaluation or save then loses nothing)."""
 
     def on_start(self, loop: Loop) -> None:
-        if loop.config.resume and (loop.output_dir / checkpoints.LATEST).exists():  # settled when claimed
+        if loop.config.run.resume and (loop.output_dir / checkpoints.LATEST).exists():  # settled when claimed
             checkpoints.load(loop.accelerator, loop.output_dir)
             if loop.accelerator.is_main_process:
                 loop.log_file.rewind(loop.state.step)  # the steps after the checkpoint run again
             loop.log({"event": "resume", "step": loop.state.step})
 
     def on_step_end(self, loop: Loop) -> None:
-        step, every = loop.state.step, loop.config.save_every
+        step, every = loop.state.step, loop.config.training.save_every
         if self._should_stop(loop):
             self._save(loop)
             loop.log({"event": "interrupted", "step": step})

@@ -1,6 +1,11 @@
 """How an option is declared, read and checked: once, as a dataclass field (``opt``), serving the Python
 API, the YAML recipes (``build_config``, type-checked) and the command line (``add_arguments``).
 
+A command's configuration is either one group of options (``predict``, ``export``) or composed of groups
+(``group``: the training jobs' model / data / training / pruning / run, as ``run_glue.py`` splits its
+arguments), each group a dataclass that checks itself. Flags, recipes and the saved ``config.yaml`` stay
+flat (``--lr``, ``lr: 3e-5``): an option's name is unique across a command's groups.
+
 Defaults < YAML recipe (``--config``) < command-line flags; with ``--resume`` the interrupted run's saved
 options come first. The jobs' option groups themselves are declared in ``config`` (training jobs) and
 beside their commands (``predict``, ``runtime.commands``). A leaf: nothing of the training stack.
@@ -11,8 +16,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +42,49 @@ def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, gr
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def group(factory: Callable[[], Any], why: str = "") -> Any:
+    """A group of options inside a command's configuration; ``factory`` gives the command's defaults (the
+    student's training group starts from a higher learning rate than a fine-tuning's), ``why`` says why
+    they differ from the group's own."""
+    return field(default_factory=factory, metadata={"group_of_options": True, "why": why})
+
+
+def groups(cls: type) -> list[dataclasses.Field]:
+    """The group fields of a composed configuration ([] for a configuration that is one group)."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("group_of_options")]
+
+
+def option_fields(cls: type) -> dict[str, tuple[str | None, dataclasses.Field, Any]]:
+    """Every option of a configuration by flat name: (its group's attribute or None, its field, its type)."""
+    if not groups(cls):
+        hints = typing.get_type_hints(cls)
+        return {f.name: (None, f, hints[f.name]) for f in dataclasses.fields(cls)}
+    options: dict[str, tuple[str | None, dataclasses.Field, Any]] = {}
+    for g in groups(cls):
+        kind = type(g.default_factory())
+        hints = typing.get_type_hints(kind)
+        for f in dataclasses.fields(kind):
+            if f.name in options:
+                raise TypeError(f"{cls.__name__}: option {f.name} declared in groups {options[f.name][0]} and {g.name}")
+            options[f.name] = (g.name, f, hints[f.name])
+    return options
+
+
+def default_values(cls: type) -> dict[str, Any]:
+    """Every option's default in ``cls`` (a group's default is the command's: its factory's)."""
+    if not groups(cls):
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}  # fmt: skip
+    return {k: v for g in groups(cls) for k, v in dataclasses.asdict(g.default_factory()).items()}
+
+
+def flat_options(config: object) -> dict[str, Any]:
+    """A configuration's options by flat name, as flags, recipes and ``config.yaml`` spell them."""
+    if not groups(type(config)):
+        return dataclasses.asdict(config)
+    return {k: v for g in groups(type(config)) for k, v in dataclasses.asdict(getattr(config, g.name)).items()}
 
 
 def flag(name: str) -> str:
@@ -80,7 +130,7 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
     --output-dir D`` alone continues the run in D as it was started, whatever the defaults are now; an
     option given again must match it (``api._check_resume``).
     """
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = option_fields(cls)
     flags = {k: v for k, v in vars(args).items() if k in names}
     config = build_config(cls, args.config, **flags)
     saved = resumed_options(config)
@@ -111,10 +161,11 @@ def read_yaml_mapping(path: Path, what: str, way_out: str) -> dict[str, Any]:
 def resumed_options(config: object) -> dict[str, Any]:
     """The options saved by the run that ``--resume`` continues ({} if none), read only from a folder that
     sparsebert wrote, less the options that say where and how to start."""
-    folder = Path(config.output_dir) if getattr(config, "resume", False) and config.output_dir else None
+    options = flat_options(config)
+    folder = Path(options["output_dir"]) if options.get("resume") and options.get("output_dir") else None
     if folder is None or not is_sparsebert_output(folder):
         return {}
-    names = {f.name for f in dataclasses.fields(config)} - {"output_dir", "overwrite", "resume"}
+    names = set(option_fields(type(config))) - {"output_dir", "overwrite", "resume"}
     return {key: value for key, value in saved_options(folder).items() if key in names}
 
 
@@ -124,15 +175,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     Every flag defaults to None, so ``build_config`` can tell a given flag from an absent one (flags
     override the recipe, which overrides the defaults).
     """
-    hints = typing.get_type_hints(cls)
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in dataclasses.fields(cls):
-        group = f.metadata.get("group", "options")
-        if group not in groups:
-            groups[group] = parser.add_argument_group(group)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    sections: dict[str, argparse._ArgumentGroup] = {}
+    defaults = default_values(cls)
+    for name, (_, f, hint) in option_fields(cls).items():
+        section = f.metadata.get("group", "options")
+        if section not in sections:
+            sections[section] = parser.add_argument_group(section)
+        default = defaults[name]
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        kind, help_text = _base_type(hints[f.name]), f.metadata.get("help", "")
+        kind, help_text = _base_type(hint), f.metadata.get("help", "")
         help_text += f" (default: {shown})" if shown not in (None, False, "") else ""
         kwargs: dict[str, Any] = {"default": None, "help": help_text.replace("%", "%%")}
         if kind is bool:
@@ -143,7 +194,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["type"] = kind
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
-        groups[group].add_argument(flag(f.name), **kwargs)
+        sections[section].add_argument(flag(name), **kwargs)
 
 
 def _base_type(hint: Any) -> Any:
@@ -165,7 +216,7 @@ def build_config(
     Every value is checked against its option's declared type first (a YAML ``no`` is a boolean, the
     string ``"no"`` is not; ``2.7`` is no step count), so a bad recipe fails before any work starts.
     """
-    hints = typing.get_type_hints(cls)
+    hints = {name: hint for name, (_, _, hint) in option_fields(cls).items()}
     values = {key: _typed(value, hints[key], f"saved option {key}") for key, value in (base or {}).items()}
     if recipe:
         path = Path(recipe)
@@ -182,7 +233,19 @@ def build_config(
         if _norm(key) not in hints:
             raise SparseBertError(f"unknown option: {key}")
         values[_norm(key)] = _typed(value, hints[_norm(key)], flag(_norm(key)))
-    return cls(**values)
+    return compose(cls, values)
+
+
+def compose(cls: type[C], values: dict[str, Any]) -> C:
+    """``cls`` with these options (flat names) over its defaults; each group checks its own values."""
+    if not groups(cls):
+        return cls(**values)
+    owner = option_fields(cls)
+    parts = {}
+    for g in groups(cls):
+        mine = {k: v for k, v in values.items() if owner[k][0] == g.name}
+        parts[g.name] = dataclasses.replace(g.default_factory(), **mine)
+    return cls(**parts)
 
 
 def _typed(value: Any, hint: Any, where: str) -> Any:
@@ -199,6 +262,8 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise SparseBertError(f"{where}: expected a list or comma-separated text, got {value!r}")
         return [_typed(v, item, where) for v in value]
+    if hint is str and isinstance(value, os.PathLike):  # a path from the Python API: folders are options too
+        value = os.fspath(value)
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -221,11 +286,12 @@ def _from_text(text: str, kind: type, where: str) -> Any:
 
 
 def to_yaml(config: object) -> str:
-    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+    return yaml.safe_dump(flat_options(config), sort_keys=False)
 
 
 def require(config: object, *names: str) -> None:
     """Raise a one-line error naming the missing required options."""
-    missing = [n for n in names if getattr(config, n) in (None, "")]
+    options = flat_options(config)
+    missing = [n for n in names if options[n] in (None, "")]
     if missing:
         raise SparseBertError("missing required option(s): " + ", ".join("--" + m.replace("_", "-") for m in missing))

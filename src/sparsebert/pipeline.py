@@ -4,15 +4,24 @@ interrupted, so that ``--resume`` trains nothing twice."""
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from accelerate import PartialState
 
 from sparsebert import checkpoints
-from sparsebert.config import CompressConfig, FinetuneConfig, PruneConfig, PruneOptions, TrainConfig
+from sparsebert.config import (
+    CompressConfig,
+    FinetuneConfig,
+    PruneConfig,
+    RunOptions,
+    TeacherStudent,
+    TrainingJob,
+    TrainingOptions,
+)
 from sparsebert.data import load_data
 from sparsebert.errors import SparseBertError
 from sparsebert.io import atomic_write_text
@@ -22,36 +31,42 @@ from sparsebert.runs import changed_options, check_paths, claimed_by_main_proces
 
 
 def stage_configs(config: CompressConfig, out: Path) -> tuple[FinetuneConfig, PruneConfig]:
-    """Split a compress/compare configuration into the teacher's and a student's run."""
-    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
-    shared.update(overwrite=False, resume=False, output_dir=None)
-    teacher = FinetuneConfig(
-        **{
-            **shared,
-            "model": config.model,
-            "output_dir": str(out / "teacher"),
-            "epochs": config.teacher_epochs,
-            "max_steps": config.teacher_max_steps,
-            "lr": config.teacher_lr,
-            "lr_schedule": "linear",
-            "warmup_ratio": FinetuneConfig.warmup_ratio,  # --warmup-ratio is the student's (StudentSchedule)
-        }
+    """Split a compress/compare configuration into the teacher's and a student's run: both read the same
+    data; the teacher trains with the fine-tuning schedule at the teacher's length and rate, the student
+    with the job's training options (the student's schedule)."""
+    data, training = copy.deepcopy(config.data), config.training
+    teacher_training = replace(
+        copy.deepcopy(training),
+        epochs=config.teacher.teacher_epochs,
+        max_steps=config.teacher.teacher_max_steps,
+        lr=config.teacher.teacher_lr,
+        lr_schedule="linear",
+        warmup_ratio=TrainingOptions().warmup_ratio,  # --warmup-ratio is the student's
     )
-    prune_options = {f.name: getattr(config, f.name) for f in dataclasses.fields(PruneOptions)}
+    report_to = config.run.report_to
+    teacher = FinetuneConfig(
+        model=copy.deepcopy(config.model),
+        data=data,
+        training=teacher_training,
+        run=RunOptions(output_dir=str(out / "teacher"), report_to=report_to),
+    )
     student = PruneConfig(
-        **{**shared, **prune_options, "teacher": teacher.output_dir, "student": config.model,
-           "output_dir": str(out / "student")}
-    )  # fmt: skip
+        models=TeacherStudent(teacher=teacher.run.output_dir, student=config.model.model),
+        data=copy.deepcopy(data),
+        training=copy.deepcopy(training),
+        pruning=copy.deepcopy(config.pruning),
+        run=RunOptions(output_dir=str(out / "student"), report_to=report_to),
+    )
     return teacher, student
 
 
-def run_stage(config: TrainConfig, job: Callable) -> bool:
+def run_stage(config: TrainingJob, job: Callable) -> bool:
     """Run one stage unless it already finished; continue it if a checkpoint is there. True if it ran.
 
     A finished stage is reused only if it was run with the same options (else its results would be
     reported as those of the options asked for).
     """
-    stage_dir = Path(config.output_dir)
+    stage_dir = Path(config.run.output_dir)
     if (stage_dir / "metrics.json").exists():
         changed = changed_options(config, stage_dir)
         if changed:
@@ -59,8 +74,8 @@ def run_stage(config: TrainConfig, job: Callable) -> bool:
                 f"{stage_dir} holds a finished run with other options ({changed}); use --overwrite to redo it"
             )
         return False
-    config.resume = checkpoints.exists(stage_dir)
-    config.overwrite = not config.resume
+    config.run.resume = checkpoints.exists(stage_dir)
+    config.run.overwrite = not config.run.resume
     job(config)
     return True
 
@@ -69,9 +84,9 @@ def check_inputs(config: CompressConfig) -> None:
     """With --overwrite, read the data and the model's tokenizer before a multi-stage job empties its
     folder: a typo in a path must not cost the previous results. (Without it nothing is deleted, and
     the stages report bad inputs themselves.)"""
-    if config.overwrite:
-        load_data(config)
-        load_tokenizer(config.model)
+    if config.run.overwrite:
+        load_data(copy.deepcopy(config.data), config.training)
+        load_tokenizer(config.model.model)
 
 
 @contextmanager
@@ -81,9 +96,9 @@ def teacher_first(config: CompressConfig, finetune: Callable) -> Iterator[tuple[
     require(config, "model", "task", "output_dir")
     check_paths(config)
     check_inputs(config)
-    out = Path(config.output_dir)
-    with claimed_by_main_process(out, overwrite=config.overwrite, resume=config.resume):
-        if PartialState().is_main_process and not (config.resume and (out / "config.yaml").exists()):
+    out = Path(config.run.output_dir)
+    with claimed_by_main_process(out, overwrite=config.run.overwrite, resume=config.run.resume):
+        if PartialState().is_main_process and not (config.run.resume and (out / "config.yaml").exists()):
             atomic_write_text(out / "config.yaml", to_yaml(config))  # what `--resume` alone starts from
         PartialState().wait_for_everyone()  # the folder is claimed (and emptied) before any rank looks inside
         teacher, student = stage_configs(config, out)

@@ -116,7 +116,7 @@ def write_report(out: Path, config) -> dict:
     sparsity = read_json(out / "student" / "sparsity.json", ("overall", "model", "nonzero"), redo)
     model_config = AutoConfig.from_pretrained(out / "student")
     nz = sparsity["nonzero"]
-    seq = config.max_seq_length
+    seq = config.data.max_seq_length
     report = {
         "task": teacher["task"],
         "teacher": teacher["metrics"],

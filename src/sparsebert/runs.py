@@ -8,7 +8,6 @@ rename, the JSON results written, ``metrics.json`` last: it marks a finished run
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from accelerate import Accelerator, PartialState
 from torch import nn
 
 from sparsebert import checkpoints
-from sparsebert.config import TrainConfig
+from sparsebert.config import TrainingJob
 from sparsebert.data import TaskData
 from sparsebert.errors import SparseBertError
 from sparsebert.hardware import resolve_mixed_precision
@@ -31,7 +30,7 @@ from sparsebert.io import (
     claimed_output_dir,
     publish_dir,
 )
-from sparsebert.options import saved_options, to_yaml
+from sparsebert.options import flat_options, saved_options, to_yaml
 from sparsebert.tasks import get_task
 
 RESUME_MAY_CHANGE = ("output_dir", "overwrite", "resume", "log_every", "eval_every", "save_every", "report_to")
@@ -41,19 +40,20 @@ log = logging.getLogger(__name__)
 
 def check_paths(config: object) -> None:
     """The output folder must not be, contain or sit inside any input (checked before any work)."""
-    check_not_an_input(config.output_dir, [getattr(config, name, None) for name in INPUTS])
+    options = flat_options(config)
+    check_not_an_input(options["output_dir"], [options.get(name) for name in INPUTS])
 
 
-def changed_options(config: TrainConfig, out: Path) -> str:
+def changed_options(config: TrainingJob, out: Path) -> str:
     """The options that differ from the run saved in ``out`` and change its result ('' if none)."""
     saved = saved_options(out)
-    now = dataclasses.asdict(config)
-    now["mixed_precision"] = resolve_mixed_precision(config.mixed_precision)  # saved resolved (``auto``: what ran)
+    now = flat_options(config)
+    now["mixed_precision"] = resolve_mixed_precision(now["mixed_precision"])  # saved resolved (``auto``: what ran)
     changed = [k for k in now if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
     return ", ".join(f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in changed)
 
 
-def check_resume(config: TrainConfig, out: Path) -> None:
+def check_resume(config: TrainingJob, out: Path) -> None:
     """A resumed run must be the run that was interrupted: refuse options that change its result."""
     if (out / "metrics.json").exists():  # also when a kill left a checkpoint behind after the model was saved
         raise SparseBertError(f"{out} holds a finished run; nothing to resume (use --overwrite to redo it)")
@@ -64,7 +64,7 @@ def check_resume(config: TrainConfig, out: Path) -> None:
         raise SparseBertError(f"--resume with changed options ({changed}); resume with the checkpoint's options")
 
 
-def _settle(config: TrainConfig, out: Path) -> None:
+def _settle(config: TrainingJob, out: Path) -> None:
     """On resume: the newest good checkpoint in place (damaged ones moved aside, said), the options checked."""
     if (out / "metrics.json").exists():
         check_resume(config, out)  # a finished run: refused before anything is moved
@@ -78,13 +78,14 @@ def _settle(config: TrainConfig, out: Path) -> None:
 
 
 @contextmanager
-def claimed(config: TrainConfig, accelerator: Accelerator) -> Iterator[tuple[Path, JsonlLog]]:
+def claimed(config: TrainingJob, accelerator: Accelerator) -> Iterator[tuple[Path, JsonlLog]]:
     """The run's output folder, held (locked) by the main process for the whole job, and its log."""
-    out = Path(config.output_dir)
+    run = config.run
+    out = Path(run.output_dir)
     main = accelerator.is_main_process
-    with claimed_by_main_process(out, overwrite=config.overwrite, resume=config.resume):
+    with claimed_by_main_process(out, overwrite=run.overwrite, resume=run.resume):
         if main:
-            if config.resume:
+            if run.resume:
                 _settle(config, out)
             atomic_write_text(out / "config.yaml", to_yaml(config))
         accelerator.wait_for_everyone()
@@ -103,7 +104,7 @@ def metrics_record(data: TaskData, metrics: dict[str, float]) -> dict:
 
 
 def finish(
-    accelerator: Accelerator, model: nn.Module, tokenizer, config: TrainConfig, files: dict[str, dict],
+    accelerator: Accelerator, model: nn.Module, tokenizer, config: TrainingJob, files: dict[str, dict],
     started: float, out: Path, run_log: JsonlLog,
 ) -> float:  # fmt: skip
     """Save the model atomically, write the JSON files (metrics.json last: it marks a finished run), drop
@@ -116,10 +117,10 @@ def finish(
     if accelerator.is_main_process:
         staging = out / ".staging"
         unwrapped = accelerator.unwrap_model(model)
-        if get_task(config.task).extractive_qa:
-            unwrapped.config.sparsebert_doc_stride = config.doc_stride
+        if get_task(config.data.task).extractive_qa:
+            unwrapped.config.sparsebert_doc_stride = config.data.doc_stride
         unwrapped.save_pretrained(staging, safe_serialization=True)
-        tokenizer.model_max_length = config.max_seq_length  # what evaluate and predict truncate to by default
+        tokenizer.model_max_length = config.data.max_seq_length  # what evaluate and predict truncate to by default
         tokenizer.save_pretrained(staging)
         publish_dir(staging, out)
         for name, obj in files.items():

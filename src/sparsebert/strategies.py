@@ -43,23 +43,23 @@ TABLE: dict[str, Strategy] = {
 }
 
 
-def initial_student(config, teacher: nn.Module | None, tokenizer, task: TaskSpec) -> nn.Module:
-    """Where ``config.strategy``'s student starts.
+def initial_student(models, pruning, teacher: nn.Module | None, tokenizer, task: TaskSpec) -> nn.Module:
+    """Where ``pruning.strategy``'s student starts (``models``: the teacher and student options).
 
     sparsebert / prune-then-finetune: the pre-trained weights; finetune-then-prune(-kd): the teacher's;
     distill-dense: the student model (by default the pre-trained model itself) cut down to as many
     encoder weights as the sparse model keeps (layers dropped, then narrowed). A distilling student
     starts with the teacher's task head unless ``--student-head fresh``.
     """
-    strategy = TABLE[config.strategy]
+    strategy = TABLE[pruning.strategy]
     if strategy.student_from == "teacher":
-        return load_model(config.teacher, task)
-    student = load_model(config.student, task)
+        return load_model(models.teacher, task)
+    student = load_model(models.student, task)
     if teacher is not None:
-        check_same_vocabulary(config.student, config.teacher, student, teacher, tokenizer)
+        check_same_vocabulary(models.student, models.teacher, student, teacher, tokenizer)
     if strategy.student_from == "pretrained-cut":
-        student = fit_dense_student(student, teacher.config, config.sparsity)
-    if strategy.distills and config.student_head == "teacher":
+        student = fit_dense_student(student, teacher.config, pruning.sparsity)
+    if strategy.distills and pruning.student_head == "teacher":
         copy_head(teacher, student)
     return student
 
@@ -102,13 +102,14 @@ def check_same_vocabulary(student_name: str, teacher_name: str, student: nn.Modu
 
 
 def pruner_factory(config) -> Callable[[nn.Module, int], Pruner] | None:
-    """How ``config.strategy`` prunes, built once the run's length is known (the schedule is in steps)."""
-    pruning = TABLE[config.strategy].pruning
-    if pruning == "none":
+    """How ``config.strategy`` prunes (``config``: the pruning options), built once the run's length is known
+    (the schedule is in steps)."""
+    how = TABLE[config.strategy].pruning
+    if how == "none":
         return None
 
     def make_pruner(model: nn.Module, n_steps: int) -> Pruner:
-        if pruning == "one-shot":  # on the starting magnitudes, then fixed
+        if how == "one-shot":  # on the starting magnitudes, then fixed
             return Pruner.one_shot(model, config.sparsity, config.prune_scope, config.prune_block)
         start, end = resolve_step(config.prune_start, n_steps), resolve_step(config.prune_end, n_steps)
         # masks are updated after an optimizer step: a window ending at step 0 would never prune

@@ -11,7 +11,6 @@ the same loop on several processes; mixed precision is Accelerate's.
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import hashlib
 import importlib.util
 import math
@@ -33,11 +32,12 @@ from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from sparsebert import checkpoints
-from sparsebert.config import TrainConfig
+from sparsebert.config import TrainingJob, TrainingOptions
 from sparsebert.errors import SparseBertError
 from sparsebert.hardware import resolve_mixed_precision
 from sparsebert.io import JsonlLog
 from sparsebert.models import fast_attention
+from sparsebert.options import flat_options
 from sparsebert.scoring import EvalSplit
 
 StepFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]  # (prepared model, batch)
@@ -64,26 +64,27 @@ def _close_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-def make_accelerator(config: TrainConfig) -> Accelerator:
+def make_accelerator(config: TrainingJob) -> Accelerator:
     """One Accelerator per run; a seedable sampler makes the shuffling identical after a resume.
 
     ``auto`` precision is resolved here and written back into ``config``, so ``config.yaml`` says
     what ran (and a repeat of the run from it uses the same precision). ``--report-to`` names
     accelerate's trackers (TensorBoard, W&B), writing under the run's folder.
     """
-    config.mixed_precision = resolve_mixed_precision(config.mixed_precision)
-    trackers = [] if config.report_to == "none" else [config.report_to]
-    needs = {"tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb",)}.get(config.report_to, ())
+    training, report_to = config.training, config.run.report_to
+    training.mixed_precision = resolve_mixed_precision(training.mixed_precision)
+    trackers = [] if report_to == "none" else [report_to]
+    needs = {"tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb",)}.get(report_to, ())
     if needs and not any(importlib.util.find_spec(name) for name in needs):  # accelerate would drop it silently
-        raise SparseBertError(f"--report-to {config.report_to} needs the package: pip install {needs[0]}")
+        raise SparseBertError(f"--report-to {report_to} needs the package: pip install {needs[0]}")
     accelerator = new_accelerator(
-        mixed_precision=config.mixed_precision,
+        mixed_precision=training.mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,
         log_with=trackers or None,
-        project_dir=config.output_dir,
+        project_dir=config.run.output_dir,
     )
-    set_seed(config.seed)
+    set_seed(training.seed)
     return accelerator
 
 
@@ -126,7 +127,7 @@ def param_groups(model: nn.Module, weight_decay: float, head_lr: float | None = 
     return out
 
 
-def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+def total_steps(config: TrainingOptions, steps_per_epoch: int) -> int:
     if steps_per_epoch == 0:
         raise SparseBertError(
             f"the training set is smaller than one batch of {config.batch_size} per process; lower --batch-size"
@@ -248,7 +249,7 @@ class Loop:
     ``n_steps``, ``losses`` and ``parts`` (since the last log record), ``stop``; they call ``evaluate``,
     ``log`` and ``check_finite``."""
 
-    def __init__(self, accelerator: Accelerator, config: TrainConfig, job: TrainJob, out: Path, log: JsonlLog,
+    def __init__(self, accelerator: Accelerator, config: TrainingJob, job: TrainJob, out: Path, log: JsonlLog,
                  hooks: list[Hook]) -> None:  # fmt: skip
         self.accelerator, self.config, self.job, self.output_dir, self.hooks = accelerator, config, job, out, hooks
         self.log_file, self.model = log, job.model
@@ -280,7 +281,7 @@ class Loop:
 
     def _build(self) -> None:
         """Optimizer, Accelerate's preparation, LR schedule, the hooks' start (registrations, resume)."""
-        acc, cfg, job = self.accelerator, self.config, self.job
+        acc, cfg, job = self.accelerator, self.config.training, self.job
         params = param_groups(job.model, cfg.weight_decay, job.head_lr)
         params += [{"params": list(m.parameters()), "weight_decay": 0.0} for m in job.extra_modules]
         # The fused kernel updates every parameter in one pass: ~10x less optimizer time than the
@@ -305,7 +306,7 @@ class Loop:
         acc.register_for_checkpointing(self.state, *job.extra_modules)
         if acc.log_with:  # TensorBoard: <output_dir>/sparsebert/; W&B: project sparsebert, run <output_dir>'s name
             names = {"wandb": {"name": self.output_dir.name}}
-            acc.init_trackers("sparsebert", config=tracker_config(cfg), init_kwargs=names)
+            acc.init_trackers("sparsebert", config=tracker_config(self.config), init_kwargs=names)
         for hook in self.hooks:
             hook.on_start(self)
         self.log({"event": "start", "total_steps": self.n_steps, "steps_per_epoch": len(self.train_loader),
@@ -318,8 +319,8 @@ class Loop:
         loss, parts = self.job.step_fn(self.model, batch)
         self.accelerator.backward(loss)
         all_reduce_gradients(self.accelerator, self.job.extra_modules)
-        if self.config.max_grad_norm:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        if self.config.training.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.training.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -379,9 +380,9 @@ def all_reduce_gradients(accelerator: Accelerator, modules: list[nn.Module]) -> 
                 param.grad = accelerator.reduce(param.grad, "mean")
 
 
-def tracker_config(config: TrainConfig) -> dict:
+def tracker_config(config: TrainingJob) -> dict:
     """The run's options as trackers take them (TensorBoard's hparams: numbers, text and booleans only)."""
-    options = dataclasses.asdict(config)
+    options = flat_options(config)
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in options.items()}
 
 
