@@ -258,7 +258,6 @@ class CompareOptions:
         group="compare",
     )  # fmt: skip
 
-
     def __post_init__(self) -> None:
         check_choices(self)
         for sparsity in self.sparsities:
