@@ -119,6 +119,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     [
         ["--prune-criterion", "magnitude"],
         ["--prune-criterion", "taylor"],  # its scores must resume too
+        ["--prune-criterion", "obs", "--fisher-block", "16"],  # and the Fisher, which also moves the weights
         ["--average-weights", "--prune-end", "0.4"],  # stopped at step 11 of the average's steps 8-20
         ["--average-weights", "--prune-end", "0.8"],  # stopped at step 11, before the average's steps 16-20
     ],

@@ -201,9 +201,19 @@ class PruningOptions:
     # and without the mid-run collapse (BENCHMARKS.md, "Pruning criterion"). One-shot strategies have no
     # gradient yet: they always rank by magnitude.
     prune_criterion: str = opt(
-        "taylor", "what ranks the weights: taylor (|w * grad|, averaged over recent steps) or magnitude (the "
-        "paper); one-shot strategies: magnitude", choices=PRUNE_CRITERIA, group="pruning",
+        "taylor", "what ranks the weights: taylor (|w * grad|, averaged over recent steps), obs (second order, "
+        "oBERT: a Fisher of recent gradients, survivors updated) or magnitude (the paper); one-shot strategies: "
+        "magnitude", choices=PRUNE_CRITERIA, group="pruning",
     )  # fmt: skip
+    fisher_block: int = opt(
+        32, "obs: consecutive input weights of a row sharing one Fisher block (memory: 4 x this bytes per "
+        "weight; oBERT: 50)", group="pruning",
+    )  # fmt: skip
+    fisher_gradients: int = opt(
+        64, "obs: recent gradients the Fisher averages (an exponential window; oBERT: 1,024 per update)",
+        group="pruning",
+    )  # fmt: skip
+    fisher_damp: float = opt(0.01, "obs: added to the Fisher's diagonal, as a fraction of its mean", group="pruning")
     temperature: float = opt(1.0, "softmax temperature of the prediction loss (times T², Hinton)", group="pruning")
     # The paper adds the three terms with equal weights over ~100x our CPU budgets; at a few hundred
     # steps the attention-score MSE (largest in size) crowds out the logits, and 0.1,1,5 kept MiniLM-L6
@@ -235,7 +245,8 @@ class PruningOptions:
             raise SparseBertError(f"sparsity must satisfy 0 <= sparsity < 1, got {self.sparsity}")
         if self.prune_start < 0 or self.prune_end < 0:
             raise SparseBertError("--prune-start and --prune-end must be >= 0")
-        at_least(self, ("prune_updates",), 1)
+        at_least(self, ("prune_updates", "fisher_block", "fisher_gradients"), 1)
+        positive(self, ("fisher_damp",))
         at_least(self, ("augment",), 0)
         positive(self, ("temperature",))
         positive(self, ("head_lr",))

@@ -40,7 +40,10 @@ class Pruning(Hook):
         self.pruner.remove_hooks()
 
     def log_fields(self) -> dict:
-        return {"target_sparsity": self.pruner.get_last_sparsity()}
+        """The schedule's target, and what the criterion costs: its memory, the last mask update's time."""
+        return {"target_sparsity": self.pruner.get_last_sparsity(),
+                "criterion_mb": round(self.pruner.scorer.nbytes() / 2**20, 1),
+                "mask_update_seconds": round(self.pruner.last_update_seconds, 3)}  # fmt: skip
 
     def masks(self) -> list[torch.Tensor]:
         return [mask for _, mask in sorted(self.pruner.masks.items())]

@@ -114,6 +114,11 @@ def pruner_factory(config) -> Callable[[nn.Module, int], Pruner] | None:
         start, end = resolve_step(config.prune_start, n_steps), resolve_step(config.prune_end, n_steps)
         # masks are updated after an optimizer step: a window ending at step 0 would never prune
         schedule = CubicSparsitySchedule(config.sparsity, start, min(max(end, start, 1), n_steps), config.prune_updates)
-        return Pruner(model, schedule, config.prune_scope, block=config.prune_block, criterion=config.prune_criterion)
+        options = {}
+        if config.prune_criterion == "obs":
+            options = {"fisher_block": config.fisher_block, "fisher_gradients": config.fisher_gradients,
+                       "fisher_damp": config.fisher_damp}  # fmt: skip
+        return Pruner(model, schedule, config.prune_scope, block=config.prune_block,
+                      criterion=config.prune_criterion, **options)  # fmt: skip
 
     return make_pruner

@@ -13,37 +13,32 @@ Usage inside any training loop (plain PyTorch, Accelerate or an HF Trainer callb
 The pruner never touches gradients or optimizer state (SparseBERT's reference does not either); it
 re-applies the masks after every optimizer step, so Adam's momentum cannot revive a pruned weight.
 
-What ranks the weights (``criterion``): their magnitude (the paper), or ``taylor``, the first-order
-estimate of the loss change when a weight is zeroed, |w * dL/dw|, averaged over recent steps (Molchanov
-et al. 2019; Intel Neural Compressor's ``snip_momentum``), read from the gradient by a hook at every
-backward pass (so it works in any loop, an HF Trainer included, with no extra call). It looks at what the
-*task* needs (the distillation loss), where a pre-trained student's magnitudes only say what pre-training
-needed. (Hard movement pruning, -sum w * dL/dw, was tried and is not offered: its scores grow with |w| in
-both signs, so its first updates removed large pre-trained weights and the student fell to chance at 6%
-sparsity; BENCHMARKS.md, "Pruning criterion".)
+What ranks the weights (``criterion``, ``sparsebert.pruning.criteria``): their magnitude (the paper),
+``taylor``, the first-order estimate of the loss change when a weight is zeroed, or ``obs``, the second-order
+one (oBERT), which also moves the surviving weights to make up for the removed ones. The gradient criteria
+read every backward pass by a hook on the weights (so they work in any loop, an HF Trainer included, with
+no extra call). They look at what the *task* needs (the distillation loss), where a pre-trained student's
+magnitudes only say what pre-training needed. (Hard movement pruning, -sum w * dL/dw, was tried and is not
+offered: its scores grow with |w| in both signs, so its first updates removed large pre-trained weights and
+the student fell to chance at 6% sparsity; BENCHMARKS.md, "Pruning criterion".)
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from functools import partial
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from sparsebert.errors import SparseBertError
 from sparsebert.layers import PrunableLinear, find_prunable_linears
+from sparsebert.pruning.criteria import CRITERIA, PRUNE_CRITERIA
 from sparsebert.pruning.schedule import CubicSparsitySchedule
 
 SCOPES = ("per_matrix", "global")
-# What ranks the weights for pruning: magnitude (the paper), or the first-order loss change of zeroing each
-# weight, |w * grad| averaged over recent steps (taylor).
-PRUNE_CRITERIA = ("magnitude", "taylor")
 PRUNE_BLOCKS = (1, 2, 4, 8)  # consecutive input weights pruned together (--prune-block)
-# Weight of the past in the running average of |w * grad| (INC's snip_momentum uses 0.9): long enough
-# to smooth one batch's noise, short enough to follow the weights between two mask updates.
-TAYLOR_MOMENTUM = 0.9
 # The most a global ranking may prune of any one matrix (Intel Neural Compressor's max_sparsity_ratio_per_op):
 # first-order scores add up badly over a whole matrix, and an emptied projection silently cuts its layer.
 MAX_MATRIX_SPARSITY = 0.98
@@ -58,8 +53,8 @@ class Pruner:
     single weights (unstructured, the paper); ``block=4`` keeps or prunes groups of 4 consecutive input
     weights of a row together, ranked by their L2 norm — the 1x4 pattern that int8 dot-product
     instructions (VNNI: 4 bytes per lane) need to skip work on CPUs. ``criterion`` is one of
-    ``PRUNE_CRITERIA`` (see the module's docstring); a block's taylor score is the sum of its
-    weights' scores.
+    ``PRUNE_CRITERIA`` (see the module's docstring), built with ``criterion_options`` (obs: ``fisher_block``,
+    ``fisher_gradients``, ``fisher_damp``); a block's taylor or obs score is the sum of its weights' scores.
     """
 
     def __init__(
@@ -70,6 +65,7 @@ class Pruner:
         targets: list[PrunableLinear] | None = None,
         block: int = 1,
         criterion: str = "taylor",
+        **criterion_options,
     ) -> None:
         if scope not in SCOPES:
             raise SparseBertError(f"unknown pruning scope {scope!r}; choose one of {', '.join(SCOPES)}")
@@ -88,13 +84,12 @@ class Pruner:
         }
         self.last_step = 0
         self.criterion = criterion
-        self.scores: dict[str, torch.Tensor] = {}
-        self.observed = 0  # gradients folded into the scores (one per matrix and backward pass)
+        self.scorer = CRITERIA[criterion](self.targets, **criterion_options)
+        self.last_update_seconds = 0.0  # the last mask update's wall time (scores, masks, weight moves)
         self._hooks: list = []
-        if criterion != "magnitude":
+        if self.scorer.needs_gradients:
             for t in self.targets:
-                self.scores[t.name] = torch.zeros_like(t.module.weight, dtype=torch.float32)
-                hook = partial(self.observe, self.scores[t.name])
+                hook = partial(self.observe, t.name)
                 self._hooks.append(t.module.weight.register_post_accumulate_grad_hook(hook))
 
     @classmethod
@@ -119,15 +114,13 @@ class Pruner:
         self.apply_masks()
         return updated
 
-    @torch.no_grad()
-    def observe(self, score: torch.Tensor, weight: nn.Parameter) -> None:
-        """Fold one backward pass's gradient into a matrix's score. Registered as a hook on each weight's
-        gradient by the taylor criterion; public for a loop that accumulates gradients its own way."""
+    def observe(self, name: str, weight: nn.Parameter) -> None:
+        """Fold one backward pass's gradient of matrix ``name`` into the criterion. Registered as a hook on
+        each weight's gradient by the gradient criteria; public for a loop that accumulates gradients its
+        own way."""
         if weight.grad is None or self.last_step >= self.schedule.end_step:
             return  # no mask update left: the scores are not needed any more
-        change = (weight.detach().float() * weight.grad.float()).abs_()  # first-order loss change of zeroing
-        score.mul_(TAYLOR_MOMENTUM).add_(change, alpha=1.0 - TAYLOR_MOMENTUM)
-        self.observed += 1
+        self.scorer.observe(name, weight)
 
     def remove_hooks(self) -> None:
         """Stop reading gradients (the masks stay enforced by ``step()``)."""
@@ -148,41 +141,30 @@ class Pruner:
         momentum moves pruned weights between ``step()`` calls, before the masks are re-applied), so
         masks only grow.
         """
-        if self.scores and not self.observed:  # all-zero scores would prune in memory order, silently
+        if self.scorer.needs_gradients and not self.scorer.observed:  # all-zero scores: memory order, silently
             raise SparseBertError(
-                "the taylor criterion ranks by gradients, and no backward pass was seen: call loss.backward() "
-                "before pruner.step(), or use criterion='magnitude'"
+                f"the {self.criterion} criterion ranks by gradients, and no backward pass was seen: call "
+                "loss.backward() before pruner.step(), or use criterion='magnitude'"
             )
-        self._sync_scores()
-        if self.scope == "per_matrix":
-            for t in self.targets:
-                keep = _top_mask(self._survivor_scores(t), sparsity)
-                self.masks[t.name] = keep.repeat_interleave(self.block, dim=1) & self.masks[t.name]
-            return
+        started = time.perf_counter()
+        self.scorer.sync()
         survivors = [self._survivor_scores(t) for t in self.targets]
-        for t, keep in zip(self.targets, _global_keep(survivors, sparsity), strict=True):
-            self.masks[t.name] = keep.repeat_interleave(self.block, dim=1) & self.masks[t.name]
+        if self.scope == "per_matrix":
+            keeps = [_top_mask(scores, sparsity) for scores in survivors]
+        else:
+            keeps = _global_keep(survivors, sparsity)
+        for t, keep in zip(self.targets, keeps, strict=True):
+            old = self.masks[t.name]
+            self.masks[t.name] = keep.repeat_interleave(self.block, dim=1) & old
+            self.scorer.after_masks(t, old, self.masks[t.name])
+        self.last_update_seconds = time.perf_counter() - started
 
     def _survivor_scores(self, target: PrunableLinear) -> torch.Tensor:
         """What ranks each block of weights, in fp32: its L2 norm (|w| when ``block`` is 1) or the sum of its
         gradient scores; -inf for pruned blocks (they rank first for pruning); shape (out, in / block)."""
-        weight = target.module.weight.detach().float()
-        values = self.scores.get(target.name)
-        if values is None:
-            scores = weight.reshape(weight.shape[0], -1, self.block).norm(dim=-1)
-        else:
-            scores = values.to(weight.device).reshape(weight.shape[0], -1, self.block).sum(dim=-1)
-        pruned = ~self.masks[target.name].to(weight.device)[:, :: self.block]
+        scores = self.scorer.block_scores(target, self.block)
+        pruned = ~self.masks[target.name].to(scores.device)[:, :: self.block]
         return scores.masked_fill(pruned, -torch.inf)
-
-    def _sync_scores(self) -> None:
-        """Average the gradient scores over data-parallel processes, so that every process ranks alike
-        (each saw only its own shard's gradients)."""
-        if not self.scores or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        for score in self.scores.values():
-            dist.all_reduce(score)
-            score.div_(dist.get_world_size())
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -201,8 +183,7 @@ class Pruner:
             "criterion": self.criterion,
             "schedule": self.schedule.state_dict(),
             "masks": {name: mask.cpu() for name, mask in self.masks.items()},
-            "scores": {name: score.cpu() for name, score in self.scores.items()},
-            "observed": self.observed,
+            **self.scorer.state_dict(),  # the criterion's statistics ("scores") and gradients seen
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -220,9 +201,7 @@ class Pruner:
         self.schedule.load_state_dict(state["schedule"])
         for name, mask in state["masks"].items():
             self.masks[name] = mask.to(self.masks[name].device, torch.bool)
-        for name, score in state.get("scores", {}).items():
-            self.scores[name].copy_(score)
-        self.observed = int(state.get("observed", 0))
+        self.scorer.load_state_dict(state)
         self.apply_masks()
 
     # -- reporting ----------------------------------------------------------------------------------
