@@ -630,3 +630,20 @@ def test_every_job_returns_a_run_result(teacher, sst_dir, tmp_path):
     assert result.details == json.loads((tmp_path / "m.json").read_text())
     assert result.metrics == result.details["metrics"] and set(result.metrics) == {"accuracy"}
     assert result.seconds > 0
+
+
+def test_prune_with_a_pattern_saves_it_exactly(teacher, tiny_model_dir, sst_dir, tmp_path):
+    """``--prune-pattern 2:4`` alone sets the target (50%), and the saved weights hold the pattern."""
+    import yaml
+
+    out = tmp_path / "s"
+    data = ["--task", "sst2", "--data-dir", sst_dir]
+    assert cli("prune", "--teacher", teacher, "--student", tiny_model_dir, *data, "--prune-pattern", "2:4",
+               "--max-steps", "8", "--prune-updates", "4", *FAST, "--output-dir", out) == 0  # fmt: skip
+    assert yaml.safe_load((out / "config.yaml").read_text())["sparsity"] == 0.5
+    matrices = {n: w for n, w in _weights(out).items() if "encoder.layer" in n and w.ndim == 2}
+    assert len(matrices) == 12  # six per layer
+    for name, w in matrices.items():
+        assert ((w != 0).reshape(w.shape[0], -1, 4).sum(dim=-1) == 2).all(), name
+    assert cli("prune", "--teacher", teacher, "--student", tiny_model_dir, *data, "--prune-pattern", "2:4",
+               "--sparsity", "0.4", "--output-dir", tmp_path / "no") == 2  # fmt: skip

@@ -16,6 +16,7 @@ modules that own them (strategies, pruning, tasks). The resolved configuration i
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ from sparsebert import strategies
 from sparsebert.distill import LossWeights
 from sparsebert.errors import SparseBertError
 from sparsebert.options import at_least, build_config, check_choices, check_text_columns, group, opt, positive
-from sparsebert.pruning import PRUNE_BLOCKS, PRUNE_CRITERIA
+from sparsebert.pruning import MAX_SPARSITY, PRUNE_BLOCKS, PRUNE_CRITERIA
 from sparsebert.tasks import DEFAULT_LENGTH, DOC_STRIDE, task_length
 
 STRATEGIES = tuple(strategies.TABLE)
@@ -182,7 +183,15 @@ class TeacherSchedule:
 class PruningOptions:
     """What SparseBERT adds: the sparsity schedule and the distillation losses."""
 
-    sparsity: float = opt(0.9, "target sparsity of the pruned layers (0.95 = 20x)", group="pruning")
+    # None until resolved: 0.9, or with --prune-pattern N:M that pattern's 1 - N/M.
+    sparsity: float | None = opt(
+        None, "target sparsity of the pruned layers, at most 0.99 (0.95 = 20x; default: 0.9, or with "
+        "--prune-pattern N:M its 1 - N/M)", group="pruning",
+    )  # fmt: skip
+    prune_pattern: str | None = opt(
+        None, "N:M, e.g. 2:4: at most N nonzero weights in each group of M consecutive inputs of a row (the "
+        "pattern GPUs accelerate), reached on the schedule", group="pruning",
+    )  # fmt: skip
     strategy: str = opt(
         "sparsebert", "sparsebert, or a baseline order of work (see README)", choices=STRATEGIES, group="pruning"
     )
@@ -239,10 +248,32 @@ class PruningOptions:
         "the last ones", group="pruning",
     )  # fmt: skip
 
+    def resolve_sparsity(self) -> None:
+        """The target a job runs at: ``--sparsity``, else the pattern's 1 - N/M, else 0.9; a pattern must be
+        able to reach it (at most N of M kept: at least 1 - N/M). Run by the job once its groups are built,
+        so that config.yaml records the target."""
+        pattern = self.pattern()
+        least = 1 - pattern[0] / pattern[1] if pattern else 0.0
+        if self.sparsity is None:
+            self.sparsity = least if pattern else 0.9
+        if pattern and (not 0 < pattern[0] < pattern[1] or self.sparsity < least - 1e-9):
+            raise SparseBertError(f"--prune-pattern {self.prune_pattern} keeps at most N of M weights (N < M): "
+                                  f"it needs --sparsity >= {least:g}, got {self.sparsity:g}")  # fmt: skip
+
+    def pattern(self) -> tuple[int, int] | None:
+        """--prune-pattern as (N, M), or None."""
+        if self.prune_pattern is None:
+            return None
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", self.prune_pattern)
+        if not match:
+            raise SparseBertError(f"--prune-pattern takes N:M (e.g. 2:4), got {self.prune_pattern!r}")
+        return int(match[1]), int(match[2])
+
     def __post_init__(self) -> None:
         """Check the pruning options before any model is loaded (errors come before slow work)."""
-        if not 0.0 <= self.sparsity < 1.0:
-            raise SparseBertError(f"sparsity must satisfy 0 <= sparsity < 1, got {self.sparsity}")
+        if self.sparsity is not None and not 0.0 <= self.sparsity <= MAX_SPARSITY:
+            raise SparseBertError(f"sparsity must satisfy 0 <= sparsity <= {MAX_SPARSITY}, got {self.sparsity}")
+        self.pattern()  # well-formed
         if self.prune_start < 0 or self.prune_end < 0:
             raise SparseBertError("--prune-start and --prune-end must be >= 0")
         at_least(self, ("prune_updates", "fisher_block", "fisher_gradients"), 1)
@@ -336,6 +367,7 @@ class PruneConfig(JobConfig):
 
     def __post_init__(self) -> None:
         resolve_length(self.data)
+        self.pruning.resolve_sparsity()
 
 
 @dataclass
@@ -351,6 +383,7 @@ class CompressConfig(JobConfig):
 
     def __post_init__(self) -> None:
         resolve_length(self.data)
+        self.pruning.resolve_sparsity()
 
 
 TrainingJob = FinetuneConfig | PruneConfig  # one run folder trained by the loop (compress runs one of each)

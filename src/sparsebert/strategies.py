@@ -110,7 +110,7 @@ def pruner_factory(config) -> Callable[[nn.Module, int], Pruner] | None:
 
     def make_pruner(model: nn.Module, n_steps: int) -> Pruner:
         if how == "one-shot":  # on the starting magnitudes, then fixed
-            return Pruner.one_shot(model, config.sparsity, config.prune_scope, config.prune_block)
+            return Pruner.one_shot(model, config.sparsity, config.prune_scope, config.prune_block, config.pattern())
         start, end = resolve_step(config.prune_start, n_steps), resolve_step(config.prune_end, n_steps)
         # masks are updated after an optimizer step: a window ending at step 0 would never prune
         schedule = CubicSparsitySchedule(config.sparsity, start, min(max(end, start, 1), n_steps), config.prune_updates)
@@ -119,6 +119,6 @@ def pruner_factory(config) -> Callable[[nn.Module, int], Pruner] | None:
             options = {"fisher_block": config.fisher_block, "fisher_gradients": config.fisher_gradients,
                        "fisher_damp": config.fisher_damp}  # fmt: skip
         return Pruner(model, schedule, config.prune_scope, block=config.prune_block,
-                      criterion=config.prune_criterion, **options)  # fmt: skip
+                      criterion=config.prune_criterion, pattern=config.pattern(), **options)  # fmt: skip
 
     return make_pruner

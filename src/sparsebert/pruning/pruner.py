@@ -25,6 +25,8 @@ the student fell to chance at 6% sparsity; BENCHMARKS.md, "Pruning criterion".)
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections import defaultdict
 from functools import partial
@@ -39,6 +41,8 @@ from sparsebert.pruning.schedule import CubicSparsitySchedule
 
 SCOPES = ("per_matrix", "global")
 PRUNE_BLOCKS = (1, 2, 4, 8)  # consecutive input weights pruned together (--prune-block)
+MAX_SPARSITY = 0.99  # 100x: beyond it most matrices keep fewer weights than they have rows
+log = logging.getLogger(__name__)
 # The most a global ranking may prune of any one matrix (Intel Neural Compressor's max_sparsity_ratio_per_op):
 # first-order scores add up badly over a whole matrix, and an emptied projection silently cuts its layer.
 MAX_MATRIX_SPARSITY = 0.98
@@ -65,6 +69,7 @@ class Pruner:
         targets: list[PrunableLinear] | None = None,
         block: int = 1,
         criterion: str = "taylor",
+        pattern: tuple[int, int] | None = None,
         **criterion_options,
     ) -> None:
         if scope not in SCOPES:
@@ -75,10 +80,12 @@ class Pruner:
         self.schedule = schedule
         self.scope = scope
         self.targets = targets if targets is not None else find_prunable_linears(model)
-        self.block = block
+        self.block, self.pattern = block, pattern
         uneven = [t.name for t in self.targets if block < 1 or t.module.weight.shape[1] % block]
         if uneven:
             raise SparseBertError(f"pruning block {block} does not divide the input features of {uneven[0]}")
+        check_pattern(pattern, schedule.final_sparsity, block, scope, self.targets)
+        warn_dead_rows(schedule.final_sparsity, self.targets)
         self.masks: dict[str, torch.Tensor] = {
             t.name: torch.ones_like(t.module.weight, dtype=torch.bool) for t in self.targets
         }
@@ -93,10 +100,12 @@ class Pruner:
                 self._hooks.append(t.module.weight.register_post_accumulate_grad_hook(hook))
 
     @classmethod
-    def one_shot(cls, model: nn.Module, sparsity: float, scope: str = "per_matrix", block: int = 1) -> Pruner:
+    def one_shot(cls, model: nn.Module, sparsity: float, scope: str = "per_matrix", block: int = 1,
+                 pattern: tuple[int, int] | None = None) -> Pruner:  # fmt: skip
         """Prune ``model`` to ``sparsity`` at once, by magnitude (there is no gradient yet); the returned
         pruner keeps those masks fixed."""
-        pruner = cls(model, CubicSparsitySchedule(sparsity, 0, 0, 1), scope, block=block, criterion="magnitude")
+        schedule = CubicSparsitySchedule(sparsity, 0, 0, 1)
+        pruner = cls(model, schedule, scope, block=block, criterion="magnitude", pattern=pattern)
         pruner.update_masks(sparsity)
         pruner.apply_masks()
         return pruner
@@ -149,7 +158,9 @@ class Pruner:
         started = time.perf_counter()
         self.scorer.sync()
         survivors = [self._survivor_scores(t) for t in self.targets]
-        if self.scope == "per_matrix":
+        if self.pattern is not None:  # at most N of each M (N:M), then more among the survivors if asked
+            keeps = [_pattern_mask(scores, *self.pattern, sparsity) for scores in survivors]
+        elif self.scope == "per_matrix":
             keeps = [_top_mask(scores, sparsity) for scores in survivors]
         else:
             keeps = _global_keep(survivors, sparsity)
@@ -180,6 +191,7 @@ class Pruner:
             "last_step": self.last_step,
             "scope": self.scope,
             "block": self.block,
+            "pattern": list(self.pattern) if self.pattern else None,
             "criterion": self.criterion,
             "schedule": self.schedule.state_dict(),
             "masks": {name: mask.cpu() for name, mask in self.masks.items()},
@@ -195,6 +207,9 @@ class Pruner:
         block = int(state.get("block", 1))  # checkpoints from before blocks existed pruned single weights
         if block != self.block:
             raise SparseBertError(f"the pruner state prunes blocks of {block}, this pruner blocks of {self.block}")
+        pattern = tuple(state["pattern"]) if state.get("pattern") else None
+        if pattern != self.pattern:
+            raise SparseBertError(f"the pruner state has the pattern {pattern}, this pruner {self.pattern}")
         criterion = state.get("criterion", "magnitude")  # states from before the criteria existed
         if criterion != self.criterion:
             raise SparseBertError(f"the pruner state ranks by {criterion}, this pruner by {self.criterion}")
@@ -231,6 +246,56 @@ def _global_keep(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tens
             break
         capped |= over
     return [_top_mask(m, cap) if i in capped else m > threshold for i, m in enumerate(scores)]
+
+
+def check_pattern(pattern: tuple[int, int] | None, sparsity: float, block: int, scope: str,
+                  targets: list[PrunableLinear]) -> None:  # fmt: skip
+    """An N:M pattern: N < M, M dividing every matrix's rows, one matrix at a time, single weights, and a
+    target sparsity it can reach (at least 1 - N/M: at most N of M weights kept)."""
+    if pattern is None:
+        return
+    n, m = pattern
+    if not 0 < n < m:
+        raise SparseBertError(f"a pattern N:M keeps N < M weights of M, got {n}:{m}")
+    if block != 1 or scope != "per_matrix":
+        raise SparseBertError("--prune-pattern ranks single weights per matrix: use it without --prune-block and "
+                              "--prune-scope global")  # fmt: skip
+    uneven = [t.name for t in targets if t.module.weight.shape[1] % m]
+    if uneven:
+        raise SparseBertError(f"pattern {n}:{m}: {m} does not divide the input features of {uneven[0]}")
+    if sparsity < 1 - n / m - 1e-9:
+        raise SparseBertError(f"pattern {n}:{m} prunes at least {1 - n / m:.0%}; the target {sparsity:g} is below")
+
+
+def warn_dead_rows(sparsity: float, targets: list[PrunableLinear]) -> None:
+    """A matrix that keeps fewer weights than its rows has output features with no weight left (dead
+    features): allowed (the 97% point), said once."""
+    if sparsity > MAX_SPARSITY + 1e-9:
+        raise SparseBertError(f"sparsity must satisfy 0 <= sparsity <= {MAX_SPARSITY}, got {sparsity}")
+    thin = [t.name for t in targets if round((1 - sparsity) * t.module.weight.numel()) < t.module.weight.shape[0]]
+    if thin:
+        log.warning(
+            "at sparsity %g, %d of %d matrices keep fewer weights than they have rows (e.g. %s): some of "
+            "their output features will have no weight left",
+            sparsity,
+            len(thin),
+            len(targets),
+            thin[0],
+        )
+
+
+def _pattern_mask(scores: torch.Tensor, n: int, m: int, sparsity: float) -> torch.Tensor:
+    """Keep the top weights of every group of ``m`` consecutive inputs of a row: as many as ``sparsity``
+    leaves (rounded to whole weights per group, so a little under it on the way), never fewer than ``n``;
+    past 1 - n/m the rest is pruned among the survivors. Exactly N:M at the target 1 - n/m."""
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // m, m)
+    k = max(n, m - math.floor(sparsity * m + 1e-9))
+    kept = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(k, dim=-1).indices, True)
+    keep = kept.reshape(rows, cols)
+    if k == n and sparsity > 1 - n / m + 1e-9:  # only once the pattern holds: no group falls below N on the way
+        keep &= _top_mask(scores.masked_fill(~keep, -torch.inf), sparsity)
+    return keep
 
 
 def _top_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
