@@ -15,8 +15,8 @@ for both a plain fine-tuning step (forward, backward, clipping, AdamW) and a pru
 (teacher forward, student forward with hidden states and attention scores, three losses, backward,
 clipping, AdamW, mask re-application). Steps per hour come from the mean over the same number of
 consecutive batches of each variant's first epoch; the mean padded length of each variant's whole
-epoch says how representative that sample is. Pruning bookkeeping (and the taylor criterion's score
-update at every backward pass) is timed on its own.
+epoch says how representative that sample is. Pruning bookkeeping, and what each gradient criterion adds
+(taylor, obs: its work at every backward pass, its mask update, its memory), are timed on their own.
 
     .venv/bin/python bench/train_cost.py --data-dir ../shared/data/glue/MRPC --task mrpc --steps 30
 """
@@ -85,6 +85,8 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="also time the new defaults with bf16 forced")
     p.add_argument("--run-steps", type=int, default=1000)
     p.add_argument("--updates", type=int, default=100)
+    p.add_argument("--criteria", nargs="+", default=["taylor", "obs"], help="gradient criteria to cost")
+    p.add_argument("--fisher-block", type=int, default=32)
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
     hf_logging.set_verbosity_error()
@@ -130,15 +132,21 @@ def main() -> None:
     update = statistics.median(_timed(lambda: pruner.update_masks(0.9)) for _ in range(5))
     apply = statistics.median(_timed(pruner.apply_masks) for _ in range(5))
     bookkeeping = (args.updates * update + args.run_steps * apply) / args.run_steps
-    # --prune-criterion taylor adds, at every backward pass of the pruning window, |w * grad| folded into a
-    # running average per matrix (the hook's own work, timed on gradients of the weights' shape)
-    taylor = Pruner(copy.deepcopy(base), schedule, criterion="taylor")
-    for t in taylor.targets:
-        t.module.weight.grad = torch.randn_like(t.module.weight)
-    observe = statistics.median(
-        _timed(lambda: [taylor.observe(taylor.scores[t.name], t.module.weight) for t in taylor.targets])
-        for _ in range(5)
-    )
+    # A gradient criterion adds, at every backward pass of the pruning window, its hook's work (taylor: |w * grad|
+    # into a running average; obs: g gᵀ into each Fisher block), and its own mask update (obs: the Fisher's
+    # inverse and the survivors' update); timed on gradients of the weights' shape.
+    criteria = {}
+    for name in args.criteria:
+        options = {"fisher_block": args.fisher_block} if name == "obs" else {}
+        pruner = Pruner(copy.deepcopy(base), schedule, criterion=name, **options)
+        for t in pruner.targets:
+            t.module.weight.grad = torch.randn_like(t.module.weight)
+        observe = statistics.median(
+            _timed(lambda p=pruner: [p.observe(t.name, t.module.weight) for t in p.targets]) for _ in range(5)
+        )
+        updates = [_timed(lambda p=pruner, s=s: p.update_masks(s)) for s in (0.3, 0.6, 0.8, 0.9, 0.95)]
+        criteria[name] = {"observe_seconds": observe, "mask_update_seconds": statistics.median(updates),
+                          "memory_mb": round(pruner.scorer.nbytes() / 2**20, 1)}  # fmt: skip
 
     result = {
         "model": args.model,
@@ -163,7 +171,7 @@ def main() -> None:
         "mask_update_seconds": update,
         "mask_apply_seconds": apply,
         "bookkeeping_per_step_seconds": bookkeeping,
-        "taylor_scores_per_step_seconds": observe,
+        "criteria": criteria,
     }
     _report(result, names, args)
     if args.json:
@@ -200,8 +208,12 @@ def _report(result: dict, names: list[str], args: argparse.Namespace) -> None:
         f"mask update {result['mask_update_seconds'] * 1e3:.1f} ms, re-application "
         f"{result['mask_apply_seconds'] * 1e3:.2f} ms: bookkeeping {100 * share:.2f}% of a new distill step"
     )
-    taylor = result["taylor_scores_per_step_seconds"]
-    print(f"taylor scores {taylor * 1e3:.1f} ms per step: {100 * taylor / v['new']['distill_seconds']:.2f}% of it")
+    step = v["new"]["distill_seconds"]
+    for name, c in result["criteria"].items():  # steps per hour of a run whose every step is in the window
+        per_step = step + c["observe_seconds"] + args.updates * c["mask_update_seconds"] / args.run_steps
+        print(f"{name}: {c['observe_seconds'] * 1e3:.1f} ms per backward pass, mask update "
+              f"{c['mask_update_seconds']:.2f} s, {c['memory_mb']:.0f} MB: {3600 / per_step:.0f} distill steps/h "
+              f"({3600 / step:.0f} without)")  # fmt: skip
 
 
 if __name__ == "__main__":
