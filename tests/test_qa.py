@@ -409,3 +409,34 @@ def test_real_dev_split_labels_round_trip_through_postprocess():
     predictions = postprocess(examples, features, starts, ends)
     scores = squad_metrics({qid: p.text for qid, p in predictions.items()}, examples)
     assert scores["exact_match"] > 0.99 and scores["f1"] > 0.99
+
+
+def test_the_report_counts_the_span_head_at_every_token():
+    from transformers import BertConfig
+
+    from sparsebert.report import flops_per_sequence
+
+    qa = BertConfig(hidden_size=32, num_hidden_layers=2, architectures=["BertForQuestionAnswering"])
+    label = BertConfig(hidden_size=32, num_hidden_layers=2, architectures=["BertForSequenceClassification"])
+    body = 2 * 1000 * 64 + 2 * 2 * 2 * 64 * 64 * 32  # linears (1,000 nonzeros) and attention at 64 tokens
+    assert flops_per_sequence(qa, 1000, 64) == body + 2 * 32 * 2 * 64
+    assert flops_per_sequence(label, 1000, 64) == body + 2 * 32 * 32 + 2 * 32 * 2
+
+
+def test_a_span_model_trained_elsewhere_reads_squad_windows_not_its_tokenizers_limit():
+    """A hub QA model's tokenizer says 512 (BERT's positions); SQuAD models are trained on 384-token
+    windows, and sparsebert's own save their length and stride."""
+    from types import SimpleNamespace
+
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    from sparsebert.models import inference_length
+
+    config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                        architectures=["BertForQuestionAnswering"])  # fmt: skip
+    model = BertForQuestionAnswering(config)
+    tokenizer = SimpleNamespace(model_max_length=512)
+    assert inference_length(None, tokenizer, model, 384) == 384
+    model.config.sparsebert_doc_stride = 128  # trained by sparsebert: its saved length holds
+    assert inference_length(None, tokenizer, model, 384) == 512
+    assert inference_length(256, tokenizer, model, 384) == 256

@@ -119,13 +119,22 @@ def inference_length(
 
     sparsebert saves that length as the tokenizer's ``model_max_length`` (so it travels with the model,
     exported folders included); other tokenizers carry their architecture's limit or a huge sentinel,
-    bounded here by the model's positions and, for the sentinel, by ``default`` (the task's length).
+    bounded here by the model's positions and, for the sentinel, by ``default`` (the task's length). An
+    extractive QA model that sparsebert did not train gets ``default`` too (SQuAD's 384-token windows).
     """
     if given is not None:
         return given
     saved = tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else default
+    if _span_model_from_elsewhere(model):  # its tokenizer's 512 is the architecture's limit, not its windows
+        saved = default
     positions = getattr(model.config, "max_position_embeddings", None) or saved
     return min(saved, positions)
+
+
+def _span_model_from_elsewhere(model: nn.Module) -> bool:
+    config = model.config
+    span = any(name.endswith("ForQuestionAnswering") for name in getattr(config, "architectures", None) or ())
+    return span and getattr(config, "sparsebert_doc_stride", None) is None
 
 
 def inference_stride(given: int | None, model: nn.Module, length: int) -> int:

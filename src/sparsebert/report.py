@@ -10,14 +10,18 @@ from sparsebert.io import JsonlLog, atomic_write_json, atomic_write_text, read_j
 
 
 def flops_per_sequence(config, linear_nonzeros: int, seq_len: int) -> int:
-    """Multiply-adds x 2 for one sequence: encoder linears (their nonzeros), attention matmuls, head.
+    """Multiply-adds x 2 for one sequence: encoder linears (their nonzeros), attention matmuls, head (a
+    classifier on the first token, or extractive QA's span head on every token).
 
     Embedding lookups, softmax and LayerNorm are left out (they are a few percent at these sizes).
     """
     hidden, layers = config.hidden_size, config.num_hidden_layers
     linear = 2 * linear_nonzeros * seq_len
     attention = layers * 2 * 2 * seq_len * seq_len * hidden  # Q K^T and A V
-    head = 2 * hidden * hidden + 2 * hidden * config.num_labels  # pooler + classifier, first token only
+    if any(name.endswith("ForQuestionAnswering") for name in config.architectures or ()):
+        head = 2 * hidden * 2 * seq_len  # start and end logits at every token, no pooler
+    else:
+        head = 2 * hidden * hidden + 2 * hidden * config.num_labels  # pooler + classifier, first token only
     return linear + attention + head
 
 
