@@ -9,13 +9,17 @@
 #          (a variant's options come last: "long:--max-steps 8000" gives one variant its own length), then
 #          a second call on the warm machine continues each unfinished student from its checkpoint
 #          (`prune --output-dir D --resume`; BENCHMARKS.md "On a GPU")
+#   question answering (SQuAD v1.1 by article: 8,123 training questions, 1,204 dev; 384-token windows), 95% and
+#          97% with the second-order criterion beside taylor, three seeds:
+#          TASKS=squad VARIANTS="s95:--sparsity 0.95;s95-obs:--sparsity 0.95 --prune-criterion obs;s97-obs:--sparsity 0.97 --prune-criterion obs" bash bench/gpu_campaign.sh
 #   (after the students: the int8 sparse engine's dev metrics on any 1x4 students, if this CPU has VNNI)
 #   here, at tiny size on CPU (tests/test_gpu_campaign.py runs this so it cannot rot):
 #          PYTHON=.venv/bin/python SCALE=tiny bash bench/gpu_campaign.sh
 #
 # One chain per task, the three side by side, so MRPC's students start while SST-2's teacher trains:
 #   teachers (the final checkpoint of each run, the best on dev kept): MRPC lr {5e-5, 1e-4} x {3, 5}
-#   epochs; SST-2 (all 67,349 sentences, 1 epoch) and movie-rating (3 epochs) at lr {5e-5, 1e-4};
+#   epochs; SST-2 (all 67,349 sentences, 1 epoch) and movie-rating (3 epochs) at lr {5e-5, 1e-4}; squad (2
+#   epochs) at lr {5e-5, 1e-4}, chosen on dev F1;
 #   then students (bf16 by --mixed-precision auto on the GPU) with prune's defaults (taylor ranking, lr 3e-4
 #   decayed linearly, cubic pruning over the first 90% of the steps), the weights' mean over the last 10%
 #   saved beside the dev metrics of the last ones (--average-weights), MRPC with --augment 20, at 90% and
@@ -134,12 +138,13 @@ mrpc() {
   chain mrpc accuracy teacher-mrpc mrpc_students
 }
 students() {  # students NAME DATA sparsebert-options...: one student per recipe variant and seed
-  local name=$1 data=$2 seed variant options
+  local name=$1 data=() seed variant options
+  [ "$2" = - ] || data=(--data-dir "$DATA/$2")  # -: the data come as files in the options
   shift 2
   for variant in "${VARIANT_LIST[@]}"; do
     read -r -a options <<<"${variant#*:}"
     for seed in "${SEEDS[@]}"; do
-      run "student-$name-${variant%%:*}-s$seed" "${common[@]}" --data-dir "$DATA/$data" --seed $seed "$@" "${options[@]}"
+      run "student-$name-${variant%%:*}-s$seed" "${common[@]}" "${data[@]}" --seed $seed "$@" "${options[@]}"
     done
   done
 }
@@ -164,6 +169,19 @@ rating() {
   chain movie-rating pearson teacher-rating rating_students
 }
 rating_students() { students rating movie-rating --max-seq-length 64; }
+
+squad() {  # extractive QA: files, not a GLUE folder; tiny windows at tiny scale
+  PIDS=()
+  local lr
+  SQUAD_FILES=(--train-file "$DATA/squad/train-articles-00-35.json" --dev-file "$DATA/squad/dev-articles-36-41.json")
+  [ "$SCALE" = tiny ] && SQUAD_FILES+=(--doc-stride 8)  # windows of the tiny 32 tokens
+  for lr in 5e-5 1e-4; do
+    run "teacher-squad-lr$lr" finetune --model "$MODEL" --task squad "${SQUAD_FILES[@]}" --lr "$lr" --epochs 2 \
+      "${TEACHER[@]}"
+  done
+  chain squad f1 teacher-squad squad_students
+}
+squad_students() { students squad - "${SQUAD_FILES[@]}"; }
 
 progress() {  # rewrite results.json every 30 s until the campaign ends
   local n=0

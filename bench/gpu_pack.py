@@ -34,6 +34,7 @@ LIMIT_MB = 60
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 STUDENT_SHARE = 3.5  # see plan_steps: measured on the first H100 campaign (BENCHMARKS.md)
 GLUE = {"MRPC": ("train.tsv", "dev.tsv"), "SST-2": ("train.tsv", "dev.tsv")}
+SQUAD = ("train-articles-00-35.json", "dev-articles-36-41.json")  # SQuAD v1.1 split by article (4.2 MB)
 
 
 def pack(dest: Path, shared: Path) -> None:
@@ -56,6 +57,9 @@ def pack(dest: Path, shared: Path) -> None:
         for name in files:
             shutil.copy(shared / "data" / "glue" / task / name, dest / "data" / task / name)
     shutil.copytree(packaged_task_dir("movie-rating"), dest / "data" / "movie-rating")
+    (dest / "data" / "squad").mkdir()
+    for name in SQUAD:
+        shutil.copy(shared / "data" / "squad" / name, dest / "data" / "squad" / name)
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file()) / 2**20
     print(f"{dest}: {size:.1f} MiB")
     if size > LIMIT_MB:

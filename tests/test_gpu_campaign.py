@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import sentiment_rows, write_tsv
+from conftest import sentiment_rows, squad_articles, write_tsv
 from safetensors.torch import load_file
 
 from sparsebert.hardware import resolve_mixed_precision
@@ -24,7 +24,7 @@ MRPC_HEADER = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
 
 
 def _fake_shared(root: Path) -> Path:
-    """The two GLUE folders the pack copies, small: MRPC pairs and SST-2 sentences."""
+    """The two GLUE folders and the SQuAD files the pack copies, small: MRPC pairs, SST-2 sentences, questions."""
     for split, seed in (("train", 11), ("dev", 12)):
         rows = sentiment_rows(48, seed)
         pairs = [[label, i, i + 1, text, rows[(i + 1) % len(rows)][0]] for i, (text, label) in enumerate(rows)]
@@ -32,6 +32,10 @@ def _fake_shared(root: Path) -> Path:
         (root / "data" / "glue" / "SST-2").mkdir(parents=True, exist_ok=True)
         write_tsv(root / "data" / "glue" / "MRPC" / f"{split}.tsv", MRPC_HEADER, pairs)
         write_tsv(root / "data" / "glue" / "SST-2" / f"{split}.tsv", ["sentence", "label"], [list(r) for r in rows])
+    squad = root / "data" / "squad"
+    squad.mkdir(parents=True)
+    (squad / "train-articles-00-35.json").write_text(json.dumps(squad_articles(12, 21, two_golds=False)))
+    (squad / "dev-articles-36-41.json").write_text(json.dumps(squad_articles(4, 22, two_golds=True)))
     return root
 
 
@@ -59,6 +63,7 @@ def test_campaign_runs_end_to_end_at_tiny_size(tmp_path):
         # speed: on two cores shared with two training runs, the default 540 s stopped students unfinished.
         "BUDGET": "1800",
         "VARIANTS": "magnitude:--prune-criterion magnitude;taylor-block4:--prune-block 4",
+        "TASKS": "mrpc sst2 rating squad",
     }
     done = subprocess.run(
         ["bash", "bench/gpu_campaign.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400
@@ -74,12 +79,12 @@ def test_campaign_runs_end_to_end_at_tiny_size(tmp_path):
 
     result = json.loads((out / "results.json").read_text())
     students = {n: r for n, r in result["runs"].items() if n.startswith("student-")}
-    assert len(result["runs"]) == 14 and len(students) == 6  # 8 teachers; 3 tasks x 2 variants x 1 seed
+    assert len(result["runs"]) == 18 and len(students) == 8  # 10 teachers; 4 tasks x 2 variants x 1 seed
     assert all(r["finished"] for r in result["runs"].values())
-    assert set(result["teachers"]) == {"teacher-mrpc", "teacher-sst2", "teacher-rating"}
+    assert set(result["teachers"]) == {"teacher-mrpc", "teacher-sst2", "teacher-rating", "teacher-squad"}
     assert all(r["sparsity"] == pytest.approx(0.9, abs=1e-3) for r in students.values())
     variants = {"magnitude": ("magnitude", 1), "taylor-block4": ("taylor", 4)}
-    for task in ("mrpc-aug", "sst2", "rating"):  # every task once per variant and seed
+    for task in ("mrpc-aug", "sst2", "rating", "squad"):  # every task once per variant and seed
         for variant, (criterion, block) in variants.items():
             name = f"student-{task}-{variant}-s42"
             config = yaml.safe_load((runs / name / "config.yaml").read_text())
