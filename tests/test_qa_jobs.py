@@ -4,6 +4,8 @@ overflow (``--max-seq-length 32 --doc-stride 8``), and the QA parts of options, 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,8 @@ from sparsebert.distill import (
     span_soft_cross_entropy,
 )
 from sparsebert.qa import read_squad, squad_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def dev_ids(squad_dir: Path) -> set[str]:
@@ -64,6 +68,12 @@ def test_evaluate_squad_writes_metrics_and_the_answers_they_score(qa_teacher, sq
     assert set(predictions) == {e.id for e in examples}
     assert record["metrics"] == pytest.approx(squad_metrics(predictions, examples))
     assert record["metrics"] == pytest.approx(json.loads((qa_teacher / "metrics.json").read_text())["metrics"])
+    # the same figures from a scorer that shares no code with sparsebert (the official v1.1 rules, in percent)
+    scored = subprocess.run([sys.executable, ROOT / "bench" / "squad_v1_score.py", squad_dir / "dev-v1.1.json",
+                             tmp_path / "m.predictions.json"], capture_output=True, text=True, check=True)  # fmt: skip
+    official = json.loads(scored.stdout)
+    assert official == pytest.approx({k: 100 * v for k, v in record["metrics"].items()})
+    assert 0 < official["f1"] < 100  # a partly right model: the comparison means something
 
 
 def test_two_processes_answer_as_one(qa_teacher, squad_dir, tmp_path):
