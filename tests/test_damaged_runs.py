@@ -133,7 +133,13 @@ def test_no_good_checkpoint_is_one_line_and_touches_nothing(damage, runs, tmp_pa
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
 
 
-@pytest.mark.parametrize("damage", [truncate, empty, flip_middle], ids=lambda f: f.__name__)
+def cut_after_a_key(path: Path) -> None:
+    """Cut where a key's value begins: still YAML, the value a null ("log_every:")."""
+    text = path.read_text()
+    path.write_text(text[: text.index("log_every:") + len("log_every:")] + "\n")
+
+
+@pytest.mark.parametrize("damage", [truncate, empty, flip_middle, cut_after_a_key], ids=lambda f: f.__name__)
 def test_a_damaged_config_yaml_is_one_line(damage, runs, tmp_path, capsys):
     out = _copy(runs, tmp_path)
     (out / "config.yaml").write_text((out / "config.yaml").read_text() + "teacher: [unclosed\n")

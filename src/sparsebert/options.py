@@ -33,6 +33,7 @@ from sparsebert.tasks import DEFAULT_LENGTH
 TRAINED_LENGTH = f"truncate inputs to N tokens (default: the length the model was trained at, else {DEFAULT_LENGTH})"
 
 C = TypeVar("C")
+RESTORE = "restore it from a copy, or start the run again with --overwrite"  # a damaged config.yaml's way out
 
 
 def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, group: str = "training", factory=None):
@@ -140,8 +141,7 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
 def saved_options(folder: Path) -> dict[str, Any]:
     """The options a run in ``folder`` was started with (its ``config.yaml``; {} if it has none)."""
     path = folder / "config.yaml"
-    way_out = "restore it from a copy, or start the run again with --overwrite"
-    return read_yaml_mapping(path, "a run's config.yaml", way_out) if path.is_file() else {}
+    return read_yaml_mapping(path, "a run's config.yaml", RESTORE) if path.is_file() else {}
 
 
 def read_yaml_mapping(path: Path, what: str, way_out: str) -> dict[str, Any]:
@@ -165,8 +165,15 @@ def resumed_options(config: object) -> dict[str, Any]:
     folder = Path(options["output_dir"]) if options.get("resume") and options.get("output_dir") else None
     if folder is None or not is_sparsebert_output(folder):
         return {}
-    names = set(option_fields(type(config))) - {"output_dir", "overwrite", "resume"}
-    return {key: value for key, value in saved_options(folder).items() if key in names}
+    fields = option_fields(type(config))
+    names = set(fields) - {"output_dir", "overwrite", "resume"}
+    saved = {key: value for key, value in saved_options(folder).items() if key in names}
+    for key, value in saved.items():  # a file cut short can still be YAML: "log_every:" is a null
+        try:
+            _typed(value, fields[key][2], f"option {key}")
+        except SparseBertError as exc:
+            raise SparseBertError(f"{folder / 'config.yaml'}: {exc}; {RESTORE}") from None
+    return saved
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
