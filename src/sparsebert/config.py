@@ -302,9 +302,9 @@ class CompareOptions:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        for sparsity in self.sparsities:
-            if not 0.0 <= sparsity < 1.0:
-                raise SparseBertError(f"--sparsities must lie in [0, 1), got {sparsity}")
+        for sparsity in self.sparsities:  # the rule of --sparsity: a stage must not fail after the teacher trained
+            if not 0.0 <= sparsity <= MAX_SPARSITY:
+                raise SparseBertError(f"--sparsities must lie in [0, {MAX_SPARSITY}], got {sparsity}")
 
 
 @dataclass

@@ -133,7 +133,7 @@ def inference_length(
 
 def _span_model_from_elsewhere(model: nn.Module) -> bool:
     config = model.config
-    span = any(name.endswith("ForQuestionAnswering") for name in getattr(config, "architectures", None) or ())
+    span = head_kind(getattr(config, "architectures", None)) == "QuestionAnswering"
     return span and getattr(config, "sparsebert_doc_stride", None) is None
 
 

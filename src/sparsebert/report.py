@@ -7,6 +7,7 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from sparsebert.io import JsonlLog, atomic_write_json, atomic_write_text, read_json
+from sparsebert.models import head_kind
 
 
 def flops_per_sequence(config, linear_nonzeros: int, seq_len: int) -> int:
@@ -18,7 +19,7 @@ def flops_per_sequence(config, linear_nonzeros: int, seq_len: int) -> int:
     hidden, layers = config.hidden_size, config.num_hidden_layers
     linear = 2 * linear_nonzeros * seq_len
     attention = layers * 2 * 2 * seq_len * seq_len * hidden  # Q K^T and A V
-    if any(name.endswith("ForQuestionAnswering") for name in config.architectures or ()):
+    if head_kind(config.architectures) == "QuestionAnswering":
         head = 2 * hidden * 2 * seq_len  # start and end logits at every token, no pooler
     else:
         head = 2 * hidden * hidden + 2 * hidden * config.num_labels  # pooler + classifier, first token only

@@ -32,6 +32,7 @@ class Criterion:
     """Scores by magnitude; the base of the criteria that read gradients."""
 
     needs_gradients = False
+    sums_blocks = False  # a block's score: the L2 norm of its weights, or (loss-change criteria) the sum of theirs
 
     def __init__(self, targets: list[PrunableLinear], **options) -> None:
         self.targets = targets
@@ -45,7 +46,7 @@ class Criterion:
         """One score per block of ``block`` consecutive input weights, shape (out, in / block): the L2 norm of
         the block's weights for magnitude, the sum of its weights' scores for the loss-change criteria."""
         scores = self.scores(target).reshape(target.module.weight.shape[0], -1, block)
-        return scores.norm(dim=-1) if type(self) is Criterion else scores.sum(dim=-1)
+        return scores.sum(dim=-1) if self.sums_blocks else scores.norm(dim=-1)
 
     def observe(self, name: str, weight: nn.Parameter) -> None:
         """Fold one backward pass's gradient of the matrix ``name`` into the criterion's state."""
@@ -81,7 +82,7 @@ class Criterion:
 class Taylor(Criterion):
     """|w * grad|, an exponential average over the backward passes (``TAYLOR_MOMENTUM``)."""
 
-    needs_gradients = True
+    needs_gradients = sums_blocks = True
 
     def __init__(self, targets: list[PrunableLinear], **options) -> None:
         super().__init__(targets)
@@ -111,7 +112,7 @@ class OBS(Criterion):
     diagonal as a fraction of its mean (F is singular with fewer gradients than block entries).
     """
 
-    needs_gradients = True
+    needs_gradients = sums_blocks = True
 
     def __init__(self, targets: list[PrunableLinear], fisher_block: int = 32, fisher_gradients: int = 64,
                  fisher_damp: float = 0.01, **options) -> None:  # fmt: skip
