@@ -77,7 +77,7 @@ class DataOptions:
 @dataclass
 class TrainingOptions:
     """What a training job trains on and how it optimises (the fine-tuning defaults; ``prune`` starts from
-    ``STUDENT_TRAINING``)."""
+    ``student_training``)."""
 
     train_file: str | None = opt(None, "your own CSV/TSV/JSONL training file", group="data")
     max_train_examples: int | None = opt(None, "a fixed random sample of N training examples", group="data")
@@ -127,9 +127,6 @@ def student_training() -> TrainingOptions:
     defaults").
     """
     return TrainingOptions(lr=3e-4, warmup_ratio=0.02)
-
-
-STUDENT_TRAINING = "the student's schedule (student_training: a 3e-4 peak after a 2% warm-up)"
 
 
 @dataclass
@@ -361,7 +358,7 @@ class PruneConfig(JobConfig):
 
     models: TeacherStudent = group(TeacherStudent)
     data: DataOptions = group(DataOptions)
-    training: TrainingOptions = group(student_training, STUDENT_TRAINING)
+    training: TrainingOptions = group(student_training)
     pruning: PruningOptions = group(PruningOptions)
     run: RunOptions = group(RunOptions)
 
@@ -376,7 +373,7 @@ class CompressConfig(JobConfig):
 
     model: ModelOptions = group(ModelOptions)
     data: DataOptions = group(DataOptions)
-    training: TrainingOptions = group(student_training, STUDENT_TRAINING)
+    training: TrainingOptions = group(student_training)
     pruning: PruningOptions = group(PruningOptions)
     run: RunOptions = group(RunOptions)
     teacher: TeacherSchedule = group(TeacherSchedule)

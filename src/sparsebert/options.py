@@ -45,11 +45,10 @@ def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, gr
     return field(default=default, metadata=metadata)
 
 
-def group(factory: Callable[[], Any], why: str = "") -> Any:
+def group(factory: Callable[[], Any]) -> Any:
     """A group of options inside a command's configuration; ``factory`` gives the command's defaults (the
-    student's training group starts from a higher learning rate than a fine-tuning's), ``why`` says why
-    they differ from the group's own."""
-    return field(default_factory=factory, metadata={"group_of_options": True, "why": why})
+    student's training group starts from a higher learning rate than a fine-tuning's: its factory says why)."""
+    return field(default_factory=factory, metadata={"group_of_options": True})
 
 
 def groups(cls: type) -> list[dataclasses.Field]:
