@@ -25,6 +25,7 @@ from sparsebert.distill import LossWeights
 from sparsebert.errors import SparseBertError
 from sparsebert.options import at_least, build_config, check_choices, check_text_columns, group, opt, positive
 from sparsebert.pruning import MAX_SPARSITY, PRUNE_BLOCKS, PRUNE_CRITERIA
+from sparsebert.pruning.pruner import check_pattern_target
 from sparsebert.tasks import DEFAULT_LENGTH, DOC_STRIDE, task_length
 
 STRATEGIES = tuple(strategies.TABLE)
@@ -250,12 +251,10 @@ class PruningOptions:
         able to reach it (at most N of M kept: at least 1 - N/M). Run by the job once its groups are built,
         so that config.yaml records the target."""
         pattern = self.pattern()
-        least = 1 - pattern[0] / pattern[1] if pattern else 0.0
         if self.sparsity is None:
-            self.sparsity = least if pattern else 0.9
-        if pattern and (not 0 < pattern[0] < pattern[1] or self.sparsity < least - 1e-9):
-            raise SparseBertError(f"--prune-pattern {self.prune_pattern} keeps at most N of M weights (N < M): "
-                                  f"it needs --sparsity >= {least:g}, got {self.sparsity:g}")  # fmt: skip
+            self.sparsity = 1 - pattern[0] / pattern[1] if pattern else 0.9
+        if pattern:
+            check_pattern_target(pattern, self.sparsity)
 
     def pattern(self) -> tuple[int, int] | None:
         """--prune-pattern as (N, M), or None."""

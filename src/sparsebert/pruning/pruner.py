@@ -84,8 +84,11 @@ class Pruner:
         uneven = [t.name for t in self.targets if block < 1 or t.module.weight.shape[1] % block]
         if uneven:
             raise SparseBertError(f"pruning block {block} does not divide the input features of {uneven[0]}")
-        check_pattern(pattern, schedule.final_sparsity, block, scope, self.targets)
-        warn_dead_rows(schedule.final_sparsity, self.targets)
+        final = schedule.final_sparsity
+        if final > MAX_SPARSITY + 1e-9:
+            raise SparseBertError(f"sparsity must satisfy 0 <= sparsity <= {MAX_SPARSITY}, got {final}")
+        check_pattern(pattern, final, block, scope, self.targets)
+        warn_dead_rows(final, self.targets)
         self.masks: dict[str, torch.Tensor] = {
             t.name: torch.ones_like(t.module.weight, dtype=torch.bool) for t in self.targets
         }
@@ -255,14 +258,20 @@ def check_pattern(pattern: tuple[int, int] | None, sparsity: float, block: int, 
     if pattern is None:
         return
     n, m = pattern
-    if not 0 < n < m:
-        raise SparseBertError(f"a pattern N:M keeps N < M weights of M, got {n}:{m}")
+    check_pattern_target(pattern, sparsity)
     if block != 1 or scope != "per_matrix":
         raise SparseBertError("--prune-pattern ranks single weights per matrix: use it without --prune-block and "
                               "--prune-scope global")  # fmt: skip
     uneven = [t.name for t in targets if t.module.weight.shape[1] % m]
     if uneven:
         raise SparseBertError(f"pattern {n}:{m}: {m} does not divide the input features of {uneven[0]}")
+
+
+def check_pattern_target(pattern: tuple[int, int], sparsity: float) -> None:
+    """What an N:M pattern needs of its numbers alone (checked by ``prune``'s options before any model loads)."""
+    n, m = pattern
+    if not 0 < n < m:
+        raise SparseBertError(f"a pattern N:M keeps N < M weights of M, got {n}:{m}")
     if sparsity < 1 - n / m - 1e-9:
         raise SparseBertError(f"pattern {n}:{m} prunes at least {1 - n / m:.0%}; the target {sparsity:g} is below")
 
@@ -270,8 +279,6 @@ def check_pattern(pattern: tuple[int, int] | None, sparsity: float, block: int, 
 def warn_dead_rows(sparsity: float, targets: list[PrunableLinear]) -> None:
     """A matrix that keeps fewer weights than its rows has output features with no weight left (dead
     features): allowed (the 97% point), said once."""
-    if sparsity > MAX_SPARSITY + 1e-9:
-        raise SparseBertError(f"sparsity must satisfy 0 <= sparsity <= {MAX_SPARSITY}, got {sparsity}")
     thin = [t.name for t in targets if round((1 - sparsity) * t.module.weight.numel()) < t.module.weight.shape[0]]
     if thin:
         log.warning(
