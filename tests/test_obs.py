@@ -104,3 +104,13 @@ def test_obs_moves_the_survivors_of_a_block_it_prunes_and_leaves_the_others():
 def test_obs_refuses_a_block_that_does_not_divide_the_rows():
     with pytest.raises(SparseBertError, match="--fisher-block 32 does not divide"):
         Pruner(tiny(), CubicSparsitySchedule(0.5, 0, 1), criterion="obs")  # 16 and 40 inputs
+
+
+def test_a_mask_update_keeps_no_inverse_after_it():
+    """The fp64 inverses (twice the Fisher's memory) live from an update's scores to its weight moves only."""
+    model = tiny()
+    pruner = Pruner(model, CubicSparsitySchedule(0.5, 0, 1, num_updates=1), criterion="obs", fisher_block=8)
+    ids = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+    pruner.step()
+    assert pruner.scorer.inverses == {}

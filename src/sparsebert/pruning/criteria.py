@@ -127,7 +127,7 @@ class OBS(Criterion):
         self.fisher = {
             t.name: torch.zeros(t.module.weight.numel() // fisher_block, fisher_block, fisher_block) for t in targets
         }
-        self.inverses: dict[str, torch.Tensor] = {}  # of the current F: shared by a mask update's scores and moves
+        self.inverses: dict[str, torch.Tensor] = {}  # of the current F, from a mask update's scores to its moves
 
     @torch.no_grad()
     def observe(self, name: str, weight: nn.Parameter) -> None:
@@ -163,12 +163,14 @@ class OBS(Criterion):
         (to second order) of zeroing the block's pruned weights is the least. Weights pruned earlier are
         zero and stay in the constraint, so they stay zero."""
         weight = target.module.weight
+        inverse = self.inverse(target.name)
+        self.inverses.pop(target.name)  # the update's last use: the fp64 inverses are twice the Fisher's size
         grew = (old & ~new).reshape(-1, self.block).any(dim=1).cpu()
         if not bool(grew.any()):
             return
         w = weight.detach().double().reshape(-1, self.block)[grew.to(weight.device)].cpu()
         pruned = ~new.reshape(-1, self.block)[grew.to(new.device)].cpu()
-        f_inv = self.inverse(target.name)[grew]
+        f_inv = inverse[grew]
         delta = obs_update(w, pruned, f_inv)
         flat = weight.detach().reshape(-1, self.block)
         flat[grew.to(weight.device)] += delta.to(weight.device, weight.dtype)
