@@ -16,9 +16,11 @@ import json
 import re
 import string
 
+PUNCTUATION = set(string.punctuation)
+
 
 def normalize(text: str) -> str:
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text.lower() if ch not in PUNCTUATION)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
