@@ -3,7 +3,7 @@
 the Python functions that call them: ``spmm``, ``attention_fm``, ``layer_norm_fm``) and each projection
 kind of layer 0 timed alone, GFMA/s on the non-zeros.
 
-    .venv/bin/python bench/engine_profile.py --arch bert-base --sparsity 0.95 --batch-size 32
+    .venv/bin/python bench/engine_profile.py --arch bert-base --sparsity 0.95 --batch-size 32 [--backend bf16]
     PYTHONPATH=/tmp/sb/old/src .venv/bin/python bench/engine_profile.py ...   # another revision's engine
 """
 
@@ -27,10 +27,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--backend", default="auto", help="the sparse kernels (runtime/ops.py SPARSE_BACKENDS)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = random_pruned_model(args.arch, args.sparsity)
-    sparsify(model, mode="encoder")
+    sparsify(model, mode="encoder", backend=args.backend)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 1000, (args.batch_size, args.seq_len), generator=gen)
     with torch.no_grad():

@@ -471,7 +471,7 @@ def test_bench_on_a_compressed_folder(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "95.0%" in out
     # the kernels each projection ran at batch 2 (timed at its first call: tiny matrices may run dense)
-    line = next(x for x in out.splitlines() if x.startswith("kernels: b2 encoder mode, "))
+    line = next(x for x in out.splitlines() if x.startswith("kernels: b2 auto: encoder mode, "))
     counts = [part.split(" ") for part in line.split("mode, ")[1].split(", ")]
     assert sum(int(n) for n, _ in counts) == 8 and {k for _, k in counts} <= {"cpp-csr", "torch-csr", "dense"}
 
@@ -716,3 +716,20 @@ def test_threads_sharing_one_sparsified_model_each_get_their_own_results():
         results = list(pool.map(lambda ids: hidden_and_logits(fast, ids, None)[0], inputs))
     for got, want in zip(results, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_times_several_backends_in_the_same_rounds_with_their_useful_flops():
+    """One result per backend and batch size, sharing the dense timings of the same rounds; GFLOP/s counts the
+    non-zero products and attention (forward_flops), read against this CPU's measured fp32 GEMM rate."""
+    from sparsebert.runtime.bench import bench_model, forward_flops
+
+    model = pruned_model(small(BertConfig), 0.9)
+    results = bench_model(model, [1, 2], 16, 1, "tiny", backend=["auto", "cpp"], warmup=1, reps=3)
+    assert [(r.batch_size, r.backend) for r in results] == [(1, "auto"), (1, "cpp"), (2, "auto"), (2, "cpp")]
+    assert results[0].baselines is results[1].baselines and results[0].max_abs_diff["sparse"] < 1e-4
+    nonzeros = sum(int((m.weight != 0).sum()) for n, m in model.named_modules() if n.startswith("bert.encoder")
+                   and isinstance(m, torch.nn.Linear))  # fmt: skip
+    assert forward_flops(model, 2, 16) == 2 * nonzeros * 32 + 4 * 2 * 2 * 16 * 16 * 64
+    for r in results:
+        assert r.gflops == pytest.approx(forward_flops(model, r.batch_size, 16) / r.sparse_ms / 1e6)
+        assert 0 < r.share_of_gemm < 10

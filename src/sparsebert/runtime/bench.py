@@ -39,7 +39,10 @@ class BenchResult:
     sparse_ms: float
     speedup: float
     model: str = ""
+    backend: str = "auto"  # the sparse engine's kernels (several backends time in one run, one result each)
     kernels: str = ""
+    gflops: float = 0.0  # the sparse forward's useful work (non-zero products, attention) per second
+    share_of_gemm: float = 0.0  # gflops over this CPU's dense fp32 GEMM rate measured in the same run
     baselines: dict[str, float] = field(default_factory=dict)  # ms of each dense path timed, fp32 included
     max_abs_diff: dict[str, float] = field(default_factory=dict)  # each path's output vs dense fp32's
     best_dense: str = "fp32"
@@ -66,9 +69,31 @@ def random_pruned_model(arch: str, sparsity: float, seed: int = 0, block: int = 
     return model
 
 
+def forward_flops(model: nn.Module, batch: int, seq: int) -> float:
+    """The work of one forward that any engine must do: 2 flops per non-zero weight of every prunable
+    projection and token, and attention's two products (4 x batch x seq^2 x hidden a layer); embeddings,
+    LayerNorm and softmax left out. What ``gflops`` divides, so engines and CPUs compare on one measure."""
+    from sparsebert.layers import find_prunable_linears
+
+    linear = sum(int((t.module.weight != 0).sum()) for t in find_prunable_linears(model))
+    cfg = model.config
+    return 2.0 * linear * batch * seq + 4.0 * cfg.num_hidden_layers * batch * seq * seq * cfg.hidden_size
+
+
+def gemm_gflops(threads: int, size: int = 1024, reps: int = 5) -> float:
+    """This CPU's dense fp32 GEMM rate on ``threads`` threads (best of ``reps`` products of two ``size``-square
+    matrices): the yardstick ``share_of_gemm`` is read against, measured rather than taken from a data sheet."""
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=gen), torch.randn(size, size, generator=gen)
+    torch.mm(a, b)
+    best = min(median_ms([lambda: torch.mm(a, b)], 0, 1, 1.0)[0] for _ in range(reps))
+    return 2.0 * size**3 / best / 1e6
+
+
 def bench_pair(
     dense: nn.Module,
-    sparse: nn.Module,
+    sparse: nn.Module | dict[str, nn.Module],
     batch_sizes: list[int],
     seq_len: int,
     threads: int,
@@ -81,30 +106,39 @@ def bench_pair(
     budget_s: float = 30.0,
     seed: int = 0,
 ) -> list[BenchResult]:
-    """Time the sparse model against each dense baseline (default: ``dense`` in fp32), interleaved.
+    """Time the sparse model(s) against each dense baseline (default: ``dense`` in fp32), interleaved.
 
-    ``kernels(tokens)`` says which kernels the sparse model ran at that input size (read after the first
-    call, which is when a timed backend chooses them)."""
+    ``sparse``: one model, or several by backend name, each timed in the same rounds and reported as its
+    own result. ``kernels(backend, tokens)`` says which kernels a sparse model ran at that input size (read
+    after the first call, which is when a timed backend chooses them)."""
     torch.set_num_threads(threads)
+    sparse = sparse if isinstance(sparse, dict) else {"auto": sparse}
     paths = dict(baselines or {"fp32": first_output(dense)})
-    paths["sparse"] = first_output(sparse)
+    engines = {f"sparse {name}": first_output(model) for name, model in sparse.items()}
+    gemm = gemm_gflops(threads)
     gen = torch.Generator().manual_seed(seed)
     results = []
     for bs in batch_sizes:
         ids = torch.randint(0, dense.config.vocab_size, (bs, seq_len), generator=gen)
         mask = torch.ones_like(ids)
+        flops = forward_flops(dense, bs, seq_len)
         with torch.inference_mode():
             reference = paths["fp32"](ids, mask)
-            diffs = {n: float((fn(ids, mask) - reference).abs().max()) for n, fn in paths.items() if n != "fp32"}
-            calls = [lambda fn=fn, i=ids, a=mask: fn(i, a) for fn in paths.values()]
-            timed = dict(zip(paths, median_ms(calls, warmup, reps, budget_s), strict=True))
-        sparse_ms = timed.pop("sparse")
+            every = paths | engines
+            diffs = {n: float((fn(ids, mask) - reference).abs().max()) for n, fn in every.items() if n != "fp32"}
+            calls = [lambda fn=fn, i=ids, a=mask: fn(i, a) for fn in every.values()]
+            timed = dict(zip(every, median_ms(calls, warmup, reps, budget_s), strict=True))
+        sparse_ms = {name: timed.pop(f"sparse {name}") for name in sparse}
         best = min(timed, key=timed.__getitem__)
-        result = BenchResult(bs, seq_len, threads, sparsity, timed["fp32"], sparse_ms, timed["fp32"] / sparse_ms)
-        result.model, result.baselines, result.max_abs_diff = label, timed, diffs
-        result.kernels = kernels(bs * seq_len) if kernels else ""
-        result.best_dense, result.speedup_vs_best_dense = best, timed[best] / sparse_ms
-        results.append(result)
+        for name, ms in sparse_ms.items():
+            result = BenchResult(bs, seq_len, threads, sparsity, timed["fp32"], ms, timed["fp32"] / ms, label, name)
+            result.baselines = timed
+            result.max_abs_diff = {n: d for n, d in diffs.items() if n in timed} | {"sparse": diffs[f"sparse {name}"]}
+            result.kernels = kernels(name, bs * seq_len) if kernels else ""
+            result.best_dense, result.speedup_vs_best_dense = best, timed[best] / ms
+            result.gflops = flops / ms / 1e6
+            result.share_of_gemm = result.gflops / gemm
+            results.append(result)
     return results
 
 
@@ -116,19 +150,24 @@ def bench_model(
     label: str = "",
     mode: str = "auto",
     max_density: float | None = None,
-    backend: str = "auto",
+    backend: str | list[str] = "auto",
     baselines: list[str] = ("fp32",),
     **timing,
 ) -> list[BenchResult]:
-    """Benchmark a (pruned) model's sparsified copy against the model on each dense path in ``baselines``."""
+    """Benchmark a (pruned) model's sparsified copy, one per backend in ``backend``, against the model on
+    each dense path in ``baselines``, all in the same interleaved rounds."""
     model.eval()
     sparsity = sparsity_report(model)["overall"]
-    fast = copy.deepcopy(model)
-    report = sparsify(fast, mode=mode, backend=backend, max_density=max_density)
+    fast, reports = {}, {}
+    for name in [backend] if isinstance(backend, str) else backend:
+        fast[name] = copy.deepcopy(model)
+        reports[name] = sparsify(fast[name], mode=mode, backend=name, max_density=max_density)
     dense_paths = build_baselines(model, resolve_baselines(list(baselines)), seq_len, threads)
-    return bench_pair(
-        model, fast, batch_sizes, seq_len, threads, sparsity, label, report.summary, dense_paths, **timing
-    )
+
+    def kernels(name: str, tokens: int) -> str:
+        return reports[name].summary(tokens)
+
+    return bench_pair(model, fast, batch_sizes, seq_len, threads, sparsity, label, kernels, dense_paths, **timing)
 
 
 def format_table(results: list[BenchResult]) -> str:
@@ -137,15 +176,15 @@ def format_table(results: list[BenchResult]) -> str:
     head = (
         f"{'model':<12} {'sparsity':>8} {'batch':>5} {'seq':>4} {'thr':>3} "
         + " ".join(f"{name + ' ms':>12}" for name in names)
-        + f" {'sparse ms':>10} {'vs fp32':>7} {'vs best dense':>18} {'sparse sent/s':>13}"
+        + f" {'sparse':>8} {'ms':>9} {'vs fp32':>7} {'vs best dense':>18} {'sent/s':>8} {'GFLOP/s':>8} {'of GEMM':>7}"
     )
     rows = [head, "-" * len(head)]
     for r in results:
         rows.append(
             f"{r.model:<12} {100 * r.sparsity:7.1f}% {r.batch_size:>5} {r.seq_len:>4} {r.threads:>3} "
             + " ".join(f"{r.baselines.get(name, float('nan')):12.2f}" for name in names)
-            + f" {r.sparse_ms:10.2f} {r.speedup:6.2f}x {r.speedup_vs_best_dense:6.2f}x ({r.best_dense:>8})"
-            f" {r.sparse_sentences_per_s:13.1f}"
+            + f" {r.backend:>8} {r.sparse_ms:9.2f} {r.speedup:6.2f}x {r.speedup_vs_best_dense:6.2f}x"
+            f" ({r.best_dense:>8}) {r.sparse_sentences_per_s:8.1f} {r.gflops:8.1f} {100 * r.share_of_gemm:6.0f}%"
         )
     return "\n".join(rows)
 

@@ -39,8 +39,8 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "
 STRICT_ENV = "SPARSEBERT_KERNELS_STRICT"
 # What the kernels compiled with -march=native should offer, by the /proc/cpuinfo flag that makes the
 # compiler define the macro each one tests: the fused attention (the engine's fast path) needs AVX-512F,
-# the int8 products AVX512-VNNI.
-EXPECTED = {"attention_supported": "avx512f", "int8_supported": "avx512_vnni"}
+# the int8 products AVX512-VNNI, the bf16 ones AVX512-BF16.
+EXPECTED = {"attention_supported": "avx512f", "int8_supported": "avx512_vnni", "bf16_supported": "avx512_bf16"}
 
 
 def strict() -> bool:
@@ -127,6 +127,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.attention_supported.restype = c_int
     lib.attention_fm_f32.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, c_float, ptr, c_int]
     lib.attention_fm_f32.restype = None
+    lib.bf16_supported.restype = c_int
+    if lib.bf16_supported():
+        lib.spmm_pairs_bf16.argtypes = [i64, i64, i64, i64, *[ptr] * 8, c_int, i64, c_int]
+        lib.to_bf16_fm.argtypes = [i64, i64, i64, ptr, ptr, c_int]
+        lib.attention_fm_bf16.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, c_float, ptr, c_int]
     if lib.int8_supported():
         lib.quantize_b4.argtypes = [i64, i64, i64, ptr, ptr, ptr, c_int]
         lib.spmm_b4_i8.argtypes = [i64, i64, i64, *[ptr] * 10, i64, c_int]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsebert.errors import SparseBertError
-from sparsebert.options import add_arguments, config_from_args, opt, require
+from sparsebert.options import add_arguments, check_choices, config_from_args, opt, require
 from sparsebert.pruning import PRUNE_BLOCKS
 from sparsebert.runtime.ops import SPARSE_BACKENDS
 
@@ -46,9 +46,10 @@ class BenchConfig:
     seq_len: int = opt(128, "tokens per sentence", group="bench")
     threads: int = opt(2, "CPU threads", group="bench")
     mode: str = opt("auto", "sparse engine mode", choices=("auto", "encoder", "linear"), group="bench")
-    backend: str = opt("auto", "sparse kernels: auto (per matrix the faster exact one, timed), fastest (also "
-                       "dense bf16 where native and int8 on 1x4 blocks: lossy), or fixed: cpp, torch, int8 (VNNI, "
-                       "--prune-block 4 models)", choices=SPARSE_BACKENDS, group="bench")  # fmt: skip
+    backend: list[str] = opt(help="sparse kernels, one or more timed side by side (e.g. auto,bf16): auto (per "
+                             "matrix the faster exact one, timed), fastest (also the lossy ones), or fixed: cpp, "
+                             "torch, int8 (VNNI, --prune-block 4 models), bf16 (AVX512-BF16: bf16 activations)",
+                             choices=SPARSE_BACKENDS, factory=lambda: ["auto"], group="bench")  # fmt: skip
     max_density: float | None = opt(None, "densest matrix run sparse (default 0.3; 0.5 when timed)", group="bench")
     baselines: list[str] = opt(
         help="dense paths timed beside the sparse engine: auto (fp32, bf16 where the CPU has it natively, "
@@ -63,6 +64,7 @@ class BenchConfig:
     plot: str | None = opt(None, "PNG of sentences/s vs compression ratio (several sparsities)", group="bench")
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if (self.model is None) == (self.arch is None):
             raise SparseBertError("give exactly one of --model and --arch")
         if any(not 0.0 <= v < 1.0 for v in self.sparsity):
@@ -165,7 +167,7 @@ def cmd_bench(args: BenchConfig) -> int:
             del model
         if len(args.sparsity) > 1:
             print("\nall results:\n" + format_table(results))
-    print("kernels: " + "; ".join(f"b{r.batch_size} {r.kernels}" for r in results))
+    print("kernels: " + "; ".join(f"b{r.batch_size} {r.backend}: {r.kernels}" for r in results))
     if args.json:
         Path(args.json).write_text(json.dumps(results_json(results), indent=2) + "\n")
         print(f"wrote {args.json}")

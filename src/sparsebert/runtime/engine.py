@@ -22,6 +22,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from sparsebert.errors import SparseBertError
+from sparsebert.runtime.bf16 import attention_bf16, padded, to_bf16
 from sparsebert.runtime.kernels import attention_available, attention_fm, layer_norm_fm
 from sparsebert.runtime.ops import ProjectionOp, make_projection
 
@@ -151,6 +152,7 @@ class SparseEncoder(nn.Module):
         if not all(block_parts(b) for b in layers):
             raise SparseBertError("the sparse encoder needs BERT- or MPNet-style blocks (see LAYOUTS)")
         self.relative_bias = relative_bias
+        self.bf16 = backend == "bf16"  # activations between products in bf16 (``_layer_bf16``)
         self.num_heads = config.num_attention_heads
         self.hidden = config.hidden_size
         self.head_dim = self.hidden // self.num_heads
@@ -197,6 +199,9 @@ class SparseEncoder(nn.Module):
             h, inner = self.hidden, self.layers[0].up.shape[0]
             sizes = {"x": h, "qkv": 3 * h, "ctx": h, "a": h, "u": inner}
             ws = {name: torch.empty(rows, tokens, dtype=torch.float32) for name, rows in sizes.items()}
+            if self.bf16:  # one product's bf16 input at a time (x, then ctx, then a), and the FFN's
+                ws |= {name: torch.empty(rows, padded(tokens), dtype=torch.bfloat16) for name, rows in
+                       (("hb", h), ("qkvb", 3 * h), ("ub", inner))}  # fmt: skip
             self._local.ws = ws
         return ws
 
@@ -259,12 +264,38 @@ class SparseEncoder(nn.Module):
         x.copy_(hidden_states.detach().reshape(batch * seq, hidden).t())
         offsets = self._scores_offsets(self._additive_mask(attention_mask, batch), seq)
         for layer in self.layers:
+            if self.bf16:
+                x = self._layer_bf16(layer, x, ws, batch, seq, offsets)
+                continue
             ctx = self._attention(layer.qkv(x, out=ws["qkv"]), batch, seq, offsets, ws["ctx"])
             a = layer.ln_attn(layer.out(ctx, residual=x, out=ws["a"]))
             u = layer.act(layer.up(a, out=ws["u"]))
             x = layer.ln_out(layer.down(u, residual=a, out=x))
         out = torch.empty(batch * seq, hidden, dtype=dtype)  # always fresh: x is reused by the next call
         return out.copy_(x.t()).view(batch, seq, hidden)
+
+    def _layer_bf16(self, layer: _Layer, x: torch.Tensor, ws: dict, batch: int, seq: int, offsets: _Offsets):
+        """One layer with bf16 inputs to its products: the residual stream, attention and LayerNorm stay
+        fp32; each product reads a bf16 copy of its input, and the FFN's up projection writes its bf16
+        output through the exact GELU in the same pass (another activation runs in fp32 between)."""
+        tokens, hb, ub = batch * seq, ws["hb"], ws["ub"]
+        if offsets.kernel and self.head_dim % 2 == 0:  # attention in bf16 too: its context straight into hb
+            layer.qkv.bf16(to_bf16(x, out=hb), tokens, out_bf16=ws["qkvb"])
+            scale = 1.0 / math.sqrt(self.head_dim)
+            attention_bf16(ws["qkvb"], batch, seq, self.num_heads, offsets.scores, scale, hb, offsets.bias_km)
+        else:
+            layer.qkv.bf16(to_bf16(x, out=hb), tokens, out=ws["qkv"])
+            to_bf16(self._attention(ws["qkv"], batch, seq, offsets, ws["ctx"]), out=hb)
+        a = ws["a"]
+        layer.out.bf16(hb, tokens, residual=x, out=a)
+        layer.ln_attn(a)
+        if layer.act is _gelu_:
+            layer.up.bf16(to_bf16(a, out=hb), tokens, out_bf16=ub, gelu=True)
+        else:
+            layer.up.bf16(to_bf16(a, out=hb), tokens, out=ws["u"])
+            to_bf16(layer.act(ws["u"]), out=ub)
+        layer.down.bf16(ub, tokens, residual=a, out=x)
+        return layer.ln_out(x)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
         return BaseModelOutputWithPastAndCrossAttentions(

@@ -23,15 +23,17 @@ import torch
 
 from sparsebert.errors import SparseBertError
 from sparsebert.hardware import native_bf16
+from sparsebert.runtime.bf16 import PairCSR, bf16_available, scratch, spmm_bf16, to_bf16
 from sparsebert.runtime.int8 import BlockInt8Matrix, int8_available, spmm_int8, suits_int8
 from sparsebert.runtime.kernels import CSRMatrix, add_bias_residual, cpp_available, spmm
 
 # The sparse runtime's kernels (runtime/ops.py). auto: per matrix, the faster of the exact kernels (fp32 CSR,
 # dense fp32), timed on the first call at each input size; fastest: the same among the lossy ones too
-# (dense bf16 where the CPU has it natively, int8 on 1x4 blocks). Fixed, by density: cpp (compiled CSR),
-# torch (MKL CSR), int8 (the VNNI kernel where 1x4 blocks are sparse enough, models pruned with
-# --prune-block 4; the rest as cpp).
-SPARSE_BACKENDS = ("auto", "fastest", "cpp", "torch", "int8")
+# (dense bf16 where the CPU has it natively, bf16 CSR and int8 on 1x4 blocks where it has the instructions).
+# Fixed, by density: cpp (compiled CSR), torch (MKL CSR), int8 (the VNNI kernel where 1x4 blocks are sparse
+# enough, models pruned with --prune-block 4; the rest as cpp), bf16 (AVX512-BF16: bf16 CSR, dense bf16
+# otherwise; the encoder keeps its activations in bf16 between products, runtime/bf16.py).
+SPARSE_BACKENDS = ("auto", "fastest", "cpp", "torch", "int8", "bf16")
 # The densest matrix a backend runs sparse. Fixed kernels: at density 0.3 CSR still won on every shape we
 # measured, at 0.5 not on all (BENCHMARKS.md, "Kernel choice"). Timed ones try CSR up to 0.5 and keep it
 # only where it wins (section 9).
@@ -82,6 +84,26 @@ class _DenseBf16:  # bf16 operands, fp32 bias/residual/result: the dense path a 
 
     def __call__(self, x, bias, residual, out):
         return add_bias_residual(torch.mm(self.weight, x.to(torch.bfloat16)).float(), bias, residual, out)
+
+    def bf16(self, xb, tokens, bias, residual, out, out_bf16, gelu):
+        """The bf16 engine's call (see ``ProjectionOp.bf16``)."""
+        y = add_bias_residual(torch.mm(self.weight, xb[:, :tokens]).float(), bias, residual, out)
+        if out_bf16 is not None:
+            to_bf16(torch.nn.functional.gelu(y) if gelu else y, out=out_bf16)
+
+
+@dataclass
+class _PairBf16:  # bf16 CSR (AVX512-BF16); from fp32 X here, bf16 X in the engine's bf16 path
+    matrix: PairCSR
+
+    def __call__(self, x, bias, residual, out):
+        y = torch.empty(self.matrix.shape[0], x.shape[1]) if out is None else out
+        spmm_bf16(self.matrix, to_bf16(x, scratch(*x.shape)), x.shape[1], bias, residual, out=y)
+        return y
+
+    def bf16(self, xb, tokens, bias, residual, out, out_bf16, gelu):
+        """The bf16 engine's call (see ``ProjectionOp.bf16``)."""
+        spmm_bf16(self.matrix, xb, tokens, bias, residual, out=out, out_bf16=out_bf16, gelu=gelu)
 
 
 @dataclass
@@ -140,6 +162,19 @@ class ProjectionOp:
         if kind not in self._kernels:
             self._kernels[kind] = build_kernel(kind, self.master, dense or functools.cache(self._dense))
         return self._kernels[kind]
+
+    def bf16(
+        self, xb: torch.Tensor, tokens: int, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+        out_bf16: torch.Tensor | None = None, gelu: bool = False,
+    ) -> None:  # fmt: skip
+        """The projection of bf16 activations (``bf16.padded(tokens)`` columns, ``tokens`` real) into fp32
+        ``out`` and/or bf16 ``out_bf16`` (through the exact GELU first when ``gelu``): the bf16 engine's
+        path, for the ``bf16`` backend's fixed kinds only."""
+        kind = self.candidates[0]
+        if self.candidates != (kind,) or kind not in ("cpp-bf16", "dense-bf16"):
+            raise SparseBertError(f"bf16 activations need the bf16 backend's kernels, not {'|'.join(self.candidates)}")
+        self._last = kind
+        self._kernel(kind).bf16(xb, tokens, self.bias, residual, out, out_bf16, gelu)
 
     def _dense(self) -> torch.Tensor:
         return self.master.to_dense() if isinstance(self.master, CSRMatrix) else self.master
@@ -207,6 +242,8 @@ def build_kernel(kind: str, master: CSRMatrix | torch.Tensor, dense: Callable[[]
         return _Dense(dense())
     if kind == "dense-bf16":
         return _DenseBf16(dense().to(torch.bfloat16))
+    if kind == "cpp-bf16":
+        return _PairBf16(PairCSR.from_csr(master))
     if kind == "cpp-int8":
         return _Int8(BlockInt8Matrix.from_dense(dense()))
     raise SparseBertError(f"unknown kernel kind {kind!r}")
@@ -220,6 +257,8 @@ def resolve_backend(backend: str) -> str:
         raise SparseBertError("the C++ sparse kernels could not be built (is g++ installed?); use backend='torch'")
     if backend == "int8" and not int8_available():
         raise SparseBertError("backend 'int8' needs the compiled kernels on a CPU with AVX512-VNNI")
+    if backend == "bf16" and not bf16_available():
+        raise SparseBertError("backend 'bf16' needs the compiled kernels on a CPU with AVX512-BF16")
     return backend
 
 
@@ -228,10 +267,14 @@ def _candidates(weight: torch.Tensor, sparse: bool, backend: str, max_density: f
     it natively: emulated, it is slower than fp32 and would only waste the timing."""
     csr = "cpp-csr" if cpp_available() else "torch-csr"
     int8 = backend in ("int8", "fastest") and int8_available() and suits_int8(weight, max_density)
+    if backend == "bf16":
+        return ("cpp-bf16" if sparse else "dense-bf16",)
     if backend not in TIMED_BACKENDS:
         fixed = "cpp-int8" if int8 else ("torch-csr" if backend == "torch" else "cpp-csr") if sparse else "dense"
         return (fixed,)
     kinds = (["cpp-int8"] if int8 else []) + ([csr] if sparse else []) + ["dense"]
+    if backend == "fastest" and sparse and bf16_available():
+        kinds.append("cpp-bf16")
     if backend == "fastest" and native_bf16("cpu"):
         kinds.append("dense-bf16")
     return tuple(kinds)

@@ -295,6 +295,291 @@ void attention_fm_f32(int64_t, int64_t, int64_t, int64_t, const float*, const fl
                       int) {}
 #endif
 
+}  // extern "C"
+
+// bf16 products (AVX512-BF16): W in pair-CSR — per row, its non-zeros taken two at a time (a row with an odd
+// count gets a zero partner), the two columns as int32s and the two bf16 values as one int32 — against X in
+// bf16, feature-major, tokens padded to a multiple of 32. One 64-byte load holds 32 tokens of one input row;
+// unpacking the two rows of a pair interleaves them as VDPBF16PS takes them, so each instruction does 32
+// multiply-adds (16 tokens x the pair) into fp32, reading two bytes of activation per multiply-add where the
+// fp32 kernel reads four. The unpack leaves the accumulators' tokens in a fixed order (tokens 0-3 and 8-11 ...
+// in one, 4-7 and 12-15 ... in the other) that one permute per 16 outputs puts back at the end of a row.
+#ifdef __AVX512BF16__
+// The live lanes of 16 tokens from token n when N are real (none past the end).
+static inline __mmask16 live_from(int64_t n, int64_t N) { return n >= N ? (__mmask16)0 : live16(N - n); }
+
+// Exact GELU, 0.5 x (1 + erf(x / sqrt 2)), with erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7,
+// far below bf16's rounding of the result).
+static inline __m512 gelu16(__m512 x) {
+    const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
+    const __m512 a = _mm512_abs_ps(z);
+    const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f),
+                                                                         _mm512_set1_ps(1.0f)));
+    __m512 p = _mm512_set1_ps(1.061405429f);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+    p = _mm512_mul_ps(p, t);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
+    __m512 erf = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.0f));  // erf(|z|)
+    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32((int)0x80000000u));
+    erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf), sign));
+    return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(erf, _mm512_set1_ps(1.0f)));
+}
+
+// A thread's copy of bf16 X's columns [n0, n0 + w) as a contiguous (K, w) block (see pack_block).
+static const uint16_t* pack_block_bf16(const uint16_t* X, int64_t K, int64_t ld, int64_t n0, int64_t w) {
+    static thread_local uint16_t* buf = nullptr;
+    static thread_local int64_t cap = 0;
+    if (K * w > cap) {
+        std::free(buf);
+        cap = K * w;
+        buf = static_cast<uint16_t*>(std::aligned_alloc(64, ((cap * sizeof(uint16_t) + 63) / 64) * 64));
+    }
+    for (int64_t k = 0; k < K; ++k) std::memcpy(buf + k * w, X + k * ld + n0, w * sizeof(uint16_t));
+    return buf;
+}
+
+// Where the products go: fp32 (Yf, masked to the N real tokens) and/or bf16 (Yb, all NP tokens, the padding
+// zeroed, GELU applied first if asked), after the bias and an fp32 residual R.
+struct Epilogue {
+    int64_t N, NP;
+    const float* bias;
+    const float* R;
+    float* Yf;
+    uint16_t* Yb;
+    int gelu;
+    inline void store(int64_t m, int64_t n, __m512 v) const {
+        const __mmask16 live = live_from(n, N);
+        v = _mm512_add_ps(v, _mm512_set1_ps(bias ? bias[m] : 0.0f));
+        if (R) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, R + m * N + n));
+        if (Yf) _mm512_mask_storeu_ps(Yf + m * N + n, live, v);
+        if (Yb) {
+            v = _mm512_maskz_mov_ps(live, gelu ? gelu16(v) : v);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(Yb + m * NP + n), (__m256i)_mm512_cvtneps_pbh(v));
+        }
+    }
+};
+
+// One output row over NV * 32 tokens of the (packed) block x: the pairs [q0, q1) of the row, then the
+// accumulators back in token order and through the epilogue.
+template <int NV>
+static inline void pair_row(const int32_t* __restrict cols, const int32_t* __restrict vals, int64_t q0, int64_t q1,
+                            const uint16_t* __restrict x, int64_t ldx, const Epilogue& ep, int64_t m, int64_t n0) {
+    __m512 lo[NV], hi[NV];
+    for (int j = 0; j < NV; ++j) lo[j] = hi[j] = _mm512_setzero_ps();
+    for (int64_t q = q0; q < q1; ++q) {
+        const __m512bh w = (__m512bh)_mm512_set1_epi32(vals[q]);
+        const uint16_t* x0 = x + (int64_t)cols[2 * q] * ldx;
+        const uint16_t* x1 = x + (int64_t)cols[2 * q + 1] * ldx;
+        for (int j = 0; j < NV; ++j) {
+            __m512i a = _mm512_loadu_si512(x0 + 32 * j), b = _mm512_loadu_si512(x1 + 32 * j);
+            asm("" : "+v"(a), "+v"(b));  // each row read once: GCC otherwise reloads both for the second unpack
+            lo[j] = _mm512_dpbf16_ps(lo[j], (__m512bh)_mm512_unpacklo_epi16(a, b), w);
+            hi[j] = _mm512_dpbf16_ps(hi[j], (__m512bh)_mm512_unpackhi_epi16(a, b), w);
+        }
+    }
+    // lo holds tokens 8L + 0..3 in lanes 4L + 0..3, hi tokens 8L + 4..7 (L: the 128-bit lane)
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int j = 0; j < NV; ++j) {
+        ep.store(m, n0 + 32 * j, _mm512_permutex2var_ps(lo[j], first, hi[j]));
+        ep.store(m, n0 + 32 * j + 16, _mm512_permutex2var_ps(lo[j], second, hi[j]));
+    }
+}
+// Rows r0 and r1 (16 tokens from p each, under ``live``) of bf16 data as 16 int32 pairs (r0 low, r1 high):
+// the operand VDPBF16PS multiplies by a broadcast pair.
+static inline __m512i pair16(const uint16_t* r0, const uint16_t* r1, __mmask16 live) {
+    const __m512i a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, r0));
+    const __m512i b = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, r1));
+    return _mm512_or_si512(a, _mm512_slli_epi32(b, 16));
+}
+
+// 16 fp32 values as bf16 in the low halves of 16 int32 (round to nearest even).
+static inline __m512i bf16_low(__m512 v) { return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)); }
+
+// attention_chunk's bf16 twin, for one chunk of up to 16 * NV queries [i0, i0 + w) of one (sequence, head):
+// Q, K, V rows of bf16 with row stride LD. Kp: this head's keys as (dim pair, key) int32 pairs; Qp, Pp:
+// scratch for the chunk's queries as (dim pair, query) pairs and its probabilities as (key pair, query)
+// pairs; P: the fp32 scores, key-major. Both products run as pair dot products, the softmax in fp32.
+template <int NV>
+static void attention_chunk_bf16(int64_t S, int64_t D, int64_t LD, const uint16_t* Q, const int32_t* Kp,
+                                 const uint16_t* V, const float* mask, const float* bias, float scale, uint16_t* C,
+                                 int64_t i0, int64_t w, __m512i* Qp, float* P, __m512i* Pp) {
+    const int64_t LDP = 16 * NV, D2 = D / 2, S2 = (S + 1) / 2;
+    __mmask16 live[NV];
+    for (int v = 0; v < NV; ++v) live[v] = live_from(16 * v, w);
+    for (int64_t dd = 0; dd < D2; ++dd)
+        for (int v = 0; v < NV; ++v)
+            Qp[dd * NV + v] = pair16(Q + 2 * dd * LD + i0 + 16 * v, Q + (2 * dd + 1) * LD + i0 + 16 * v, live[v]);
+    for (int64_t j = 0; j < S; j += 2) {  // scores of keys j and j + 1 (a copy of j when S is odd)
+        const int64_t j1 = j + 1 < S ? j + 1 : j;
+        __m512 a0[NV], a1[NV];
+        for (int v = 0; v < NV; ++v) a0[v] = a1[v] = _mm512_setzero_ps();
+        for (int64_t dd = 0; dd < D2; ++dd) {
+            const __m512bh k0 = (__m512bh)_mm512_set1_epi32(Kp[dd * S + j]);
+            const __m512bh k1 = (__m512bh)_mm512_set1_epi32(Kp[dd * S + j1]);
+            for (int v = 0; v < NV; ++v) {
+                a0[v] = _mm512_dpbf16_ps(a0[v], (__m512bh)Qp[dd * NV + v], k0);
+                a1[v] = _mm512_dpbf16_ps(a1[v], (__m512bh)Qp[dd * NV + v], k1);
+            }
+        }
+        const __m512 s = _mm512_set1_ps(scale);
+        const __m512 m0 = _mm512_set1_ps(mask ? mask[j] : 0.0f), m1 = _mm512_set1_ps(mask ? mask[j1] : 0.0f);
+        for (int v = 0; v < NV; ++v) {
+            __m512 b0 = m0, b1 = m1;
+            if (bias) {
+                b0 = _mm512_add_ps(b0, _mm512_maskz_loadu_ps(live[v], bias + j * S + i0 + 16 * v));
+                b1 = _mm512_add_ps(b1, _mm512_maskz_loadu_ps(live[v], bias + j1 * S + i0 + 16 * v));
+            }
+            _mm512_store_ps(P + j * LDP + 16 * v, _mm512_fmadd_ps(a0[v], s, b0));
+            if (j + 1 < S) _mm512_store_ps(P + (j + 1) * LDP + 16 * v, _mm512_fmadd_ps(a1[v], s, b1));
+        }
+    }
+    __m512 inv[NV];
+    for (int v = 0; v < NV; ++v) {  // softmax over keys, lane-wise, into key pairs; 1 / sum applied at the end
+        __m512 m = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < S; ++j) m = _mm512_max_ps(m, _mm512_load_ps(P + j * LDP + 16 * v));
+        for (int64_t jj = 0; jj < S2; ++jj) {
+            const __m512 e0 = exp16(_mm512_sub_ps(_mm512_load_ps(P + 2 * jj * LDP + 16 * v), m));
+            const __m512 e1 = 2 * jj + 1 < S ? exp16(_mm512_sub_ps(_mm512_load_ps(P + (2 * jj + 1) * LDP + 16 * v), m))
+                                             : _mm512_setzero_ps();
+            sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+            Pp[jj * NV + v] = _mm512_or_si512(bf16_low(e0), _mm512_slli_epi32(bf16_low(e1), 16));
+        }
+        inv[v] = _mm512_div_ps(_mm512_set1_ps(1.0f), sum);
+    }
+    for (int64_t d = 0; d < D; d += 2) {  // context rows d and d + 1: sum_j V[d, j] P[j, :], a key pair a step
+        const int64_t d1 = d + 1 < D ? d + 1 : d;
+        __m512 a0[NV], a1[NV];
+        for (int v = 0; v < NV; ++v) a0[v] = a1[v] = _mm512_setzero_ps();
+        for (int64_t jj = 0; jj < S2; ++jj) {
+            const bool whole = 2 * jj + 1 < S;  // else the last key alone: its partner's weight is 0
+            const __m512bh v0 = (__m512bh)_mm512_set1_epi32(whole ? *reinterpret_cast<const int32_t*>(V + d * LD + 2 * jj)
+                                                                  : V[d * LD + 2 * jj]);
+            const __m512bh v1 = (__m512bh)_mm512_set1_epi32(whole ? *reinterpret_cast<const int32_t*>(V + d1 * LD + 2 * jj)
+                                                                  : V[d1 * LD + 2 * jj]);
+            for (int v = 0; v < NV; ++v) {
+                a0[v] = _mm512_dpbf16_ps(a0[v], (__m512bh)Pp[jj * NV + v], v0);
+                a1[v] = _mm512_dpbf16_ps(a1[v], (__m512bh)Pp[jj * NV + v], v1);
+            }
+        }
+        for (int v = 0; v < NV; ++v) {
+            const __m256i c0 = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(a0[v], inv[v]));
+            _mm256_mask_storeu_epi16(C + d * LD + i0 + 16 * v, live[v], c0);
+            if (d + 1 < D) {
+                const __m256i c1 = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(a1[v], inv[v]));
+                _mm256_mask_storeu_epi16(C + d1 * LD + i0 + 16 * v, live[v], c1);
+            }
+        }
+    }
+}
+static void (*const CHUNKS_BF16[8])(int64_t, int64_t, int64_t, const uint16_t*, const int32_t*, const uint16_t*,
+                                    const float*, const float*, float, uint16_t*, int64_t, int64_t, __m512i*, float*,
+                                    __m512i*) = {
+    attention_chunk_bf16<1>, attention_chunk_bf16<2>, attention_chunk_bf16<3>, attention_chunk_bf16<4>,
+    attention_chunk_bf16<5>, attention_chunk_bf16<6>, attention_chunk_bf16<7>, attention_chunk_bf16<8>};
+
+static void (*const PAIR_ROWS[8])(const int32_t*, const int32_t*, int64_t, int64_t, const uint16_t*, int64_t,
+                                  const Epilogue&, int64_t, int64_t) = {
+    pair_row<1>, pair_row<2>, pair_row<3>, pair_row<4>, pair_row<5>, pair_row<6>, pair_row<7>, pair_row<8>};
+#endif
+
+extern "C" {
+
+int bf16_supported() {
+#ifdef __AVX512BF16__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#ifdef __AVX512BF16__
+// Y = W[M, K] @ Xb[K, NP] + bias[:, None] (+ R[M, N]) for pair-CSR W (indptr over pairs) and bf16 Xb whose N
+// real tokens are padded to NP (a multiple of 32); into fp32 Yf[M, N] and/or bf16 Yb[M, NP] (GELU first if
+// gelu). Threads split rows by pair count; token blocks of BLOCK (a multiple of 32, at most 256) outer.
+void spmm_pairs_bf16(int64_t M, int64_t N, int64_t NP, int64_t K, const int32_t* indptr, const int32_t* cols,
+                     const int32_t* vals, const uint16_t* Xb, const float* bias, const float* R, float* Yf,
+                     uint16_t* Yb, int gelu, int64_t BLOCK, int nthreads) {
+    const Epilogue ep{N, NP, bias, R, Yf, Yb, gelu};
+    const int64_t pairs = indptr[M];
+    #pragma omp parallel num_threads(nthreads)
+    {
+        const int T = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t lo = std::lower_bound(indptr, indptr + M, (int32_t)((pairs * t) / T)) - indptr;
+        const int64_t hi = t == T - 1 ? M
+                         : std::lower_bound(indptr, indptr + M, (int32_t)((pairs * (t + 1)) / T)) - indptr;
+        for (int64_t n0 = 0; n0 < NP; n0 += BLOCK) {
+            const int64_t w = std::min(BLOCK, NP - n0);
+            const bool packed = w < NP && hi > lo;
+            const uint16_t* x = packed ? pack_block_bf16(Xb, K, NP, n0, w) : Xb + n0;
+            const int64_t ldx = packed ? w : NP;
+            for (int64_t m = lo; m < hi; ++m) PAIR_ROWS[w / 32 - 1](cols, vals, indptr[m], indptr[m + 1], x, ldx, ep, m, n0);
+        }
+    }
+}
+
+// attention_fm_f32's bf16 twin: QKV[3H, NP] and CTX[H, NP] bf16 with row stride NP (the padded tokens; the
+// padding of CTX is left as it is), D even; mask and bias as there.
+void attention_fm_bf16(int64_t B, int64_t S, int64_t NH, int64_t D, int64_t NP, const uint16_t* QKV,
+                       const float* mask, const float* bias, float scale, uint16_t* CTX, int nthreads) {
+    const int64_t H = NH * D, D2 = D / 2;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t bh = 0; bh < B * NH; ++bh) {
+        // per thread, 64-byte aligned: one chunk's fp32 scores, its query and probability pairs, the head's key pairs
+        const int64_t nP = S * 128, nQ = D2 * 8 * 16, nPp = (S + 1) / 2 * 8 * 16, nK = (D2 * S + 15) / 16 * 16;
+        static thread_local float* buf = nullptr;
+        static thread_local int64_t cap = 0;
+        if (nP + nQ + nPp + nK > cap) {
+            std::free(buf);
+            cap = nP + nQ + nPp + nK;
+            buf = static_cast<float*>(std::aligned_alloc(64, cap * sizeof(float)));
+        }
+        float* Pa = buf;
+        __m512i* Qp = reinterpret_cast<__m512i*>(buf + nP);
+        __m512i* Pp = reinterpret_cast<__m512i*>(buf + nP + nQ);
+        int32_t* Kp = reinterpret_cast<int32_t*>(buf + nP + nQ + nPp);
+        const int64_t b = bh / NH, h = bh % NH, off = h * D * NP + b * S;
+        const uint16_t* Q = QKV + off;
+        const uint16_t* K = QKV + H * NP + off;
+        const uint16_t* V = QKV + 2 * H * NP + off;
+        for (int64_t dd = 0; dd < D2; ++dd)  // this head's keys as (dim pair, key) pairs
+            for (int64_t j = 0; j < S; ++j)
+                Kp[dd * S + j] = (int32_t)((uint32_t)K[2 * dd * NP + j] | ((uint32_t)K[(2 * dd + 1) * NP + j] << 16));
+        const float* m = mask ? mask + b * S : nullptr;
+        const float* bh_bias = bias ? bias + h * S * S : nullptr;
+        for (int64_t i0 = 0; i0 < S; i0 += 128) {
+            const int64_t w = std::min<int64_t>(128, S - i0);
+            CHUNKS_BF16[(w + 15) / 16 - 1](S, D, NP, Q, Kp, V, m, bh_bias, scale, CTX + off, i0, w, Qp, Pa, Pp);
+        }
+    }
+}
+
+// Xb[M, NP] = bf16(X[M, N]) (round to nearest even), the padding tokens zeroed.
+void to_bf16_fm(int64_t M, int64_t N, int64_t NP, const float* X, uint16_t* Xb, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+        for (int64_t n = 0; n < NP; n += 16) {
+            const __m512 v = _mm512_maskz_loadu_ps(live_from(n, N), X + m * N + n);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(Xb + m * NP + n), (__m256i)_mm512_cvtneps_pbh(v));
+        }
+    }
+}
+#else
+// Never called (bf16_supported() says 0); kept so that the library exports the same symbols everywhere.
+void spmm_pairs_bf16(int64_t, int64_t, int64_t, int64_t, const int32_t*, const int32_t*, const int32_t*,
+                     const uint16_t*, const float*, const float*, float*, uint16_t*, int, int64_t, int) {}
+void to_bf16_fm(int64_t, int64_t, int64_t, const float*, uint16_t*, int) {}
+void attention_fm_bf16(int64_t, int64_t, int64_t, int64_t, int64_t, const uint16_t*, const float*, const float*,
+                       float, uint16_t*, int) {}
+#endif
+
+}  // extern "C"
+
+extern "C" {
+
 // int8 products on 1x4 blocks (AVX512-VNNI): W in block-CSR — per row, the index g of each kept block of
 // 4 input features and its 4 int8 weights as one int32 — with a scale per row; X quantized per token.
 int int8_supported() {

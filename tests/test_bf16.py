@@ -1,0 +1,146 @@
+"""The bf16 engine (``backend="bf16"``, runtime/bf16.py): its products and attention against fp64 references
+on the same bf16-rounded operands, on every tail (one token, odd sizes, padding), and the whole encoder
+against the exact engine. Skipped, not failed, where the CPU lacks AVX512-BF16."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, MPNetConfig
+
+from sparsebert.errors import SparseBertError
+from sparsebert.pruning import Pruner
+from sparsebert.runtime import CSRMatrix, SparseEncoder, ops, sparsify
+from sparsebert.runtime.bf16 import PairCSR, attention_bf16, bf16_available, padded, spmm_bf16, to_bf16
+from sparsebert.runtime.kernels import attention_available, attention_fm
+from sparsebert.runtime.ops import make_projection
+
+needs_bf16 = pytest.mark.skipif(not bf16_available(), reason="the bf16 kernels need AVX512-BF16")
+
+
+def bf16_round(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).to(torch.float64)
+
+
+def sparse_matrix(m: int, k: int, density: float, gen: torch.Generator) -> torch.Tensor:
+    w = torch.randn(m, k, generator=gen) * (torch.rand(m, k, generator=gen) < density)
+    w[m // 2] = 0  # an empty row
+    return w
+
+
+def test_pair_csr_holds_every_weight_once_with_zero_partners():
+    """Odd rows get a zero partner, empty rows no pair; the pairs rebuild the bf16-rounded matrix."""
+    gen = torch.Generator().manual_seed(0)
+    w = sparse_matrix(9, 13, 0.3, gen)
+    pc = PairCSR.from_csr(CSRMatrix.from_dense(w))
+    values = pc.values.view(torch.bfloat16).float().view(-1, 2)
+    rebuilt = torch.zeros(9, 13)
+    for row in range(9):
+        for q in range(int(pc.indptr[row]), int(pc.indptr[row + 1])):
+            for side in (0, 1):
+                rebuilt[row, int(pc.cols[2 * q + side])] += values[q, side]
+    torch.testing.assert_close(rebuilt, w.bfloat16().float(), rtol=0, atol=0)
+    counts = (w != 0).sum(dim=1)
+    assert torch.equal(pc.indptr.diff(), (counts + 1) // 2)
+
+
+@needs_bf16
+@pytest.mark.parametrize(
+    ("m", "k", "n"), [(1, 1, 1), (5, 3, 1), (17, 33, 31), (33, 64, 33), (64, 40, 300), (8, 2048, 70)]
+)
+def test_spmm_bf16_matches_a_float64_product_on_every_tail(m, k, n):
+    """fp32 and bf16 outputs in one pass, bias and residual added, the bf16 padding zeroed; the GELU output
+    equals the exact GELU of the fp32 one, rounded to bf16."""
+    gen = torch.Generator().manual_seed(m * 1000 + n)
+    w, x = sparse_matrix(m, k, 0.2, gen), torch.randn(k, n, generator=gen)
+    bias, residual = torch.randn(m, generator=gen), torch.randn(m, n, generator=gen)
+    pc, xb = PairCSR.from_csr(CSRMatrix.from_dense(w)), to_bf16(x)
+    assert xb.shape == (k, padded(n)) and padded(n) % 32 == 0 and not xb[:, n:].any()
+    out, out_b = torch.empty(m, n), torch.full((m, padded(n)), 7.0, dtype=torch.bfloat16)
+    spmm_bf16(pc, xb, n, bias, residual, out=out, out_bf16=out_b)
+    want = bf16_round(w) @ bf16_round(x) + bias.double()[:, None] + residual.double()
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out_b[:, :n], out.bfloat16()) and not out_b[:, n:].any()
+    gelu = torch.empty_like(out_b)
+    spmm_bf16(pc, xb, n, bias, residual, out_bf16=gelu, gelu=True)
+    torch.testing.assert_close(gelu[:, :n].float(), torch.nn.functional.gelu(out), rtol=8e-3, atol=1e-5)
+
+
+@needs_bf16
+def test_spmm_bf16_rejects_what_it_cannot_take():
+    pc = PairCSR.from_csr(CSRMatrix.from_dense(torch.eye(4)))
+    with pytest.raises(SparseBertError, match="bf16"):
+        spmm_bf16(pc, torch.zeros(4, 32), 32, out=torch.empty(4, 32))  # fp32 X
+    with pytest.raises(SparseBertError, match="out"):
+        spmm_bf16(pc, torch.zeros(4, 32, dtype=torch.bfloat16), 32)
+
+
+@needs_bf16
+@pytest.mark.skipif(not attention_available(), reason="the fused attention kernel needs AVX-512")
+@pytest.mark.parametrize(
+    ("batch", "seq", "heads", "dim", "bias"),
+    [(1, 1, 1, 2, False), (1, 5, 2, 4, True), (3, 37, 2, 8, True), (2, 130, 3, 16, False)],
+)
+def test_bf16_attention_matches_the_fp32_kernel_on_the_same_inputs(batch, seq, heads, dim, bias):
+    """Odd sequence lengths (a key without a partner), more than one chunk of 128 queries, padding masked
+    and MPNet's bias; the bf16 context is within bf16's rounding of the fp32 kernel's."""
+    gen = torch.Generator().manual_seed(seq)
+    hidden, tokens = heads * dim, batch * seq
+    qkv = torch.randn(3 * hidden, tokens, generator=gen).bfloat16().float()
+    mask = torch.zeros(batch, seq)
+    mask[-1, seq // 2 + 1 :] = torch.finfo(torch.float32).min
+    table = torch.randn(heads, seq, seq, generator=gen) if bias else None
+    want = torch.empty(hidden, tokens)
+    attention_fm(qkv, batch, heads, mask, 1 / math.sqrt(dim), want, table)
+    got = torch.full((hidden, padded(tokens)), 3.0, dtype=torch.bfloat16)
+    attention_bf16(to_bf16(qkv), batch, seq, heads, mask, 1 / math.sqrt(dim), got, table)
+    torch.testing.assert_close(got[:, :tokens].float(), want, rtol=1e-2, atol=1e-2)
+
+
+def pruned(config, sparsity: float = 0.9):
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    Pruner.one_shot(model, sparsity)
+    return model
+
+
+@needs_bf16
+@pytest.mark.parametrize("config_cls", [BertConfig, MPNetConfig])
+def test_the_bf16_engine_stays_close_to_the_exact_engine(config_cls):
+    """BERT and MPNet (its relative-position bias), padding, batch 1 and several: every product on bf16
+    activations, the FFN's GELU fused; the hidden states within bf16's error of the exact engine's."""
+    config = config_cls(vocab_size=80, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128)  # fmt: skip
+    exact = pruned(config)
+    fast = copy.deepcopy(exact)
+    report = sparsify(fast, backend="bf16")
+    assert report.mode == "encoder" and set(report.kernels) == {"cpp-bf16"}
+    sparsify(exact)
+    ids = torch.randint(5, 80, (3, 45), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0
+    base = config_cls.model_type
+    with torch.no_grad():
+        for batch, m in ((ids[:1, :7], None), (ids, mask)):
+            got = getattr(fast, base)(input_ids=batch, attention_mask=m).last_hidden_state
+            want = getattr(exact, base)(input_ids=batch, attention_mask=m).last_hidden_state
+            assert isinstance(getattr(fast, base).encoder, SparseEncoder)
+            torch.testing.assert_close(got, want, rtol=0.03, atol=0.03)
+
+
+@needs_bf16
+def test_fastest_times_the_bf16_kernel_and_bf16_inputs_need_the_bf16_backend():
+    w = sparse_matrix(64, 64, 0.1, torch.Generator().manual_seed(3))
+    assert "cpp-bf16" in make_projection(w, None, backend="fastest").candidates
+    op = make_projection(w, None, backend="auto")
+    with pytest.raises(SparseBertError, match="bf16 backend"):
+        op.bf16(torch.zeros(64, 32, dtype=torch.bfloat16), 32, out=torch.empty(64, 32))
+
+
+def test_the_bf16_backend_is_refused_in_one_line_where_the_cpu_lacks_it(monkeypatch):
+    monkeypatch.setattr(ops, "bf16_available", lambda: False)
+    with pytest.raises(SparseBertError, match="AVX512-BF16"):
+        ops.resolve_backend("bf16")
