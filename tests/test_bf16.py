@@ -5,6 +5,7 @@ against the exact engine. Skipped, not failed, where the CPU lacks AVX512-BF16."
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
@@ -13,9 +14,17 @@ from transformers import AutoModelForSequenceClassification, BertConfig, MPNetCo
 
 from sparsebert.errors import SparseBertError
 from sparsebert.pruning import Pruner
-from sparsebert.runtime import CSRMatrix, SparseEncoder, ops, sparsify
-from sparsebert.runtime.bf16 import PairCSR, attention_bf16, bf16_available, padded, spmm_bf16, to_bf16
-from sparsebert.runtime.kernels import attention_available, attention_fm
+from sparsebert.runtime import CSRMatrix, SparseEncoder, engine, ops, sparsify
+from sparsebert.runtime.bf16 import (
+    PairCSR,
+    attention_bf16,
+    bf16_available,
+    padded,
+    spmm_bf16,
+    to_bf16,
+    torch_attention_bf16,
+)
+from sparsebert.runtime.kernels import attention_available, attention_fm, layer_norm_fm
 from sparsebert.runtime.ops import make_projection
 
 needs_bf16 = pytest.mark.skipif(not bf16_available(), reason="the bf16 kernels need AVX512-BF16")
@@ -144,3 +153,61 @@ def test_the_bf16_backend_is_refused_in_one_line_where_the_cpu_lacks_it(monkeypa
     monkeypatch.setattr(ops, "bf16_available", lambda: False)
     with pytest.raises(SparseBertError, match="AVX512-BF16"):
         ops.resolve_backend("bf16")
+
+
+def test_layer_norm_writes_the_bf16_copy_the_next_product_reads():
+    """Rounded to nearest even as torch rounds, the padding tokens zeroed, the fp32 result unchanged."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(24, 37, generator=gen) * 3
+    weight, bias = torch.randn(24, generator=gen), torch.randn(24, generator=gen)
+    want = layer_norm_fm(x, weight, bias, 1e-12)
+    out_b = torch.full((24, padded(37)), 5.0, dtype=torch.bfloat16)
+    got = layer_norm_fm(x.clone(), weight, bias, 1e-12, out_bf16=out_b)
+    assert torch.equal(got, want) and torch.equal(out_b[:, :37], want.bfloat16()) and not out_b[:, 37:].any()
+
+
+@needs_bf16
+@pytest.mark.parametrize("bias", [False, True])
+def test_torch_bf16_attention_matches_the_fused_kernel(bias):
+    """The path for AMX (torch's bf16 GEMMs on views): the same context as the fused kernel, padding and
+    MPNet's bias included, within bf16's rounding."""
+    gen = torch.Generator().manual_seed(9)
+    batch, seq, heads, dim = 3, 21, 2, 8
+    hidden, tokens = heads * dim, batch * seq
+    qkv = to_bf16(torch.randn(3 * hidden, tokens, generator=gen))
+    mask = torch.zeros(batch, seq)
+    mask[1, 15:] = torch.finfo(torch.float32).min
+    table = torch.randn(heads, seq, seq, generator=gen) if bias else None
+    fused, other = (torch.zeros(hidden, padded(tokens), dtype=torch.bfloat16) for _ in range(2))
+    attention_bf16(qkv, batch, seq, heads, mask, 0.35, fused, table)
+    torch_attention_bf16(qkv, batch, seq, heads, mask, 0.35, other, table)
+    torch.testing.assert_close(other.float(), fused.float(), rtol=1e-2, atol=1e-2)
+
+
+@needs_bf16
+@pytest.mark.parametrize("faster", ["fused", "torch"])
+def test_the_bf16_engine_times_its_two_attentions_once_per_size(monkeypatch, faster):
+    """The fused kernel against torch's bf16 GEMMs (AMX where present), on a scripted clock: the faster is kept
+    for that power of two of tokens and the other never runs again at that size."""
+    calls: list[str] = []
+
+    def clock(fn, *args) -> float:
+        fn(*args)
+        return 1.0 if (fn.__name__ == "attention_bf16") == (faster == "fused") else 2.0
+
+    monkeypatch.setattr(ops, "time_kernel", clock)
+    fast = pruned(BertConfig(vocab_size=80, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=128))  # fmt: skip
+    sparsify(fast, backend="bf16")
+    for name in ("attention_bf16", "torch_attention_bf16"):
+        real = getattr(engine, name)
+        counted = functools.wraps(real)(lambda *a, real=real, name=name: (calls.append(name), real(*a))[1])
+        monkeypatch.setattr(engine, name, counted)
+    ids = torch.randint(5, 80, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fast(input_ids=ids)
+        assert fast.bert.encoder.attention_plan == {(2 * 9).bit_length(): faster}
+        calls.clear()
+        fast(input_ids=ids)
+    want = "attention_bf16" if faster == "fused" else "torch_attention_bf16"
+    assert calls == [want, want]  # one call a layer

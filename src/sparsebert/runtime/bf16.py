@@ -150,3 +150,29 @@ def attention_bf16(
         pointer(out), torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def torch_attention_bf16(
+    qkv: torch.Tensor, batch: int, seq: int, heads: int, mask: torch.Tensor | None, scale: float, out: torch.Tensor,
+    bias_km: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """``attention_bf16`` through torch's bf16 batched GEMMs, a head at a time on views of the feature-major
+    Q, K, V (no copies): oneDNN runs them on AMX's matrix units where the CPU has them, which can beat the
+    pair dot products of the fused kernel; the engine times both (``SparseEncoder``). Softmax in fp32."""
+    hidden, tokens = out.shape[0], batch * seq
+    dim = hidden // heads
+    for i in range(heads):
+        rows = slice(i * dim, (i + 1) * dim)
+
+        def part(start: int, order: tuple[int, int, int], rows: slice = rows) -> torch.Tensor:
+            return qkv[start : start + hidden][rows, :tokens].view(dim, batch, seq).permute(*order)
+
+        scores = torch.bmm(part(0, (1, 2, 0)), part(hidden, (1, 0, 2))).float().mul_(scale)  # (batch, q, k)
+        if mask is not None:
+            scores += mask[:, None, :]
+        if bias_km is not None:
+            scores += bias_km[i].t()
+        probs = torch.softmax(scores, dim=-1).to(torch.bfloat16)
+        context = torch.bmm(part(2 * hidden, (1, 0, 2)), probs.transpose(1, 2))  # (batch, dim, q)
+        out[rows, :tokens].view(dim, batch, seq).copy_(context.permute(1, 0, 2))
+    return out

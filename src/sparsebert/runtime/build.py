@@ -121,7 +121,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr, c_int, c_float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.spmm_csr_f32.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, c_int]
     lib.spmm_csr_f32.restype = None
-    lib.layer_norm_fm_f32.argtypes = [i64, i64, ptr, ptr, ptr, c_float, ptr, c_int]
+    lib.layer_norm_fm_f32.argtypes = [i64, i64, ptr, ptr, ptr, c_float, ptr, ptr, i64, c_int]
     lib.layer_norm_fm_f32.restype = None
     lib.int8_supported.restype = c_int
     lib.attention_supported.restype = c_int

@@ -22,7 +22,8 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from sparsebert.errors import SparseBertError
-from sparsebert.runtime.bf16 import attention_bf16, padded, to_bf16
+from sparsebert.runtime import ops
+from sparsebert.runtime.bf16 import attention_bf16, padded, to_bf16, torch_attention_bf16
 from sparsebert.runtime.kernels import attention_available, attention_fm, layer_norm_fm
 from sparsebert.runtime.ops import ProjectionOp, make_projection
 
@@ -37,8 +38,9 @@ class _LayerNorm:
     def of(cls, ln: nn.LayerNorm) -> _LayerNorm:
         return cls(ln.weight.detach().float().contiguous(), ln.bias.detach().float().contiguous(), ln.eps)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm_fm(x, self.weight, self.bias, self.eps, out=x)  # in place: x is a scratch buffer
+    def __call__(self, x: torch.Tensor, out_bf16: torch.Tensor | None = None) -> torch.Tensor:
+        """In place (x is a scratch buffer); a bf16 copy into ``out_bf16`` too, for the bf16 engine."""
+        return layer_norm_fm(x, self.weight, self.bias, self.eps, out=x, out_bf16=out_bf16)
 
 
 @dataclass
@@ -153,6 +155,7 @@ class SparseEncoder(nn.Module):
             raise SparseBertError("the sparse encoder needs BERT- or MPNet-style blocks (see LAYOUTS)")
         self.relative_bias = relative_bias
         self.bf16 = backend == "bf16"  # activations between products in bf16 (``_layer_bf16``)
+        self.attention_plan: dict[int, str] = {}  # bf16: "fused" or "torch" by power of two of tokens
         self.num_heads = config.num_attention_heads
         self.hidden = config.hidden_size
         self.head_dim = self.hidden // self.num_heads
@@ -263,6 +266,8 @@ class SparseEncoder(nn.Module):
         x = ws["x"]
         x.copy_(hidden_states.detach().reshape(batch * seq, hidden).t())
         offsets = self._scores_offsets(self._additive_mask(attention_mask, batch), seq)
+        if self.bf16:
+            to_bf16(x, out=ws["hb"])  # then each layer's last LayerNorm writes the next one's
         for layer in self.layers:
             if self.bf16:
                 x = self._layer_bf16(layer, x, ws, batch, seq, offsets)
@@ -278,24 +283,38 @@ class SparseEncoder(nn.Module):
         """One layer with bf16 inputs to its products: the residual stream, attention and LayerNorm stay
         fp32; each product reads a bf16 copy of its input, and the FFN's up projection writes its bf16
         output through the exact GELU in the same pass (another activation runs in fp32 between)."""
-        tokens, hb, ub = batch * seq, ws["hb"], ws["ub"]
+        tokens, hb, ub = batch * seq, ws["hb"], ws["ub"]  # hb: x in bf16, from the last LayerNorm
         if offsets.kernel and self.head_dim % 2 == 0:  # attention in bf16 too: its context straight into hb
-            layer.qkv.bf16(to_bf16(x, out=hb), tokens, out_bf16=ws["qkvb"])
+            layer.qkv.bf16(hb, tokens, out_bf16=ws["qkvb"])
             scale = 1.0 / math.sqrt(self.head_dim)
-            attention_bf16(ws["qkvb"], batch, seq, self.num_heads, offsets.scores, scale, hb, offsets.bias_km)
+            args = (ws["qkvb"], batch, seq, self.num_heads, offsets.scores, scale, hb, offsets.bias_km)
+            self._bf16_attention(tokens, args)(*args)
         else:
-            layer.qkv.bf16(to_bf16(x, out=hb), tokens, out=ws["qkv"])
+            layer.qkv.bf16(hb, tokens, out=ws["qkv"])
             to_bf16(self._attention(ws["qkv"], batch, seq, offsets, ws["ctx"]), out=hb)
         a = ws["a"]
         layer.out.bf16(hb, tokens, residual=x, out=a)
-        layer.ln_attn(a)
+        layer.ln_attn(a, out_bf16=hb)
         if layer.act is _gelu_:
-            layer.up.bf16(to_bf16(a, out=hb), tokens, out_bf16=ub, gelu=True)
+            layer.up.bf16(hb, tokens, out_bf16=ub, gelu=True)
         else:
-            layer.up.bf16(to_bf16(a, out=hb), tokens, out=ws["u"])
+            layer.up.bf16(hb, tokens, out=ws["u"])
             to_bf16(layer.act(ws["u"]), out=ub)
         layer.down.bf16(ub, tokens, residual=a, out=x)
-        return layer.ln_out(x)
+        return layer.ln_out(x, out_bf16=hb)
+
+    def _bf16_attention(self, tokens: int, args: tuple) -> Callable:
+        """The bf16 attention for inputs of this size: the fused kernel or torch's bf16 GEMMs (AMX's matrix
+        units where present), timed against each other on the first call at each power of two of tokens
+        (one warm-up call each: oneDNN builds its kernels then), like a projection's kernels (``ops``)."""
+        bucket = max(1, tokens).bit_length()
+        if bucket not in self.attention_plan:
+            paths = {"fused": attention_bf16, "torch": torch_attention_bf16}
+            for path in paths.values():
+                path(*args)
+            seconds = {name: min(ops.time_kernel(path, *args) for _ in range(2)) for name, path in paths.items()}
+            self.attention_plan[bucket] = min(seconds, key=seconds.__getitem__)
+        return attention_bf16 if self.attention_plan[bucket] == "fused" else torch_attention_bf16
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
         return BaseModelOutputWithPastAndCrossAttentions(

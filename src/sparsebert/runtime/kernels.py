@@ -156,14 +156,19 @@ def spmm(
 
 
 def layer_norm_fm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out: torch.Tensor | None = None
-) -> torch.Tensor:
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out: torch.Tensor | None = None,
+    out_bf16: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """LayerNorm over dim 0 of a feature-major (features, tokens) tensor; ``out`` may be ``x`` itself (each
-    block of tokens is read whole before it is written)."""
+    block of tokens is read whole before it is written). ``out_bf16``: also the result rounded to bf16, as
+    the bf16 engine's next product reads it ((features, tokens padded to 32), the padding zeroed)."""
     lib = library()
     if lib is None:
         y = torch.nn.functional.layer_norm(x.t(), (x.shape[0],), weight, bias, eps).t()
-        return y.contiguous() if out is None else out.copy_(y)
+        y = y.contiguous() if out is None else out.copy_(y)
+        if out_bf16 is not None:
+            out_bf16.zero_()[:, : y.shape[1]].copy_(y)
+        return y
     x = x.contiguous()
     _check(x, "X")
     w, b = weight.detach().contiguous(), bias.detach().contiguous()
@@ -171,9 +176,14 @@ def layer_norm_fm(
     _check(y, "out")
     if y.shape != x.shape:
         raise SparseBertError(f"layer_norm_fm: out must have shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    rows, tokens = x.shape
+    padded = out_bf16.shape[1] if out_bf16 is not None else tokens
+    if out_bf16 is not None and (out_bf16.dtype != torch.bfloat16 or out_bf16.shape[0] != rows or padded < tokens):
+        raise SparseBertError(f"layer_norm_fm: out_bf16 must be bf16 ({rows}, >= {tokens})")
     lib.layer_norm_fm_f32(
-        x.shape[0], x.shape[1], pointer(x), pointer(w), pointer(b), float(eps), pointer(y), torch.get_num_threads()
-    )
+        rows, tokens, pointer(x), pointer(w), pointer(b), float(eps), pointer(y), pointer(out_bf16), padded,
+        torch.get_num_threads(),
+    )  # fmt: skip
     return y
 
 

@@ -120,9 +120,17 @@ void spmm_csr_f32(int64_t M, int64_t N, int64_t K, const int32_t* indptr, const 
     }
 }
 
-// LayerNorm over the feature axis of a feature-major X[H, N] (each column is one token).
+// x rounded to bf16 (nearest even), as bits: the LayerNorm's bf16 copy, portable C++ that GCC vectorises.
+static inline uint16_t bf16_bits(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// LayerNorm over the feature axis of a feature-major X[H, N] (each column is one token); with Yb, also a
+// bf16 copy of the result for the bf16 engine's next product (Yb[H, NP], its padding tokens zeroed).
 void layer_norm_fm_f32(int64_t H, int64_t N, const float* X, const float* gamma, const float* beta, float eps,
-                       float* Y, int nthreads) {
+                       float* Y, uint16_t* Yb, int64_t NP, int nthreads) {
     const int64_t BLOCK = 64;
     const int64_t nblocks = (N + BLOCK - 1) / BLOCK;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -145,6 +153,10 @@ void layer_norm_fm_f32(int64_t H, int64_t N, const float* X, const float* gamma,
             float* y = Y + k * N + n0;
             const float g = gamma[k], bt = beta[k];
             for (int64_t j = 0; j < w; ++j) y[j] = (x[j] - mean[j]) * var[j] * g + bt;
+            if (!Yb) continue;
+            uint16_t* yb = Yb + k * NP + n0;
+            for (int64_t j = 0; j < w; ++j) yb[j] = bf16_bits(y[j]);
+            if (blk == nblocks - 1) std::memset(yb + w, 0, (NP - N) * sizeof(uint16_t));
         }
     }
 }
