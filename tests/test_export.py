@@ -76,6 +76,18 @@ def test_fp16_values_stay_close(tmp_path):
     assert torch.equal(w == 0, w2 == 0)
 
 
+def test_bf16_values_are_the_weights_the_bf16_engine_computes_with(tmp_path):
+    """Stored as bf16, read back as the bf16-rounded weights (zeros where the model had them), so the bf16
+    engine gives the same outputs from this file as from the fp32 one."""
+    model = pruned(bert_config(), 0.9)
+    export_compressed(model, tmp_path / "o", values="bf16")
+    stored = load_file(tmp_path / "o" / "sparse.safetensors")
+    assert all(t.dtype == torch.bfloat16 for k, t in stored.items() if k.endswith(".values"))
+    w = model.bert.encoder.layer[0].output.dense.weight
+    back = load(tmp_path / "o").bert.encoder.layer[0].output.dense.weight
+    assert torch.equal(back, w.bfloat16().float())
+
+
 def test_empty_rows_and_fully_pruned_matrix(tmp_path):
     model = pruned(bert_config(), 0.9)
     with torch.no_grad():

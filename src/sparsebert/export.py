@@ -3,7 +3,7 @@
 A pruned model saved by ``save_pretrained`` is a dense matrix full of zeros: no smaller than the original.
 ``export_compressed`` stores every prunable projection that is sparse enough as CSR in ``sparse.safetensors``
 (per-row non-zero counts and column indices, both int16 whenever the matrix has fewer than 32768
-columns, and fp32 or fp16 values) and everything else densely in ``dense.safetensors``, next to the HF
+columns, and fp32, fp16 or bf16 values) and everything else densely in ``dense.safetensors``, next to the HF
 ``config.json``, the tokenizer files and a small manifest (``sparsebert_manifest.json``). At 95% sparsity
 a CSR matrix costs 0.05 * (2 + 4) bytes per weight instead of 4: ~13x smaller with fp32 values, ~20x
 with fp16.
@@ -36,7 +36,8 @@ from sparsebert.sources import read_pretrained, resolve_model
 MANIFEST = "sparsebert_manifest.json"
 FORMAT = "sparsebert-csr"
 FORMAT_VERSION = 1
-VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# bf16: the weights exactly as the bf16 engine (--backend bf16) computes with them
+VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _WEIGHT_FILES = (
     "model.safetensors",
     "pytorch_model.bin",

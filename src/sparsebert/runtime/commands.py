@@ -25,7 +25,8 @@ class ExportConfig:
 
     model: str | None = opt(None, "pruned model folder (or any name `sparsebert.load` accepts)", group="export")
     output_dir: str | None = opt(None, "the compressed model folder", group="export")
-    values: str = opt("fp32", "dtype of the stored non-zeros", choices=("fp32", "fp16"), group="export")
+    values: str = opt("fp32", "dtype of the stored non-zeros (bf16: exactly what --backend bf16 computes with)",
+                      choices=("fp32", "fp16", "bf16"), group="export")  # fmt: skip
     min_sparsity: float = opt(0.5, "store a matrix sparsely from this sparsity on", group="export")
     overwrite: bool = opt(False, "replace a non-empty output folder", group="export")
     json: str | None = opt(None, "also write the size report here", group="export")
