@@ -206,6 +206,25 @@ static inline void two_rows(const float* x0, const float* x1, int64_t xs, const 
     }
 }
 
+// The scores of keys j and j + 1 (none when j + 1 = S) against a chunk of queries from their dot products:
+// scaled, plus the key's mask and this head's bias (key-major, or null), into rows j, j + 1 of P (16 * NV wide).
+template <int NV>
+static inline void store_scores(const __m512* a0, const __m512* a1, int64_t j, int64_t S, float scale,
+                                const float* mask, const float* bias, int64_t i0, const __mmask16* live, float* P) {
+    const int64_t j1 = j + 1 < S ? j + 1 : j;
+    const __m512 s = _mm512_set1_ps(scale);
+    const __m512 m0 = _mm512_set1_ps(mask ? mask[j] : 0.0f), m1 = _mm512_set1_ps(mask ? mask[j1] : 0.0f);
+    for (int v = 0; v < NV; ++v) {
+        __m512 b0 = m0, b1 = m1;
+        if (bias) {
+            b0 = _mm512_add_ps(b0, _mm512_maskz_loadu_ps(live[v], bias + j * S + i0 + 16 * v));
+            b1 = _mm512_add_ps(b1, _mm512_maskz_loadu_ps(live[v], bias + j1 * S + i0 + 16 * v));
+        }
+        _mm512_store_ps(P + j * 16 * NV + 16 * v, _mm512_fmadd_ps(a0[v], s, b0));
+        if (j + 1 < S) _mm512_store_ps(P + (j + 1) * 16 * NV + 16 * v, _mm512_fmadd_ps(a1[v], s, b1));
+    }
+}
+
 // One chunk of up to 16 * NV queries [i0, i0 + w) of one (sequence, head). P holds the scores transposed,
 // key-major (row j: key j against every query of the chunk), so the softmax over keys runs lane-wise
 // (16 queries per vector, no horizontal reduction) and the context product reads each key's row whole.
@@ -221,17 +240,7 @@ static void attention_chunk(int64_t S, int64_t D, int64_t N, const float* Q, con
         const int64_t j1 = j + 1 < S ? j + 1 : j;
         __m512 a0[NV], a1[NV];
         two_rows<NV, false>(K + j, K + j1, N, Q + i0, N, D, live, a0, a1);  // over d: K[d, j] Q[d, queries]
-        const __m512 s = _mm512_set1_ps(scale);
-        const __m512 m0 = _mm512_set1_ps(mask ? mask[j] : 0.0f), m1 = _mm512_set1_ps(mask ? mask[j1] : 0.0f);
-        for (int v = 0; v < NV; ++v) {
-            __m512 b0 = m0, b1 = m1;
-            if (bias) {
-                b0 = _mm512_add_ps(b0, _mm512_maskz_loadu_ps(live[v], bias + j * S + i0 + 16 * v));
-                b1 = _mm512_add_ps(b1, _mm512_maskz_loadu_ps(live[v], bias + j1 * S + i0 + 16 * v));
-            }
-            _mm512_store_ps(P + j * LD + 16 * v, _mm512_fmadd_ps(a0[v], s, b0));
-            if (j + 1 < S) _mm512_store_ps(P + (j + 1) * LD + 16 * v, _mm512_fmadd_ps(a1[v], s, b1));
-        }
+        store_scores<NV>(a0, a1, j, S, scale, mask, bias, i0, live, P);
     }
     __m512 inv[NV];
     for (int v = 0; v < NV; ++v) {  // softmax over keys, lane-wise; the 1 / sum is applied to the context
@@ -437,17 +446,7 @@ static void attention_chunk_bf16(int64_t S, int64_t D, int64_t LD, const uint16_
                 a1[v] = _mm512_dpbf16_ps(a1[v], (__m512bh)Qp[dd * NV + v], k1);
             }
         }
-        const __m512 s = _mm512_set1_ps(scale);
-        const __m512 m0 = _mm512_set1_ps(mask ? mask[j] : 0.0f), m1 = _mm512_set1_ps(mask ? mask[j1] : 0.0f);
-        for (int v = 0; v < NV; ++v) {
-            __m512 b0 = m0, b1 = m1;
-            if (bias) {
-                b0 = _mm512_add_ps(b0, _mm512_maskz_loadu_ps(live[v], bias + j * S + i0 + 16 * v));
-                b1 = _mm512_add_ps(b1, _mm512_maskz_loadu_ps(live[v], bias + j1 * S + i0 + 16 * v));
-            }
-            _mm512_store_ps(P + j * LDP + 16 * v, _mm512_fmadd_ps(a0[v], s, b0));
-            if (j + 1 < S) _mm512_store_ps(P + (j + 1) * LDP + 16 * v, _mm512_fmadd_ps(a1[v], s, b1));
-        }
+        store_scores<NV>(a0, a1, j, S, scale, mask, bias, i0, live, P);
     }
     __m512 inv[NV];
     for (int v = 0; v < NV; ++v) {  // softmax over keys, lane-wise, into key pairs; 1 / sum applied at the end
