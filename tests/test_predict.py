@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import cli, sentiment_rows, write_tsv
 
+from sparsebert.runtime.bf16 import bf16_available
+
 FAST = ["--max-seq-length", "16", "--batch-size", "16", "--eval-batch-size", "32"]
 
 
@@ -93,3 +95,20 @@ def test_predict_truncates_as_in_training_and_never_replaces_what_it_reads(prune
     assert inputs.read_text() == before
     code = cli("predict", "--model", hf, "--input", inputs, "--text-columns", "text", "--output", hf / "config.json")
     assert code == 2 and "would replace the input" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not bf16_available(), reason="the bf16 engine needs AVX512-BF16")
+def test_predict_on_the_bf16_engine_stays_within_bf16s_rounding(pruned_pair, sst_dir, tmp_path):
+    """``--backend bf16`` through the CLI: every probability within 0.02 of the exact engine's, so every label
+    the exact engine gives with a margin is the same."""
+    _, csr = pruned_pair
+    outputs = {}
+    for backend in ("auto", "bf16"):
+        out = tmp_path / f"{backend}.jsonl"
+        args = ["predict", "--model", csr, "--input", sst_dir / "dev.tsv", "--task", "sst2", "--output", out]
+        assert cli(*args, "--engine", "sparse", "--backend", backend) == 0
+        outputs[backend] = _lines(out)
+    for exact, fast in zip(outputs["auto"], outputs["bf16"], strict=True):
+        assert fast["probabilities"] == pytest.approx(exact["probabilities"], abs=0.02)
+        if abs(exact["probabilities"]["1"] - 0.5) > 0.05:
+            assert fast["label"] == exact["label"]
