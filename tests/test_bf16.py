@@ -73,9 +73,10 @@ def test_spmm_bf16_matches_a_float64_product_on_every_tail(m, k, n):
     want = bf16_round(w) @ bf16_round(x) + bias.double()[:, None] + residual.double()
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     assert torch.equal(out_b[:, :n], out.bfloat16()) and not out_b[:, n:].any()
-    gelu = torch.empty_like(out_b)
+    gelu = torch.full_like(out_b, 7.0)
     spmm_bf16(pc, xb, n, bias, residual, out_bf16=gelu, gelu=True)
     torch.testing.assert_close(gelu[:, :n].float(), torch.nn.functional.gelu(out), rtol=8e-3, atol=1e-5)
+    assert not gelu[:, n:].any()
 
 
 @needs_bf16
@@ -83,8 +84,15 @@ def test_spmm_bf16_rejects_what_it_cannot_take():
     pc = PairCSR.from_csr(CSRMatrix.from_dense(torch.eye(4)))
     with pytest.raises(SparseBertError, match="bf16"):
         spmm_bf16(pc, torch.zeros(4, 32), 32, out=torch.empty(4, 32))  # fp32 X
+    xb = torch.zeros(4, 32, dtype=torch.bfloat16)
     with pytest.raises(SparseBertError, match="out"):
-        spmm_bf16(pc, torch.zeros(4, 32, dtype=torch.bfloat16), 32)
+        spmm_bf16(pc, xb, 32)
+    with pytest.raises(SparseBertError, match="gelu"):  # GELU exists on the bf16 output only
+        spmm_bf16(pc, xb, 32, out=torch.empty(4, 32), gelu=True)
+    with pytest.raises(SparseBertError, match="contiguous"):  # a view the kernel would write out of place
+        spmm_bf16(pc, xb, 32, out_bf16=torch.zeros(32, 4, dtype=torch.bfloat16).t())
+    with pytest.raises(SparseBertError, match="bias"):
+        spmm_bf16(pc, xb, 32, torch.zeros(3), out=torch.empty(4, 32))
 
 
 @needs_bf16
@@ -138,6 +146,7 @@ def test_the_bf16_engine_stays_close_to_the_exact_engine(config_cls):
             want = getattr(exact, base)(input_ids=batch, attention_mask=m).last_hidden_state
             assert isinstance(getattr(fast, base).encoder, SparseEncoder)
             torch.testing.assert_close(got, want, rtol=0.03, atol=0.03)
+    assert (3 * 45).bit_length() in getattr(fast, base).encoder.attention_plan  # the padded batch's: bf16 too
 
 
 @needs_bf16
@@ -155,15 +164,17 @@ def test_the_bf16_backend_is_refused_in_one_line_where_the_cpu_lacks_it(monkeypa
         ops.resolve_backend("bf16")
 
 
-def test_layer_norm_writes_the_bf16_copy_the_next_product_reads():
-    """Rounded to nearest even as torch rounds, the padding tokens zeroed, the fp32 result unchanged."""
+@pytest.mark.parametrize("tokens", [37, 130])
+def test_layer_norm_writes_the_bf16_copy_the_next_product_reads(tokens):
+    """Rounded to nearest even as torch rounds, the padding tokens zeroed (one block of 64 tokens, and several),
+    the fp32 result unchanged."""
     gen = torch.Generator().manual_seed(5)
-    x = torch.randn(24, 37, generator=gen) * 3
+    x = torch.randn(24, tokens, generator=gen) * 3
     weight, bias = torch.randn(24, generator=gen), torch.randn(24, generator=gen)
     want = layer_norm_fm(x, weight, bias, 1e-12)
-    out_b = torch.full((24, padded(37)), 5.0, dtype=torch.bfloat16)
+    out_b = torch.full((24, padded(tokens)), 5.0, dtype=torch.bfloat16)
     got = layer_norm_fm(x.clone(), weight, bias, 1e-12, out_bf16=out_b)
-    assert torch.equal(got, want) and torch.equal(out_b[:, :37], want.bfloat16()) and not out_b[:, 37:].any()
+    assert torch.equal(got, want) and torch.equal(out_b[:, :tokens], want.bfloat16()) and not out_b[:, tokens:].any()
 
 
 @needs_bf16
@@ -211,3 +222,38 @@ def test_the_bf16_engine_times_its_two_attentions_once_per_size(monkeypatch, fas
         fast(input_ids=ids)
     want = "attention_bf16" if faster == "fused" else "torch_attention_bf16"
     assert calls == [want, want]  # one call a layer
+
+
+@needs_bf16
+def test_a_bf16_projection_from_fp32_activations_as_fastest_and_linear_mode_run_it():
+    """The bf16 CSR kernel behind ``fastest`` and the linear mode: fp32 in, fp32 out, bias and residual added."""
+    gen = torch.Generator().manual_seed(6)
+    w, x = sparse_matrix(40, 24, 0.2, gen), torch.randn(24, 19, generator=gen)
+    bias, residual = torch.randn(40, generator=gen), torch.randn(40, 19, generator=gen)
+    op = make_projection(w, bias, backend="bf16")
+    assert op.kind == "cpp-bf16"
+    want = bf16_round(w) @ bf16_round(x) + bias.double()[:, None] + residual.double()
+    torch.testing.assert_close(op(x, residual).double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_bf16
+@pytest.mark.parametrize(
+    ("hidden", "heads", "act", "max_density", "kinds"),
+    [(64, 4, "gelu_new", None, {"cpp-bf16"}),  # another activation: in fp32 between the FFN's products
+     (36, 4, "gelu", None, {"cpp-bf16"}),  # heads of 9: attention in fp32 between two conversions
+     (64, 4, "gelu", 0.05, {"dense-bf16"})],  # matrices too dense to store sparsely: bf16 GEMMs
+)  # fmt: skip
+def test_the_bf16_engines_other_paths_stay_close_too(hidden, heads, act, max_density, kinds):
+    config = BertConfig(vocab_size=80, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
+                        intermediate_size=2 * hidden, hidden_act=act)  # fmt: skip
+    exact = pruned(config)
+    fast = copy.deepcopy(exact)
+    assert set(sparsify(fast, backend="bf16", max_density=max_density).kernels) == kinds
+    sparsify(exact)
+    ids = torch.randint(5, 80, (2, 11), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        got = fast.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = exact.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=0.03, atol=0.03)

@@ -551,7 +551,8 @@ def test_the_kernel_source_ships_as_package_data():
     assert source.is_file() and source.name == "sparse_kernels.cpp"
     text = source.read_text()
     for fn in ("spmm_csr_f32", "layer_norm_fm_f32", "attention_supported", "attention_fm_f32", "int8_supported",
-               "quantize_b4", "spmm_b4_i8"):  # fmt: skip
+               "quantize_b4", "spmm_b4_i8", "bf16_supported", "spmm_pairs_bf16", "to_bf16_fm",
+               "attention_fm_bf16"):  # fmt: skip
         assert f" {fn}(" in text
 
 
@@ -726,10 +727,30 @@ def test_bench_times_several_backends_in_the_same_rounds_with_their_useful_flops
     model = pruned_model(small(BertConfig), 0.9)
     results = bench_model(model, [1, 2], 16, 1, "tiny", backend=["auto", "cpp"], warmup=1, reps=3)
     assert [(r.batch_size, r.backend) for r in results] == [(1, "auto"), (1, "cpp"), (2, "auto"), (2, "cpp")]
-    assert results[0].baselines is results[1].baselines and results[0].max_abs_diff["sparse"] < 1e-4
+    assert results[0].baselines == results[1].baselines and results[0].max_abs_diff["sparse"] < 1e-4
     nonzeros = sum(int((m.weight != 0).sum()) for n, m in model.named_modules() if n.startswith("bert.encoder")
                    and isinstance(m, torch.nn.Linear))  # fmt: skip
     assert forward_flops(model, 2, 16) == 2 * nonzeros * 32 + 4 * 2 * 2 * 16 * 16 * 64
     for r in results:
         assert r.gflops == pytest.approx(forward_flops(model, r.batch_size, 16) / r.sparse_ms / 1e6)
         assert 0 < r.share_of_gemm < 10
+
+
+@pytest.mark.skipif(not attention_available(), reason="the fused attention kernel needs AVX-512")
+def test_a_padding_mask_expanded_per_query_still_runs_the_fused_kernel(monkeypatch):
+    """HF's sdpa path hands the encoder one mask row per query; rows that are all the same become one row per
+    sequence again, so a padded batch runs the fused kernel (it ran torch's attention), with the same output."""
+    config = small(BertConfig)
+    config._attn_implementation = "sdpa"
+    dense = pruned_model(config, 0.9)
+    fast = copy.deepcopy(dense)
+    sparsify(fast)
+    calls = []
+    real = engine.attention_fm
+    monkeypatch.setattr(engine, "attention_fm", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    ids = torch.randint(5, 80, (3, 12), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    got, want = hidden_and_logits(fast, ids, mask), hidden_and_logits(dense, ids, mask)
+    assert calls
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)

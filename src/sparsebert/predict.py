@@ -72,7 +72,8 @@ class PredictConfig:
     )
     backend: str = opt(
         "auto", "the sparse engine's kernels: auto (exact, timed per matrix), fastest (also int8 on 1x4 blocks and "
-        "bf16 where native: lossy), cpp, torch, int8", choices=SPARSE_BACKENDS, group="predict",
+        "bf16 where native: lossy), cpp, torch, int8, bf16 (AVX512-BF16: bf16 activations, lossy)",
+        choices=SPARSE_BACKENDS, group="predict",
     )  # fmt: skip
     threads: int | None = opt(None, "CPU threads (default: PyTorch's)", group="predict")
 

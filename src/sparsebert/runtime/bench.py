@@ -99,7 +99,7 @@ def bench_pair(
     threads: int,
     sparsity: float,
     label: str = "",
-    kernels: Callable[[int], str] | None = None,
+    kernels: Callable[[str, int], str] | None = None,
     baselines: dict[str, Forward] | None = None,
     warmup: int = 2,
     reps: int = 20,
@@ -194,24 +194,24 @@ def results_json(results: list[BenchResult]) -> dict:
 
 
 def plot_sweep(results: list[BenchResult], path: str) -> None:
-    """Sentences/s against compression ratio 1/(1-sparsity), one line per (model, batch size)."""
+    """Sentences/s against compression ratio 1/(1-sparsity): one line per (model, batch size, backend), and
+    dense fp32's dashed beside the first backend of each (model, batch size)."""
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    groups: dict[tuple[str, int], list[BenchResult]] = {}
+    groups: dict[tuple[str, int, str], list[BenchResult]] = {}
     for r in results:
-        groups.setdefault((r.model, r.batch_size), []).append(r)
-    for (model, bs), rs in sorted(groups.items()):
+        groups.setdefault((r.model, r.batch_size, r.backend), []).append(r)
+    dense_drawn: set[tuple[str, int]] = set()
+    for (model, bs, backend), rs in groups.items():
         rs = sorted(rs, key=lambda r: r.sparsity)
         ratios = [1.0 / max(1e-9, 1.0 - r.sparsity) for r in rs]
-        line = ax.plot(ratios, [r.sparse_sentences_per_s for r in rs], marker="o", label=f"{model} b{bs} sparse")[0]
-        ax.plot(
-            ratios,
-            [r.dense_sentences_per_s for r in rs],
-            linestyle="--",
-            color=line.get_color(),
-            label=f"{model} b{bs} dense",
-        )
+        label = f"{model} b{bs} sparse {backend}"
+        line = ax.plot(ratios, [r.sparse_sentences_per_s for r in rs], marker="o", label=label)[0]
+        if (model, bs) not in dense_drawn:
+            dense_drawn.add((model, bs))
+            dense = [r.dense_sentences_per_s for r in rs]
+            ax.plot(ratios, dense, linestyle="--", color=line.get_color(), label=f"{model} b{bs} dense")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("compression ratio of the pruned layers, 1 / (1 - sparsity)")

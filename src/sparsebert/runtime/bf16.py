@@ -90,13 +90,21 @@ def scratch(rows: int, tokens: int) -> torch.Tensor:
     return buffer[:size].view(rows, padded(tokens))
 
 
+def check_bf16(fn: str, t: torch.Tensor, shape: tuple[int, int], name: str) -> None:
+    """A bf16 operand as the kernels take it: contiguous, on the CPU, of ``shape`` (the kernels index it as
+    such: a strided or expanded view would be read or written out of place)."""
+    if t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.shape != shape or not t.is_contiguous():
+        raise SparseBertError(f"{fn}: {name} must be a contiguous bf16 CPU tensor {shape}, got {t.dtype} "
+                              f"{tuple(t.shape)}")  # fmt: skip
+
+
 def to_bf16(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 feature-major (features, tokens) as the bf16 products take it: (features, ``padded(tokens)``),
     rounded to nearest even, the padding zeroed; into ``out`` when given."""
     m, n = x.shape
     y = torch.empty(m, padded(n), dtype=torch.bfloat16) if out is None else out
-    if x.dtype != torch.float32 or not x.is_contiguous() or y.shape != (m, padded(n)) or y.dtype != torch.bfloat16:
-        raise SparseBertError(f"to_bf16: fp32 ({m}, {n}) into bf16 ({m}, {padded(n)}), got {y.dtype} {tuple(y.shape)}")
+    check_operands("to_bf16", m, n, x, None, None, None)
+    check_bf16("to_bf16", y, (m, padded(n)), "out")
     library().to_bf16_fm(m, n, padded(n), pointer(x), pointer(y), torch.get_num_threads())
     return y
 
@@ -113,16 +121,18 @@ def spmm_bf16(
 ) -> None:
     """``W @ X + bias[:, None] (+ residual)`` for bf16 ``xb`` (in_features, ``padded(tokens)``) into fp32
     ``out`` (out_features, tokens) and/or bf16 ``out_bf16`` (out_features, padded), the latter through the
-    exact GELU first when ``gelu``. At least one output is needed; both are written in one pass."""
+    exact GELU first when ``gelu`` (which the fp32 output never gets). At least one output is needed; both are
+    written in one pass."""
     m, k = w.shape
     n, npad = tokens, padded(tokens)
-    if xb.dtype != torch.bfloat16 or xb.shape != (k, npad) or not xb.is_contiguous():
-        raise SparseBertError(f"spmm_bf16: X must be contiguous bf16 ({k}, {npad}), got {xb.dtype} {tuple(xb.shape)}")
-    if out is None and out_bf16 is None:
-        raise SparseBertError("spmm_bf16: give out, out_bf16 or both")
+    check_bf16("spmm_bf16", xb, (k, npad), "X")
+    if out_bf16 is None and (out is None or gelu):
+        raise SparseBertError("spmm_bf16: give out, out_bf16 or both (out_bf16 with gelu)")
     check_operands("spmm_bf16", m, n, torch.empty(0), bias, residual, out)
-    if out_bf16 is not None and (out_bf16.dtype != torch.bfloat16 or out_bf16.shape != (m, npad)):
-        raise SparseBertError(f"spmm_bf16: out_bf16 must be bf16 ({m}, {npad}), got {tuple(out_bf16.shape)}")
+    if bias is not None and bias.shape != (m,):
+        raise SparseBertError(f"spmm_bf16: bias must have shape ({m},), got {tuple(bias.shape)}")
+    if out_bf16 is not None:
+        check_bf16("spmm_bf16", out_bf16, (m, npad), "out_bf16")
     library().spmm_pairs_bf16(
         m, n, npad, k, pointer(w.indptr), pointer(w.cols), pointer(w.values), pointer(xb), pointer(bias),
         pointer(residual), pointer(out), pointer(out_bf16), int(gelu), token_block(k), torch.get_num_threads(),
@@ -138,8 +148,8 @@ def attention_bf16(
     dot products, the softmax in fp32. ``mask``: (batch, seq) additive rows; ``bias_km``: (heads, keys,
     queries), as ``attention_fm`` takes them. The head size must be even (dimension pairs)."""
     hidden, npad = out.shape
-    if qkv.dtype != torch.bfloat16 or out.dtype != torch.bfloat16 or qkv.shape != (3 * hidden, npad):
-        raise SparseBertError(f"attention_bf16: bf16 QKV (3 * {hidden}, {npad}), got {qkv.dtype} {tuple(qkv.shape)}")
+    check_bf16("attention_bf16", out, (hidden, npad), "out")
+    check_bf16("attention_bf16", qkv, (3 * hidden, npad), "QKV")
     if hidden % heads or (hidden // heads) % 2 or npad != padded(batch * seq):
         raise SparseBertError(f"attention_bf16: {heads} heads of even size, {batch} x {seq} tokens padded to {npad}")
     for t, shape in ((mask, (batch, seq)), (bias_km, (heads, seq, seq))):
@@ -158,7 +168,9 @@ def torch_attention_bf16(
 ) -> torch.Tensor:  # fmt: skip
     """``attention_bf16`` through torch's bf16 batched GEMMs, a head at a time on views of the feature-major
     Q, K, V (no copies): oneDNN runs them on AMX's matrix units where the CPU has them, which can beat the
-    pair dot products of the fused kernel; the engine times both (``SparseEncoder``). Softmax in fp32."""
+    pair dot products of the fused kernel; the engine times both (``SparseEncoder``). The GEMM returns the
+    scores rounded to bf16 (as in a dense bf16 model; the fused kernel keeps them in fp32); scale, mask and
+    softmax then run in fp32."""
     hidden, tokens = out.shape[0], batch * seq
     dim = hidden // heads
     for i in range(heads):

@@ -163,8 +163,9 @@ def cmd_bench(args: BenchConfig) -> int:
     else:
         for s in args.sparsity:
             model = random_pruned_model(args.arch, s, block=args.prune_block)
-            results += bench_model(model, args.batch_sizes, args.seq_len, args.threads, args.arch, **common)
-            print(format_table(results[-len(args.batch_sizes) :]), flush=True)
+            new = bench_model(model, args.batch_sizes, args.seq_len, args.threads, args.arch, **common)
+            results += new
+            print(format_table(new), flush=True)
             del model
         if len(args.sparsity) > 1:
             print("\nall results:\n" + format_table(results))

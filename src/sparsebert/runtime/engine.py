@@ -166,6 +166,7 @@ class SparseEncoder(nn.Module):
         return {**self.__dict__, "_local": None}
 
     def __setstate__(self, state: dict) -> None:
+        state = {"bf16": False, "attention_plan": {}} | state  # pickled before the bf16 engine existed
         super().__setstate__(state)
         self._local = threading.local()
 
@@ -178,7 +179,8 @@ class SparseEncoder(nn.Module):
         """HF hands over None, a boolean (True = attend) or an additive float mask; make it (batch, q or 1, keys).
 
         Masked scores get the dtype's minimum rather than -inf, as HF's eager attention does, so a row with
-        every key masked stays finite.
+        every key masked stays finite. A padding mask that HF expanded to one row per query (its sdpa path
+        does) becomes one row again, so the fused attention kernels take it.
         """
         if mask is None:
             return None
@@ -187,6 +189,8 @@ class SparseEncoder(nn.Module):
         if mask.dim() != 4 or mask.shape[1] != 1:
             raise SparseBertError(f"unsupported attention mask shape {tuple(mask.shape)}")
         mask = mask[:, 0]
+        if mask.shape[1] > 1 and torch.equal(mask, mask[:, :1].expand_as(mask)):
+            mask = mask[:, :1]
         if mask.dtype == torch.bool:
             return torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, torch.finfo(torch.float32).min)
         return mask.float()
@@ -280,9 +284,10 @@ class SparseEncoder(nn.Module):
         return out.copy_(x.t()).view(batch, seq, hidden)
 
     def _layer_bf16(self, layer: _Layer, x: torch.Tensor, ws: dict, batch: int, seq: int, offsets: _Offsets):
-        """One layer with bf16 inputs to its products: the residual stream, attention and LayerNorm stay
-        fp32; each product reads a bf16 copy of its input, and the FFN's up projection writes its bf16
-        output through the exact GELU in the same pass (another activation runs in fp32 between)."""
+        """One layer with bf16 inputs to its products: the residual stream and LayerNorm stay fp32, each
+        LayerNorm writing the bf16 copy the next product reads; attention reads and writes bf16 (its softmax
+        in fp32) where a fused kernel runs, else runs in fp32 between two conversions; the FFN's up projection
+        writes its bf16 output through the exact GELU in the same pass (another activation runs in fp32)."""
         tokens, hb, ub = batch * seq, ws["hb"], ws["ub"]  # hb: x in bf16, from the last LayerNorm
         if offsets.kernel and self.head_dim % 2 == 0:  # attention in bf16 too: its context straight into hb
             layer.qkv.bf16(hb, tokens, out_bf16=ws["qkvb"])

@@ -178,8 +178,9 @@ def layer_norm_fm(
         raise SparseBertError(f"layer_norm_fm: out must have shape {tuple(x.shape)}, got {tuple(y.shape)}")
     rows, tokens = x.shape
     padded = out_bf16.shape[1] if out_bf16 is not None else tokens
-    if out_bf16 is not None and (out_bf16.dtype != torch.bfloat16 or out_bf16.shape[0] != rows or padded < tokens):
-        raise SparseBertError(f"layer_norm_fm: out_bf16 must be bf16 ({rows}, >= {tokens})")
+    if out_bf16 is not None and (out_bf16.dtype != torch.bfloat16 or out_bf16.shape[0] != rows or padded < tokens
+                                 or not out_bf16.is_contiguous()):  # fmt: skip
+        raise SparseBertError(f"layer_norm_fm: out_bf16 must be contiguous bf16 ({rows}, >= {tokens})")
     lib.layer_norm_fm_f32(
         rows, tokens, pointer(x), pointer(w), pointer(b), float(eps), pointer(y), pointer(out_bf16), padded,
         torch.get_num_threads(),

@@ -79,7 +79,7 @@ class _Dense:
 
 
 @dataclass
-class _DenseBf16:  # bf16 operands, fp32 bias/residual/result: the dense path a user would pick on AMX
+class _DenseBf16:  # bf16 operands, the GEMM's result rounded to bf16 (as torch returns it), then fp32: what AMX runs
     weight: torch.Tensor
 
     def __call__(self, x, bias, residual, out):
@@ -199,18 +199,18 @@ class ProjectionOp:
         """
         n = min(x.shape[1], TIMING_TOKENS)
         probe = (x[:, :n].contiguous(), self.bias, None if residual is None else residual[:, :n].contiguous())
-        scratch = torch.empty(self.shape[0], n, dtype=torch.float32).fill_(0)  # its pages touched once
+        sink = torch.empty(self.shape[0], n, dtype=torch.float32).fill_(0)  # its pages touched once
         dense = functools.cache(self._dense)  # built once for all the candidates that need it
         kernels = {kind: self._kernel(kind, dense) for kind in self.candidates}
         for kernel in kernels.values():
-            kernel(*probe, scratch)
-        best = {kind: time_kernel(kernel, *probe, scratch) for kind, kernel in kernels.items()}
+            kernel(*probe, sink)
+        best = {kind: time_kernel(kernel, *probe, sink) for kind, kernel in kernels.items()}
         fastest = min(best.values())
         close = [kind for kind in kernels if best[kind] <= CLEAR_LOSS * fastest]
         spent, rounds = best[close[0]], 1
         while len(close) > 1 and rounds < MAX_ROUNDS and (rounds < TIMING_ROUNDS or spent < MIN_TIMING_S):
             for kind in close:
-                seconds = time_kernel(kernels[kind], *probe, scratch)
+                seconds = time_kernel(kernels[kind], *probe, sink)
                 best[kind] = min(best[kind], seconds)
                 spent += seconds if kind == close[0] else 0.0
             rounds += 1

@@ -66,22 +66,32 @@ static inline void row_tail(const int32_t* idx, const float* val, int64_t p0, in
         j += 16 * (NV);                                                                          \
     }
 
-extern "C" {
-
-// A thread's copy of X's columns [n0, n0 + w) as a contiguous (K, w) block, in a buffer kept between calls.
-// Without it, each non-zero reads w floats from a row N floats away from the last: at thousands of tokens
-// every read lands on another page, and the walk through X's rows, not the arithmetic, sets the pace.
-static const float* pack_block(const float* X, int64_t K, int64_t N, int64_t n0, int64_t w) {
-    static thread_local float* buf = nullptr;
+// A thread's scratch of at least n elements of T, 64-byte aligned, kept between calls and grown as needed; Slot
+// tells apart the buffers of one element type that a thread holds at once.
+enum Slot { PACKED, SCORES };
+template <typename T, Slot S>
+static T* thread_buffer(int64_t n) {
+    static thread_local T* buf = nullptr;
     static thread_local int64_t cap = 0;
-    if (K * w > cap) {
+    if (n > cap) {
         std::free(buf);
-        cap = K * w;
-        buf = static_cast<float*>(std::aligned_alloc(64, ((cap * sizeof(float) + 63) / 64) * 64));
+        cap = n;
+        buf = static_cast<T*>(std::aligned_alloc(64, ((n * sizeof(T) + 63) / 64) * 64));
     }
-    for (int64_t k = 0; k < K; ++k) std::memcpy(buf + k * w, X + k * N + n0, w * sizeof(float));
     return buf;
 }
+
+// A thread's copy of X's columns [n0, n0 + w) as a contiguous (K, w) block (X's rows ld apart). Without it,
+// each non-zero reads w values from a row ld away from the last: at thousands of tokens every read lands on
+// another page, and the walk through X's rows, not the arithmetic, sets the pace.
+template <typename T>
+static const T* pack_block(const T* X, int64_t K, int64_t ld, int64_t n0, int64_t w) {
+    T* buf = thread_buffer<T, PACKED>(K * w);
+    for (int64_t k = 0; k < K; ++k) std::memcpy(buf + k * w, X + k * ld + n0, w * sizeof(T));
+    return buf;
+}
+
+extern "C" {
 
 // Y[M, N] = W[M, K] @ X[K, N] + bias[:, None] (+ R[M, N]); W in CSR (int32 indptr/indices, fp32 values).
 // Rows are split between threads by non-zero count; each thread walks token blocks outer and its rows
@@ -124,6 +134,7 @@ void spmm_csr_f32(int64_t M, int64_t N, int64_t K, const int32_t* indptr, const 
 static inline uint16_t bf16_bits(float x) {
     uint32_t u;
     std::memcpy(&u, &x, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40u);  // NaN stays a (quiet) NaN
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
@@ -291,13 +302,7 @@ void attention_fm_f32(int64_t B, int64_t S, int64_t NH, int64_t D, const float* 
     const int64_t H = NH * D, N = B * S;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t bh = 0; bh < B * NH; ++bh) {
-        static thread_local float* P = nullptr;  // per thread: the scores of one chunk of queries
-        static thread_local int64_t cap = 0;
-        if (S * 128 > cap) {
-            std::free(P);
-            cap = S * 128;
-            P = static_cast<float*>(std::aligned_alloc(64, cap * sizeof(float)));
-        }
+        float* P = thread_buffer<float, SCORES>(S * 128);  // the scores of one chunk of queries
         const int64_t b = bh / NH, h = bh % NH, off = h * D * N + b * S;
         const float* Q = QKV + off;
         const float* K = QKV + H * N + off;
@@ -347,19 +352,6 @@ static inline __m512 gelu16(__m512 x) {
     const __m512i sign = _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32((int)0x80000000u));
     erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf), sign));
     return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(erf, _mm512_set1_ps(1.0f)));
-}
-
-// A thread's copy of bf16 X's columns [n0, n0 + w) as a contiguous (K, w) block (see pack_block).
-static const uint16_t* pack_block_bf16(const uint16_t* X, int64_t K, int64_t ld, int64_t n0, int64_t w) {
-    static thread_local uint16_t* buf = nullptr;
-    static thread_local int64_t cap = 0;
-    if (K * w > cap) {
-        std::free(buf);
-        cap = K * w;
-        buf = static_cast<uint16_t*>(std::aligned_alloc(64, ((cap * sizeof(uint16_t) + 63) / 64) * 64));
-    }
-    for (int64_t k = 0; k < K; ++k) std::memcpy(buf + k * w, X + k * ld + n0, w * sizeof(uint16_t));
-    return buf;
 }
 
 // Where the products go: fp32 (Yf, masked to the N real tokens) and/or bf16 (Yb, all NP tokens, the padding
@@ -420,13 +412,28 @@ static inline __m512i pair16(const uint16_t* r0, const uint16_t* r1, __mmask16 l
 // 16 fp32 values as bf16 in the low halves of 16 int32 (round to nearest even).
 static inline __m512i bf16_low(__m512 v) { return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)); }
 
+// a0[v] = sum_t A[t, v] . w0[t * ws], a1 the same with w1: pair dot products of NV vectors of 16 pairs (a row
+// of A per step) against a broadcast pair from each of two rows of pairs. Both attention products take it.
+template <int NV>
+static inline void pair_dots(const int32_t* w0, const int32_t* w1, int64_t ws, const __m512i* A, int64_t T,
+                             __m512* a0, __m512* a1) {
+    for (int v = 0; v < NV; ++v) a0[v] = a1[v] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < T; ++t) {
+        const __m512bh b0 = (__m512bh)_mm512_set1_epi32(w0[t * ws]), b1 = (__m512bh)_mm512_set1_epi32(w1[t * ws]);
+        for (int v = 0; v < NV; ++v) {
+            a0[v] = _mm512_dpbf16_ps(a0[v], (__m512bh)A[t * NV + v], b0);
+            a1[v] = _mm512_dpbf16_ps(a1[v], (__m512bh)A[t * NV + v], b1);
+        }
+    }
+}
+
 // attention_chunk's bf16 twin, for one chunk of up to 16 * NV queries [i0, i0 + w) of one (sequence, head):
-// Q, K, V rows of bf16 with row stride LD. Kp: this head's keys as (dim pair, key) int32 pairs; Qp, Pp:
-// scratch for the chunk's queries as (dim pair, query) pairs and its probabilities as (key pair, query)
-// pairs; P: the fp32 scores, key-major. Both products run as pair dot products, the softmax in fp32.
+// Q rows of bf16 with row stride LD, D even. Kp: the head's keys as (dim pair, key) pairs; Vp: its values as
+// (dim, key pair) pairs; Qp, Pp: scratch for the chunk's queries as (dim pair, query) pairs and its
+// probabilities as (key pair, query) pairs; P: the fp32 scores, key-major. Both products as pair dot products.
 template <int NV>
 static void attention_chunk_bf16(int64_t S, int64_t D, int64_t LD, const uint16_t* Q, const int32_t* Kp,
-                                 const uint16_t* V, const float* mask, const float* bias, float scale, uint16_t* C,
+                                 const int32_t* Vp, const float* mask, const float* bias, float scale, uint16_t* C,
                                  int64_t i0, int64_t w, __m512i* Qp, float* P, __m512i* Pp) {
     const int64_t LDP = 16 * NV, D2 = D / 2, S2 = (S + 1) / 2;
     __mmask16 live[NV];
@@ -435,17 +442,8 @@ static void attention_chunk_bf16(int64_t S, int64_t D, int64_t LD, const uint16_
         for (int v = 0; v < NV; ++v)
             Qp[dd * NV + v] = pair16(Q + 2 * dd * LD + i0 + 16 * v, Q + (2 * dd + 1) * LD + i0 + 16 * v, live[v]);
     for (int64_t j = 0; j < S; j += 2) {  // scores of keys j and j + 1 (a copy of j when S is odd)
-        const int64_t j1 = j + 1 < S ? j + 1 : j;
         __m512 a0[NV], a1[NV];
-        for (int v = 0; v < NV; ++v) a0[v] = a1[v] = _mm512_setzero_ps();
-        for (int64_t dd = 0; dd < D2; ++dd) {
-            const __m512bh k0 = (__m512bh)_mm512_set1_epi32(Kp[dd * S + j]);
-            const __m512bh k1 = (__m512bh)_mm512_set1_epi32(Kp[dd * S + j1]);
-            for (int v = 0; v < NV; ++v) {
-                a0[v] = _mm512_dpbf16_ps(a0[v], (__m512bh)Qp[dd * NV + v], k0);
-                a1[v] = _mm512_dpbf16_ps(a1[v], (__m512bh)Qp[dd * NV + v], k1);
-            }
-        }
+        pair_dots<NV>(Kp + j, Kp + (j + 1 < S ? j + 1 : j), S, Qp, D2, a0, a1);
         store_scores<NV>(a0, a1, j, S, scale, mask, bias, i0, live, P);
     }
     __m512 inv[NV];
@@ -453,40 +451,29 @@ static void attention_chunk_bf16(int64_t S, int64_t D, int64_t LD, const uint16_
         __m512 m = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
         for (int64_t j = 0; j < S; ++j) m = _mm512_max_ps(m, _mm512_load_ps(P + j * LDP + 16 * v));
         for (int64_t jj = 0; jj < S2; ++jj) {
-            const __m512 e0 = exp16(_mm512_sub_ps(_mm512_load_ps(P + 2 * jj * LDP + 16 * v), m));
-            const __m512 e1 = 2 * jj + 1 < S ? exp16(_mm512_sub_ps(_mm512_load_ps(P + (2 * jj + 1) * LDP + 16 * v), m))
-                                             : _mm512_setzero_ps();
-            sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
-            Pp[jj * NV + v] = _mm512_or_si512(bf16_low(e0), _mm512_slli_epi32(bf16_low(e1), 16));
+            const __m512i e0 = bf16_low(exp16(_mm512_sub_ps(_mm512_load_ps(P + 2 * jj * LDP + 16 * v), m)));
+            const __m512i e1 = 2 * jj + 1 < S
+                ? bf16_low(exp16(_mm512_sub_ps(_mm512_load_ps(P + (2 * jj + 1) * LDP + 16 * v), m)))
+                : _mm512_setzero_si512();
+            Pp[jj * NV + v] = _mm512_or_si512(e0, _mm512_slli_epi32(e1, 16));
+            // the sum of the rounded weights the context uses, so that they sum to 1 exactly
+            sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(e0, 16)));
+            sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(e1, 16)));
         }
         inv[v] = _mm512_div_ps(_mm512_set1_ps(1.0f), sum);
     }
     for (int64_t d = 0; d < D; d += 2) {  // context rows d and d + 1: sum_j V[d, j] P[j, :], a key pair a step
-        const int64_t d1 = d + 1 < D ? d + 1 : d;
         __m512 a0[NV], a1[NV];
-        for (int v = 0; v < NV; ++v) a0[v] = a1[v] = _mm512_setzero_ps();
-        for (int64_t jj = 0; jj < S2; ++jj) {
-            const bool whole = 2 * jj + 1 < S;  // else the last key alone: its partner's weight is 0
-            const __m512bh v0 = (__m512bh)_mm512_set1_epi32(whole ? *reinterpret_cast<const int32_t*>(V + d * LD + 2 * jj)
-                                                                  : V[d * LD + 2 * jj]);
-            const __m512bh v1 = (__m512bh)_mm512_set1_epi32(whole ? *reinterpret_cast<const int32_t*>(V + d1 * LD + 2 * jj)
-                                                                  : V[d1 * LD + 2 * jj]);
-            for (int v = 0; v < NV; ++v) {
-                a0[v] = _mm512_dpbf16_ps(a0[v], (__m512bh)Pp[jj * NV + v], v0);
-                a1[v] = _mm512_dpbf16_ps(a1[v], (__m512bh)Pp[jj * NV + v], v1);
-            }
-        }
+        pair_dots<NV>(Vp + d * S2, Vp + (d + 1) * S2, 1, Pp, S2, a0, a1);
         for (int v = 0; v < NV; ++v) {
             const __m256i c0 = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(a0[v], inv[v]));
+            const __m256i c1 = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(a1[v], inv[v]));
             _mm256_mask_storeu_epi16(C + d * LD + i0 + 16 * v, live[v], c0);
-            if (d + 1 < D) {
-                const __m256i c1 = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(a1[v], inv[v]));
-                _mm256_mask_storeu_epi16(C + d1 * LD + i0 + 16 * v, live[v], c1);
-            }
+            _mm256_mask_storeu_epi16(C + (d + 1) * LD + i0 + 16 * v, live[v], c1);
         }
     }
 }
-static void (*const CHUNKS_BF16[8])(int64_t, int64_t, int64_t, const uint16_t*, const int32_t*, const uint16_t*,
+static void (*const CHUNKS_BF16[8])(int64_t, int64_t, int64_t, const uint16_t*, const int32_t*, const int32_t*,
                                     const float*, const float*, float, uint16_t*, int64_t, int64_t, __m512i*, float*,
                                     __m512i*) = {
     attention_chunk_bf16<1>, attention_chunk_bf16<2>, attention_chunk_bf16<3>, attention_chunk_bf16<4>,
@@ -516,6 +503,7 @@ void spmm_pairs_bf16(int64_t M, int64_t N, int64_t NP, int64_t K, const int32_t*
                      uint16_t* Yb, int gelu, int64_t BLOCK, int nthreads) {
     const Epilogue ep{N, NP, bias, R, Yf, Yb, gelu};
     const int64_t pairs = indptr[M];
+    BLOCK = std::clamp<int64_t>(BLOCK / 32 * 32, 32, 256);  // PAIR_ROWS' widths (NP: a multiple of 32, checked by the caller)
     #pragma omp parallel num_threads(nthreads)
     {
         const int T = omp_get_num_threads(), t = omp_get_thread_num();
@@ -525,7 +513,7 @@ void spmm_pairs_bf16(int64_t M, int64_t N, int64_t NP, int64_t K, const int32_t*
         for (int64_t n0 = 0; n0 < NP; n0 += BLOCK) {
             const int64_t w = std::min(BLOCK, NP - n0);
             const bool packed = w < NP && hi > lo;
-            const uint16_t* x = packed ? pack_block_bf16(Xb, K, NP, n0, w) : Xb + n0;
+            const uint16_t* x = packed ? pack_block(Xb, K, NP, n0, w) : Xb + n0;
             const int64_t ldx = packed ? w : NP;
             for (int64_t m = lo; m < hi; ++m) PAIR_ROWS[w / 32 - 1](cols, vals, indptr[m], indptr[m + 1], x, ldx, ep, m, n0);
         }
@@ -539,31 +527,32 @@ void attention_fm_bf16(int64_t B, int64_t S, int64_t NH, int64_t D, int64_t NP, 
     const int64_t H = NH * D, D2 = D / 2;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t bh = 0; bh < B * NH; ++bh) {
-        // per thread, 64-byte aligned: one chunk's fp32 scores, its query and probability pairs, the head's key pairs
-        const int64_t nP = S * 128, nQ = D2 * 8 * 16, nPp = (S + 1) / 2 * 8 * 16, nK = (D2 * S + 15) / 16 * 16;
-        static thread_local float* buf = nullptr;
-        static thread_local int64_t cap = 0;
-        if (nP + nQ + nPp + nK > cap) {
-            std::free(buf);
-            cap = nP + nQ + nPp + nK;
-            buf = static_cast<float*>(std::aligned_alloc(64, cap * sizeof(float)));
-        }
+        // one chunk's fp32 scores, its query and probability pairs, the head's key and value pairs: each 64-byte
+        // aligned (sizes rounded up to 16 floats)
+        const int64_t S2 = (S + 1) / 2, nP = S * 128, nQ = D2 * 8 * 16, nPp = S2 * 8 * 16;
+        const int64_t nK = (D2 * S + 15) / 16 * 16, nV = (D * S2 + 15) / 16 * 16;
+        float* buf = thread_buffer<float, SCORES>(nP + nQ + nPp + nK + nV);
         float* Pa = buf;
         __m512i* Qp = reinterpret_cast<__m512i*>(buf + nP);
         __m512i* Pp = reinterpret_cast<__m512i*>(buf + nP + nQ);
         int32_t* Kp = reinterpret_cast<int32_t*>(buf + nP + nQ + nPp);
+        int32_t* Vp = reinterpret_cast<int32_t*>(buf + nP + nQ + nPp + nK);
         const int64_t b = bh / NH, h = bh % NH, off = h * D * NP + b * S;
         const uint16_t* Q = QKV + off;
         const uint16_t* K = QKV + H * NP + off;
         const uint16_t* V = QKV + 2 * H * NP + off;
-        for (int64_t dd = 0; dd < D2; ++dd)  // this head's keys as (dim pair, key) pairs
+        for (int64_t dd = 0; dd < D2; ++dd)  // keys as (dim pair, key) pairs
             for (int64_t j = 0; j < S; ++j)
                 Kp[dd * S + j] = (int32_t)((uint32_t)K[2 * dd * NP + j] | ((uint32_t)K[(2 * dd + 1) * NP + j] << 16));
+        for (int64_t d = 0; d < D; ++d) {  // values as (dim, key pair) pairs: each row's keys two at a time
+            std::memcpy(Vp + d * S2, V + d * NP, S * sizeof(uint16_t));
+            if (S % 2) Vp[d * S2 + S2 - 1] &= 0xFFFF;  // the last key of an odd S alone: its partner weighs 0
+        }
         const float* m = mask ? mask + b * S : nullptr;
         const float* bh_bias = bias ? bias + h * S * S : nullptr;
         for (int64_t i0 = 0; i0 < S; i0 += 128) {
             const int64_t w = std::min<int64_t>(128, S - i0);
-            CHUNKS_BF16[(w + 15) / 16 - 1](S, D, NP, Q, Kp, V, m, bh_bias, scale, CTX + off, i0, w, Qp, Pa, Pp);
+            CHUNKS_BF16[(w + 15) / 16 - 1](S, D, NP, Q, Kp, Vp, m, bh_bias, scale, CTX + off, i0, w, Qp, Pa, Pp);
         }
     }
 }
