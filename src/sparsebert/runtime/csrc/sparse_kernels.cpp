@@ -91,6 +91,15 @@ static const T* pack_block(const T* X, int64_t K, int64_t ld, int64_t n0, int64_
     return buf;
 }
 
+// The rows [lo, hi) of the calling OpenMP thread: an equal share of the row pointer's total (non-zeros,
+// blocks or pairs), so that threads get equal work however the rows vary.
+static inline void thread_rows(const int32_t* indptr, int64_t M, int64_t* lo, int64_t* hi) {
+    const int T = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t total = indptr[M];
+    *lo = std::lower_bound(indptr, indptr + M, (int32_t)((total * t) / T)) - indptr;
+    *hi = t == T - 1 ? M : std::lower_bound(indptr, indptr + M, (int32_t)((total * (t + 1)) / T)) - indptr;
+}
+
 extern "C" {
 
 // Y[M, N] = W[M, K] @ X[K, N] + bias[:, None] (+ R[M, N]); W in CSR (int32 indptr/indices, fp32 values).
@@ -100,17 +109,13 @@ extern "C" {
 void spmm_csr_f32(int64_t M, int64_t N, int64_t K, const int32_t* indptr, const int32_t* indices,
                   const float* values, const float* X, const float* bias, const float* R, float* Y, int64_t BLOCK,
                   int nthreads) {
-    const int64_t nnz = indptr[M];
 #ifndef __AVX512F__
     BLOCK = std::min<int64_t>(BLOCK, 128);  // 16 accumulators of 16 floats would spill on 16 AVX2 registers
 #endif
     #pragma omp parallel num_threads(nthreads)
     {
-        const int T = omp_get_num_threads();
-        const int t = omp_get_thread_num();
-        const int64_t lo = std::lower_bound(indptr, indptr + M, (int32_t)((nnz * t) / T)) - indptr;
-        const int64_t hi = t == T - 1 ? M
-                         : std::lower_bound(indptr, indptr + M, (int32_t)((nnz * (t + 1)) / T)) - indptr;
+        int64_t lo, hi;
+        thread_rows(indptr, M, &lo, &hi);
         for (int64_t n0 = 0; n0 < N; n0 += BLOCK) {
             const int64_t w = std::min(BLOCK, N - n0);
             const bool packed = w < N && hi > lo;
@@ -502,20 +507,18 @@ void spmm_pairs_bf16(int64_t M, int64_t N, int64_t NP, int64_t K, const int32_t*
                      const int32_t* vals, const uint16_t* Xb, const float* bias, const float* R, float* Yf,
                      uint16_t* Yb, int gelu, int64_t BLOCK, int nthreads) {
     const Epilogue ep{N, NP, bias, R, Yf, Yb, gelu};
-    const int64_t pairs = indptr[M];
-    BLOCK = std::clamp<int64_t>(BLOCK / 32 * 32, 32, 256);  // PAIR_ROWS' widths (NP: a multiple of 32, checked by the caller)
+    BLOCK = std::clamp<int64_t>(BLOCK / 32 * 32, 32, 256);  // PAIR_ROWS' widths (NP: a multiple of 32)
     #pragma omp parallel num_threads(nthreads)
     {
-        const int T = omp_get_num_threads(), t = omp_get_thread_num();
-        const int64_t lo = std::lower_bound(indptr, indptr + M, (int32_t)((pairs * t) / T)) - indptr;
-        const int64_t hi = t == T - 1 ? M
-                         : std::lower_bound(indptr, indptr + M, (int32_t)((pairs * (t + 1)) / T)) - indptr;
+        int64_t lo, hi;
+        thread_rows(indptr, M, &lo, &hi);
         for (int64_t n0 = 0; n0 < NP; n0 += BLOCK) {
             const int64_t w = std::min(BLOCK, NP - n0);
             const bool packed = w < NP && hi > lo;
             const uint16_t* x = packed ? pack_block(Xb, K, NP, n0, w) : Xb + n0;
             const int64_t ldx = packed ? w : NP;
-            for (int64_t m = lo; m < hi; ++m) PAIR_ROWS[w / 32 - 1](cols, vals, indptr[m], indptr[m + 1], x, ldx, ep, m, n0);
+            for (int64_t m = lo; m < hi; ++m)
+                PAIR_ROWS[w / 32 - 1](cols, vals, indptr[m], indptr[m + 1], x, ldx, ep, m, n0);
         }
     }
 }
@@ -628,13 +631,10 @@ void quantize_b4(int64_t K, int64_t N, int64_t NP, const float* X, float* s_x, u
 void spmm_b4_i8(int64_t M, int64_t N, int64_t NP, const int32_t* indptr, const int32_t* gidx, const int32_t* wq,
                 const int32_t* comp, const float* s_w, const uint8_t* Xq, const float* s_x, const float* bias,
                 const float* R, float* Y, int64_t BLOCK, int nthreads) {
-    const int64_t nnz = indptr[M];
     #pragma omp parallel num_threads(nthreads)
     {
-        const int T = omp_get_num_threads(), t = omp_get_thread_num();
-        const int64_t lo = std::lower_bound(indptr, indptr + M, (int32_t)((nnz * t) / T)) - indptr;
-        const int64_t hi = t == T - 1 ? M
-                         : std::lower_bound(indptr, indptr + M, (int32_t)((nnz * (t + 1)) / T)) - indptr;
+        int64_t lo, hi;
+        thread_rows(indptr, M, &lo, &hi);
         for (int64_t n0 = 0; n0 < NP; n0 += BLOCK) {
             const int64_t nv = std::min(BLOCK, NP - n0) / 16;
             for (int64_t m = lo; m < hi; ++m) {
