@@ -18,7 +18,7 @@ from transformers import BertConfig, BertModel
 
 from sparsebert.errors import SparseBertError
 from sparsebert.pruning import Pruner, sparsity_report
-from sparsebert.report import pyplot
+from sparsebert.report import flops_per_sequence, pyplot
 from sparsebert.runtime.baselines import Forward, build_baselines, first_output, resolve_baselines
 from sparsebert.runtime.convert import sparsify
 from sparsebert.runtime.timing import machine, median_ms  # their home is timing; still importable from here
@@ -41,7 +41,7 @@ class BenchResult:
     model: str = ""
     backend: str = "auto"  # the sparse engine's kernels (several backends time in one run, one result each)
     kernels: str = ""
-    gflops: float = 0.0  # the sparse forward's useful work (non-zero products, attention) per second
+    gflops: float = 0.0  # the sparse forward's useful work (forward_flops) per second
     share_of_gemm: float = 0.0  # gflops over this CPU's dense fp32 GEMM rate measured in the same run
     baselines: dict[str, float] = field(default_factory=dict)  # ms of each dense path timed, fp32 included
     max_abs_diff: dict[str, float] = field(default_factory=dict)  # each path's output vs dense fp32's
@@ -70,14 +70,11 @@ def random_pruned_model(arch: str, sparsity: float, seed: int = 0, block: int = 
 
 
 def forward_flops(model: nn.Module, batch: int, seq: int) -> float:
-    """The work of one forward that any engine must do: 2 flops per non-zero weight of every prunable
-    projection and token, and attention's two products (4 x batch x seq^2 x hidden a layer); embeddings,
-    LayerNorm and softmax left out. What ``gflops`` divides, so engines and CPUs compare on one measure."""
-    from sparsebert.layers import find_prunable_linears
-
-    linear = sum(int((t.module.weight != 0).sum()) for t in find_prunable_linears(model))
-    cfg = model.config
-    return 2.0 * linear * batch * seq + 4.0 * cfg.num_hidden_layers * batch * seq * seq * cfg.hidden_size
+    """The work of one forward that any engine must do, as the run report counts it
+    (``report.flops_per_sequence``: the non-zero products, attention's two, the head). What ``gflops``
+    divides, so engines and CPUs compare on one measure."""
+    nonzeros = sparsity_report(model)["nonzero"]["pruned_layers"]
+    return float(batch * flops_per_sequence(model.config, nonzeros, seq))
 
 
 def gemm_gflops(threads: int, size: int = 1024, reps: int = 5) -> float:
@@ -116,12 +113,12 @@ def bench_pair(
     paths = dict(baselines or {"fp32": first_output(dense)})
     engines = {f"sparse {name}": first_output(model) for name, model in sparse.items()}
     gemm = gemm_gflops(threads)
+    sequence_flops = forward_flops(dense, 1, seq_len)
     gen = torch.Generator().manual_seed(seed)
     results = []
     for bs in batch_sizes:
         ids = torch.randint(0, dense.config.vocab_size, (bs, seq_len), generator=gen)
         mask = torch.ones_like(ids)
-        flops = forward_flops(dense, bs, seq_len)
         with torch.inference_mode():
             reference = paths["fp32"](ids, mask)
             every = paths | engines
@@ -136,7 +133,7 @@ def bench_pair(
             result.max_abs_diff = {n: d for n, d in diffs.items() if n in timed} | {"sparse": diffs[f"sparse {name}"]}
             result.kernels = kernels(name, bs * seq_len) if kernels else ""
             result.best_dense, result.speedup_vs_best_dense = best, timed[best] / ms
-            result.gflops = flops / ms / 1e6
+            result.gflops = bs * sequence_flops / ms / 1e6
             result.share_of_gemm = result.gflops / gemm
             results.append(result)
     return results

@@ -13,7 +13,6 @@ activations keep 8 bits of mantissa.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -21,10 +20,9 @@ import torch
 
 from sparsebert.errors import SparseBertError
 from sparsebert.runtime.build import library
-from sparsebert.runtime.kernels import BLOCK_BYTES, CSRMatrix, check_operands, pointer
+from sparsebert.runtime.kernels import BLOCK_BYTES, CSRMatrix, check_operands, pointer, thread_buffer
 
 TOKEN_ALIGN = 32  # tokens per 64-byte load of bf16 activations
-_scratch = threading.local()  # per thread: the bf16 copy of an fp32 input (``scratch``)
 
 
 @lru_cache(maxsize=1)
@@ -75,19 +73,10 @@ class PairCSR:
         pairs = (new_indptr // 2).to(torch.int32)
         return cls(pairs, cols, values.view(torch.int16).view(torch.int32), csr.shape)
 
-    @property
-    def pairs(self) -> int:
-        return int(self.values.numel())
-
 
 def scratch(rows: int, tokens: int) -> torch.Tensor:
-    """A bf16 (rows, ``padded(tokens)``) buffer kept per thread and grown as needed, for the conversion
-    of a product's fp32 input (a fresh one per call costs page faults on the hot path)."""
-    size = rows * padded(tokens)
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < size:
-        buffer = _scratch.buffer = torch.empty(size, dtype=torch.bfloat16)
-    return buffer[:size].view(rows, padded(tokens))
+    """A bf16 (rows, ``padded(tokens)``) buffer kept per thread, for the conversion of a product's fp32 input."""
+    return thread_buffer("bf16_input", rows * padded(tokens), torch.bfloat16).view(rows, padded(tokens))
 
 
 def check_bf16(fn: str, t: torch.Tensor, shape: tuple[int, int], name: str) -> None:

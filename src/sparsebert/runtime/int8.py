@@ -11,37 +11,28 @@ Lossy: about 1% of the output range, like any int8 path.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
 
 from sparsebert.errors import SparseBertError
 from sparsebert.runtime.build import library
-from sparsebert.runtime.kernels import check_operands, feature_major, pointer
+from sparsebert.runtime.kernels import check_operands, feature_major, pointer, thread_buffer, thread_buffer_size
 
 TOKEN_BLOCK = 128  # tokens per block of 8 accumulators
-_scratch = threading.local()  # per thread: the quantized activations of the product in progress
+QUANTIZED = "int8_activations"  # the calling thread's buffer of quantized activations (kernels.thread_buffer)
 
 
 def _activation_buffers(k: int, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token scales and quantized activations for one product, from a buffer kept per thread and
-    grown as needed: a fresh one of a few MB per call (batch 32) costs page faults on the hot path, as
-    the fp32 engine's fresh activations did (BENCHMARKS.md, "Runtime", section 7)."""
-    scales, quantized = getattr(_scratch, "buffers", (torch.empty(0), torch.empty(0, dtype=torch.uint8)))
-    if scales.numel() < padded or quantized.numel() < k * padded:
-        scales = torch.empty(max(padded, scales.numel()), dtype=torch.float32)
-        quantized = torch.empty(max(k * padded, quantized.numel()), dtype=torch.uint8)
-        _scratch.buffers = scales, quantized
-    return scales[:padded], quantized[: k * padded]
+    """Per-token scales and quantized activations for one product, in buffers kept per thread."""
+    return thread_buffer("int8_scales", padded, torch.float32), thread_buffer(QUANTIZED, k * padded, torch.uint8)
 
 
 def scratch_size() -> int:
     """How many quantized activations the calling thread's buffer holds (0 before its first int8
     product): the memory the hot path keeps, per thread, grown to the largest product so far and never
     shrunk."""
-    buffers = getattr(_scratch, "buffers", None)
-    return 0 if buffers is None else buffers[1].numel()
+    return thread_buffer_size(QUANTIZED)
 
 
 def int8_available() -> bool:

@@ -16,6 +16,7 @@ compiler the runtime falls back to torch's MKL CSR (``backend="torch"``).
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -65,6 +66,26 @@ class CSRMatrix:
 
     def to_dense(self) -> torch.Tensor:
         return self.to_torch().to_dense()
+
+
+_thread_buffers = threading.local()  # per thread: the scratch buffers of the products in progress, by name
+
+
+def thread_buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first ``numel`` elements of a buffer the calling thread keeps under ``name``, grown as needed and
+    never shrunk: a fresh one of a few MB per call (batch 32) costs page faults on the hot path, as the
+    engine's fresh activations did (BENCHMARKS.md, "Runtime", section 7)."""
+    buffer = getattr(_thread_buffers, name, None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=dtype)
+        setattr(_thread_buffers, name, buffer)
+    return buffer[:numel]
+
+
+def thread_buffer_size(name: str) -> int:
+    """How many elements the calling thread's buffer ``name`` holds (0 before its first use)."""
+    buffer = getattr(_thread_buffers, name, None)
+    return 0 if buffer is None else buffer.numel()
 
 
 def pointer(t: torch.Tensor | None) -> int | None:
