@@ -134,7 +134,7 @@ def test_the_bf16_engine_stays_close_to_the_exact_engine(config_cls):
     exact = pruned(config)
     fast = copy.deepcopy(exact)
     report = sparsify(fast, backend="bf16")
-    assert report.mode == "encoder" and set(report.kernels) == {"cpp-bf16"}
+    assert report.mode == "encoder" and set(report.kernels) == {"cpp-bf16|dense-bf16"}  # timed at the first call
     sparsify(exact)
     ids = torch.randint(5, 80, (3, 45), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
@@ -230,17 +230,16 @@ def test_a_bf16_projection_from_fp32_activations_as_fastest_and_linear_mode_run_
     gen = torch.Generator().manual_seed(6)
     w, x = sparse_matrix(40, 24, 0.2, gen), torch.randn(24, 19, generator=gen)
     bias, residual = torch.randn(40, generator=gen), torch.randn(40, 19, generator=gen)
-    op = make_projection(w, bias, backend="bf16")
-    assert op.kind == "cpp-bf16"
+    kernel = ops.build_kernel("cpp-bf16", CSRMatrix.from_dense(w), lambda: w)
     want = bf16_round(w) @ bf16_round(x) + bias.double()[:, None] + residual.double()
-    torch.testing.assert_close(op(x, residual).double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernel(x, bias, residual, None).double(), want, rtol=1e-5, atol=1e-5)
 
 
 @needs_bf16
 @pytest.mark.parametrize(
     ("hidden", "heads", "act", "max_density", "kinds"),
-    [(64, 4, "gelu_new", None, {"cpp-bf16"}),  # another activation: in fp32 between the FFN's products
-     (36, 4, "gelu", None, {"cpp-bf16"}),  # heads of 9: attention in fp32 between two conversions
+    [(64, 4, "gelu_new", None, {"cpp-bf16|dense-bf16"}),  # another activation: in fp32 between the FFN's products
+     (36, 4, "gelu", None, {"cpp-bf16|dense-bf16"}),  # heads of 9: attention in fp32 between two conversions
      (64, 4, "gelu", 0.05, {"dense-bf16"})],  # matrices too dense to store sparsely: bf16 GEMMs
 )  # fmt: skip
 def test_the_bf16_engines_other_paths_stay_close_too(hidden, heads, act, max_density, kinds):
@@ -256,4 +255,44 @@ def test_the_bf16_engines_other_paths_stay_close_too(hidden, heads, act, max_den
     with torch.no_grad():
         got = fast.bert(input_ids=ids, attention_mask=mask).last_hidden_state
         want = exact.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=0.03, atol=0.03)
+
+
+@needs_bf16
+@pytest.mark.parametrize("faster", ["cpp-bf16", "dense-bf16"])
+def test_the_bf16_backend_times_bf16_csr_against_dense_bf16_per_matrix(monkeypatch, faster):
+    """On AMX's matrix units a dense bf16 GEMM can beat bf16 CSR (90% sparse, batch 32): the bf16 backend
+    times both on each matrix's bf16 inputs at the first call of a size, keeps the faster, drops the other
+    and runs only it afterwards; a scripted clock decides, so the test does not depend on this CPU."""
+    config = BertConfig(vocab_size=80, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128)  # fmt: skip
+    exact = pruned(config)
+    fast = copy.deepcopy(exact)
+    sparsify(exact)
+    ids = torch.randint(5, 80, (2, 13), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = exact.bert(input_ids=ids).last_hidden_state
+    build, calls = ops.build_kernel, []
+
+    def rigged(kind, master, dense):
+        kernel = build(kind, master, dense)
+        real = kernel.bf16
+        kernel.bf16 = functools.wraps(real)(lambda *a: (calls.append(kind), real(*a))[1])
+        kernel.bf16.kind = kind
+        return kernel
+
+    def clock(fn, *args) -> float:
+        fn(*args)
+        return 1.0 if getattr(fn, "kind", None) == faster else 3.0
+
+    monkeypatch.setattr(ops, "build_kernel", rigged)
+    monkeypatch.setattr(ops, "time_kernel", clock)
+    report = sparsify(fast, backend="bf16")
+    with torch.no_grad():
+        fast(input_ids=ids)
+        assert {op.kind_for(26) for op in report.ops} == {faster} and set(report.kernels) == {faster}
+        assert all(op.held_kinds == {faster} for op in report.ops)
+        calls.clear()
+        got = fast.bert(input_ids=ids).last_hidden_state
+    assert calls == [faster] * len(report.ops)
     torch.testing.assert_close(got, want, rtol=0.03, atol=0.03)

@@ -48,8 +48,9 @@ class BenchConfig:
     threads: int = opt(2, "CPU threads", group="bench")
     mode: str = opt("auto", "sparse engine mode", choices=("auto", "encoder", "linear"), group="bench")
     backend: list[str] = opt(help="sparse kernels, one or more timed side by side (e.g. auto,bf16): auto (per "
-                             "matrix the faster exact one, timed), fastest (also the lossy ones), or fixed: cpp, "
-                             "torch, int8 (VNNI, --prune-block 4 models), bf16 (AVX512-BF16: bf16 activations)",
+                             "matrix the faster exact one, timed), fastest (also the lossy ones), bf16 (AVX512-BF16: "
+                             "bf16 activations, per matrix bf16 CSR or dense bf16, timed), or fixed: cpp, torch, "
+                             "int8 (VNNI, --prune-block 4 models)",
                              choices=SPARSE_BACKENDS, factory=lambda: ["auto"], group="bench")  # fmt: skip
     max_density: float | None = opt(None, "densest matrix run sparse (default 0.3; 0.5 when timed)", group="bench")
     baselines: list[str] = opt(

@@ -3,9 +3,10 @@
 Each matrix has a few candidate kernels: the sparse one (CSR fp32, exact) when its density is at most
 ``max_density``, and a dense GEMM. Which wins depends on the matrix, the number of tokens and the
 processor (a dense bf16 GEMM on AMX beats fp32 CSR at batch 32; BENCHMARKS.md, "Runtime"), so the
-backends ``auto`` (exact kernels) and ``fastest`` (also the lossy ones: dense bf16 where the CPU runs
-bf16 natively, int8 on 1x4-block matrices) time the candidates on the first call at each size of input
-(rounded to a power of two) and keep the fastest for that size. The others fix one kernel, by density.
+backends ``auto`` (exact kernels), ``fastest`` (also the lossy ones: dense bf16 where the CPU runs
+bf16 natively, int8 on 1x4-block matrices) and ``bf16`` (bf16 CSR against dense bf16) time the candidates
+on the first call at each size of input (rounded to a power of two) and keep the fastest for that size.
+The others fix one kernel, by density.
 
 A compressed model should stay compressed in memory: a sparse matrix keeps its CSR form as the master
 copy, and a candidate that lost at every size seen so far is dropped (rebuilt from the master when a new
@@ -23,7 +24,7 @@ import torch
 
 from sparsebert.errors import SparseBertError
 from sparsebert.hardware import native_bf16
-from sparsebert.runtime.bf16 import PairCSR, bf16_available, scratch, spmm_bf16, to_bf16
+from sparsebert.runtime.bf16 import PairCSR, bf16_available, padded, scratch, spmm_bf16, to_bf16
 from sparsebert.runtime.int8 import BlockInt8Matrix, int8_available, spmm_int8, suits_int8
 from sparsebert.runtime.kernels import CSRMatrix, add_bias_residual, cpp_available, spmm
 
@@ -31,15 +32,16 @@ from sparsebert.runtime.kernels import CSRMatrix, add_bias_residual, cpp_availab
 # dense fp32), timed on the first call at each input size; fastest: the same among the lossy ones too
 # (dense bf16 where the CPU has it natively, bf16 CSR and int8 on 1x4 blocks where it has the instructions).
 # Fixed, by density: cpp (compiled CSR), torch (MKL CSR), int8 (the VNNI kernel where 1x4 blocks are sparse
-# enough, models pruned with --prune-block 4; the rest as cpp), bf16 (AVX512-BF16: bf16 CSR, dense bf16
-# otherwise; the encoder keeps its activations in bf16 between products, runtime/bf16.py).
+# enough, models pruned with --prune-block 4; the rest as cpp). bf16 (AVX512-BF16): per matrix, the faster of
+# bf16 CSR and dense bf16 (on AMX's matrix units the dense GEMM wins at 90% and batch 32), timed like auto's;
+# the encoder keeps its activations in bf16 between products (runtime/bf16.py).
 SPARSE_BACKENDS = ("auto", "fastest", "cpp", "torch", "int8", "bf16")
 # The densest matrix a backend runs sparse. Fixed kernels: at density 0.3 CSR still won on every shape we
 # measured, at 0.5 not on all (BENCHMARKS.md, "Kernel choice"). Timed ones try CSR up to 0.5 and keep it
 # only where it wins (section 9).
 DEFAULT_MAX_DENSITY = 0.3
 TIMED_MAX_DENSITY = 0.5
-TIMED_BACKENDS = ("auto", "fastest")
+TIMED_BACKENDS = ("auto", "fastest", "bf16")
 TIMING_ROUNDS = 2  # timed calls of each close candidate, after an untimed warm-up; the minimum counts
 # ...or more, until the first of them has run MIN_TIMING_S: at batch 1 a product takes 0.1-0.7 ms, and two
 # calls did not separate int8 from CSR reliably on a noisy machine (BENCHMARKS.md, "Runtime", section 9).
@@ -169,10 +171,12 @@ class ProjectionOp:
     ) -> None:  # fmt: skip
         """The projection of bf16 activations (``bf16.padded(tokens)`` columns, ``tokens`` real) into fp32
         ``out`` and/or bf16 ``out_bf16`` (through the exact GELU first when ``gelu``): the bf16 engine's
-        path, for the ``bf16`` backend's fixed kinds only."""
-        kind = self.candidates[0]
-        if self.candidates != (kind,) or kind not in ("cpp-bf16", "dense-bf16"):
+        path, for the ``bf16`` backend's kernels only (timed like ``__call__``'s on the first call at a size)."""
+        if not set(self.candidates) <= {"cpp-bf16", "dense-bf16"}:
             raise SparseBertError(f"bf16 activations need the bf16 backend's kernels, not {'|'.join(self.candidates)}")
+        kind = self.kind_for(tokens) or self._choose(
+            tokens, *_bf16_probe(self, xb, tokens, residual, out, out_bf16, gelu)
+        )
         self._last = kind
         self._kernel(kind).bf16(xb, tokens, self.bias, residual, out, out_bf16, gelu)
 
@@ -183,13 +187,14 @@ class ProjectionOp:
         self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The projection, into ``out`` when given (an (out_features, tokens) buffer the caller reuses)."""
-        kind = self.kind_for(x.shape[1]) or self._choose(x, residual)
+        kind = self.kind_for(x.shape[1]) or self._choose(x.shape[1], *_fp32_probe(self, x, residual))
         self._last = kind
         return self._kernel(kind)(x, self.bias, residual, out)
 
-    def _choose(self, x: torch.Tensor, residual: torch.Tensor | None) -> str:
-        """Time the candidates on this input (its first ``TIMING_TOKENS`` tokens, into a scratch buffer),
-        interleaved, and keep the fastest.
+    def _choose(self, tokens: int, call: Callable[[Kernel], Callable], args: tuple) -> str:
+        """Time the candidates on a probe of this input (``args``: its first ``TIMING_TOKENS`` tokens into
+        scratch outputs; ``call`` picks the kernel's entry point), interleaved, and keep the fastest for
+        inputs of ``tokens`` tokens.
 
         An untimed warm-up call each first: one-off costs land there (oneDNN builds its bf16 kernel at the
         first call, 10-20 ms here), and counting them once let a slow start knock the fastest kernel out.
@@ -197,28 +202,50 @@ class ProjectionOp:
         clear choice (CSR against dense at 90% sparsity) costs two calls of each; the rest get more (see
         ``TIMING_ROUNDS``), and the minimum counts.
         """
-        n = min(x.shape[1], TIMING_TOKENS)
-        probe = (x[:, :n].contiguous(), self.bias, None if residual is None else residual[:, :n].contiguous())
-        sink = torch.empty(self.shape[0], n, dtype=torch.float32).fill_(0)  # its pages touched once
         dense = functools.cache(self._dense)  # built once for all the candidates that need it
-        kernels = {kind: self._kernel(kind, dense) for kind in self.candidates}
+        kernels = {kind: call(self._kernel(kind, dense)) for kind in self.candidates}
         for kernel in kernels.values():
-            kernel(*probe, sink)
-        best = {kind: time_kernel(kernel, *probe, sink) for kind, kernel in kernels.items()}
+            kernel(*args)
+        best = {kind: time_kernel(kernel, *args) for kind, kernel in kernels.items()}
         fastest = min(best.values())
         close = [kind for kind in kernels if best[kind] <= CLEAR_LOSS * fastest]
         spent, rounds = best[close[0]], 1
         while len(close) > 1 and rounds < MAX_ROUNDS and (rounds < TIMING_ROUNDS or spent < MIN_TIMING_S):
             for kind in close:
-                seconds = time_kernel(kernels[kind], *probe, sink)
+                seconds = time_kernel(kernels[kind], *args)
                 best[kind] = min(best[kind], seconds)
                 spent += seconds if kind == close[0] else 0.0
             rounds += 1
         chosen = min(close, key=best.__getitem__)
-        self.plan[_bucket(x.shape[1])] = chosen
+        self.plan[_bucket(tokens)] = chosen
         for kind in set(self._kernels) - set(self.plan.values()):
             self._kernels.pop(kind, None)  # another thread may be choosing for another size right now
         return chosen
+
+
+def _fp32_probe(op: ProjectionOp, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[Callable, tuple]:
+    """The timing probe of an fp32 call: its first ``TIMING_TOKENS`` tokens into a scratch output."""
+    n = min(x.shape[1], TIMING_TOKENS)
+    sink = torch.zeros(op.shape[0], n)  # its pages touched once
+    return lambda kernel: kernel, (x[:, :n].contiguous(), op.bias, _head(residual, n), sink)
+
+
+def _bf16_probe(
+    op: ProjectionOp, xb: torch.Tensor, tokens: int, residual: torch.Tensor | None, out: torch.Tensor | None,
+    out_bf16: torch.Tensor | None, gelu: bool,
+) -> tuple[Callable, tuple]:  # fmt: skip
+    """The timing probe of a bf16 call (``ProjectionOp.bf16``): the same outputs and GELU, on the first
+    ``TIMING_TOKENS`` tokens, into scratch buffers."""
+    n = min(tokens, TIMING_TOKENS)
+    rows = op.shape[0]
+    sink = None if out is None else torch.zeros(rows, n)
+    sink_bf16 = None if out_bf16 is None else torch.zeros(rows, padded(n), dtype=torch.bfloat16)
+    args = (xb[:, : padded(n)].contiguous(), n, op.bias, _head(residual, n), sink, sink_bf16, gelu)
+    return lambda kernel: kernel.bf16, args
+
+
+def _head(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    return None if t is None else t[:, :n].contiguous()
 
 
 def time_kernel(kernel: Kernel, *args) -> float:
@@ -268,7 +295,7 @@ def _candidates(weight: torch.Tensor, sparse: bool, backend: str, max_density: f
     csr = "cpp-csr" if cpp_available() else "torch-csr"
     int8 = backend in ("int8", "fastest") and int8_available() and suits_int8(weight, max_density)
     if backend == "bf16":
-        return ("cpp-bf16" if sparse else "dense-bf16",)
+        return ("cpp-bf16", "dense-bf16") if sparse else ("dense-bf16",)
     if backend not in TIMED_BACKENDS:
         fixed = "cpp-int8" if int8 else ("torch-csr" if backend == "torch" else "cpp-csr") if sparse else "dense"
         return (fixed,)
