@@ -7,13 +7,16 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig, RobertaConfig
 
 from sparsebert.distill import (
     AttentionScoreRecorder,
+    AttentionScores,
     DistillationLoss,
     LossWeights,
     layer_map,
+    score_mse,
     soft_cross_entropy,
 )
 from sparsebert.errors import SparseBertError
@@ -127,7 +130,7 @@ def test_recorded_scores_are_the_pre_softmax_attention(config):
     mask[1, 4:] = 0
     with torch.no_grad(), AttentionScoreRecorder(model) as rec:
         out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
-        scores = rec.scores(mask)
+        scores = [layer.dense() for layer in rec.scores(mask)]
     assert len(scores) == 2
     for recorded, probs in zip(scores, out.attentions, strict=True):
         masked = recorded.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
@@ -135,6 +138,31 @@ def test_recorded_scores_are_the_pre_softmax_attention(config):
         assert torch.allclose(torch.softmax(masked, -1)[0], probs[0], atol=1e-5)
         assert torch.allclose(torch.softmax(masked, -1)[1][:, rows[1]], probs[1][:, rows[1]], atol=1e-5)
         assert (recorded[1][:, :, 4:] == 0).all() and (recorded[1][:, 4:, :] == 0).all()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_score_mse_from_factors_equals_the_dense_mse_and_its_gradient(autocast):
+    """``score_mse`` on (Q, K) factors against ``F.mse_loss`` on the seq x seq scores: value and gradient,
+    a narrower student (d_head 4 against 8), padding, and under bf16 autocast (the factors' products must
+    stay fp32: the expansion's cancellation would lose the loss in bf16)."""
+    gen = torch.Generator().manual_seed(3)
+    sq, sk = (torch.randn(2, 3, 11, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    tq, tk = (torch.randn(2, 3, 11, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    sq, sk = sq.float().requires_grad_(), sk.float().requires_grad_()
+    sq.data[1, :, 7:], sk.data[1, :, 7:], tq[1, :, 7:], tk[1, :, 7:] = 0, 0, 0, 0  # a padded sequence
+    student, teacher = AttentionScores(sq, sk), AttentionScores(tq.float(), tk.float())
+    want = F.mse_loss(sq.double() @ sk.double().mT, tq @ tk.mT)
+    want.backward()
+    grads = sq.grad.clone(), sk.grad.clone()
+    sq.grad, sk.grad = None, None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = score_mse(student, teacher)
+    got.backward()
+    assert got.dtype == torch.float32 and float(got.detach()) == pytest.approx(float(want), rel=1e-5)
+    torch.testing.assert_close(sq.grad, grads[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sk.grad, grads[1], rtol=1e-4, atol=1e-6)
+    assert float(score_mse(student, student)) == pytest.approx(0.0, abs=1e-6)
+    assert float(score_mse(student, teacher.dense())) == pytest.approx(float(want), rel=1e-5)  # a dense side
 
 
 def test_loss_weights_parse():
