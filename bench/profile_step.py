@@ -10,7 +10,8 @@ losses, backward, clipping, AdamW): median step time, then ``torch.profiler``'s 
     .venv/bin/python bench/profile_step.py --fused --bf16 --sdpa  # bf16 with torch's fused CPU attention
     .venv/bin/python bench/profile_step.py --fused --bf16 --squad ../shared/data/squad/train-articles-00-35.json
 
-``--squad``: 32 SQuAD training windows of 384 tokens instead (QA heads), the step ``--task squad`` runs.
+``--squad``: SQuAD training windows of the file's first 100 questions instead (QA heads: the step ``--task
+squad`` runs), 32 near their median length; ``--longest``: the 32 longest instead of the median ones.
 
 The models' attention is chosen as the training loop chooses it (`models.fast_attention`: eager in bf16);
 `--sdpa` keeps torch's fused kernel, as the loop does in fp32 and on CUDA.
@@ -39,7 +40,8 @@ def main() -> None:
     p.add_argument("--fused", action="store_true", help="fused AdamW")
     p.add_argument("--bf16", action="store_true", help="forward passes under bf16 autocast")
     p.add_argument("--sdpa", action="store_true", help="keep torch's fused attention in bf16 too")
-    p.add_argument("--squad", help="a SQuAD v1.1 training file: QA windows of 384 tokens instead of MRPC")
+    p.add_argument("--squad", help="a SQuAD v1.1 training file: QA windows instead of MRPC pairs")
+    p.add_argument("--longest", action="store_true", help="the 32 longest inputs, not the 32 near the median")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     hf_logging.set_verbosity_error()
@@ -47,13 +49,14 @@ def main() -> None:
     torch.manual_seed(0)
     task = get_task("squad" if args.squad else "mrpc")
     tokenizer = load_tokenizer("minilm-l6")
-    if args.squad:  # the first questions' windows: nearly all fill the 384 tokens
+    if args.squad:
         features = prepare_train_features(read_squad(args.squad, require_answers=True)[:100], tokenizer)
     else:
         features = encode(load_task_data(task, DataSource(data_dir=args.data_dir)).train, tokenizer, 128)
     features.sort(key=lambda f: len(f["input_ids"]))
     middle = len(features) // 2
-    batch = DataCollatorWithPadding(tokenizer)(features[middle - 16 : middle + 16])
+    chosen = features[-32:] if args.longest else features[middle - 16 : middle + 16]
+    batch = DataCollatorWithPadding(tokenizer)(chosen)
     student, teacher = load_model("minilm-l6", task), load_model("minilm-l6", task).eval()
     if not args.sdpa:
         precision = "bf16" if args.bf16 else "no"

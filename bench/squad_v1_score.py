@@ -6,6 +6,10 @@ whitespace collapsed; exact match and token F1 take the best over a question's g
 the dataset counts, one without a prediction scoring 0. Figures are percentages, as the official script prints.
 
     python bench/squad_v1_score.py ../shared/data/squad/dev-articles-36-41.json m.predictions.json
+    python bench/squad_v1_score.py DEV bf16.jsonl --against exact.jsonl   # also: how many answers differ
+
+Predictions are ``{question id: answer text}`` JSON (``evaluate``'s ``predictions.json``) or JSON lines with
+``id`` and ``answer`` (``sparsebert predict --task squad``).
 """
 
 from __future__ import annotations
@@ -50,16 +54,34 @@ def score(dataset: dict, predictions: dict[str, str]) -> dict[str, float]:
     return {"exact_match": 100.0 * exact / total, "f1": 100.0 * f1 / total}
 
 
+def read_predictions(path: str) -> dict[str, str]:
+    """{question id: answer text} from either layout (see the module's docstring)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, dict) and not {"id", "answer"} <= whole.keys():
+        return whole
+    lines = (json.loads(line) for line in text.splitlines() if line.strip())
+    return {row["id"]: row["answer"] for row in lines}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset", help="SQuAD v1.1 JSON")
-    parser.add_argument("predictions", help="{question id: answer text} JSON")
+    parser.add_argument("predictions", help="{question id: answer text} JSON, or JSON lines of {id, answer}")
+    parser.add_argument("--against", help="another predictions file: also count the questions answered differently")
     args = parser.parse_args()
     with open(args.dataset, encoding="utf-8") as f:
         dataset = json.load(f)
-    with open(args.predictions, encoding="utf-8") as f:
-        predictions = json.load(f)
-    print(json.dumps(score(dataset, predictions)))
+    predictions = read_predictions(args.predictions)
+    result = score(dataset, predictions)
+    if args.against:
+        other = read_predictions(args.against)
+        result["answers_differing"] = sum(other.get(qid) != answer for qid, answer in predictions.items())
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
