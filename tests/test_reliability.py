@@ -421,11 +421,12 @@ def test_compress_checks_its_inputs_before_emptying_its_folder(tiny_model_dir, t
     assert (previous / "report.md").read_text() == "hours of results"
 
 
-def test_a_process_group_is_left_before_the_interpreter_exits(tmp_path):
+@pytest.mark.parametrize("end, status", [("", 0), ("from sparsebert.cli import _exit; _exit(3)", 3)])
+def test_a_process_group_is_left_before_the_interpreter_exits(end, status, tmp_path):
     """A job under ``accelerate launch`` (here one process in a gloo group) leaves its process group at exit,
-    whether the CLI or a user's script ran it: left to the interpreter's teardown, gloo's threads were once
-    destroyed unjoined in CI (rank 1 aborted after saving its model). The script's own exit hook, registered
-    first, runs last and sees the group gone."""
+    whether a user's script ran it or the CLI, which then ends the process without the interpreter's
+    teardown (``cli._exit``) but with its status, after every exit handler. The script's own exit hook,
+    registered first, runs last and sees the group gone."""
     script = textwrap.dedent(f"""
         import atexit, os
         import torch.distributed as dist
@@ -434,7 +435,8 @@ def test_a_process_group_is_left_before_the_interpreter_exits(tmp_path):
         dist.init_process_group("gloo", init_method="file://{tmp_path / "store"}", rank=0, world_size=1)
         from sparsebert.train import new_accelerator
         new_accelerator(cpu=True), new_accelerator(cpu=True)  # two jobs in one process, like compress
+        {end}
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == status, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "group at exit: False", done.stdout

@@ -57,9 +57,9 @@ def new_accelerator(**kwargs) -> Accelerator:
 
 def _close_process_group() -> None:
     """Under ``accelerate launch``, leave the process group before the interpreter exits, whoever ran
-    the job (the CLI or a user's script calling the API): left to the interpreter's teardown, gloo's
-    threads were destroyed unjoined once in CI ("terminate called without an active exception",
-    SIGABRT on rank 1 after the model was saved)."""
+    the job (the CLI or a user's script calling the API), as torch asks of every distributed program.
+    It does not stop gloo's worker thread, which can still abort the interpreter's teardown; the CLI
+    skips that teardown (``cli._exit``)."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
