@@ -11,6 +11,7 @@ import atexit
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from sparsebert.errors import SparseBertError, StoppedAtCheckpoint
 from sparsebert.runtime.commands import register_commands
@@ -179,13 +180,13 @@ def main(argv: list[str] | None = None) -> None:
     _exit(code)
 
 
-def _exit(code: int) -> None:
+def _exit(code: int) -> NoReturn:
     """Exit; a process of ``accelerate launch`` skips the interpreter's teardown once its exit handlers ran.
 
     Gloo's worker thread drops each finished collective a moment after the caller sees it done, and the
     last one holds Python tensors, so it waits for the GIL. If the interpreter is finalizing by then, the
     thread is ended inside a C++ destructor: ``std::terminate``, SIGABRT, a failed run after everything was
-    saved (about 1 launch in 20 on two busy cores; core dump: ``ProcessGroupGloo::runLoop`` →
+    saved (now and then, on two busy cores; core dump: ``ProcessGroupGloo::runLoop`` →
     ``~AsyncAllgatherWork`` → ``take_gil`` → ``pthread_exit``). Destroying the process group first does not
     stop that thread. So the exit handlers run (trackers, logging, the process group's) and the process ends.
     """
